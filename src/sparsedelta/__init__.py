@@ -1,0 +1,49 @@
+"""sparsedelta: selective fine-tuning that stores each task as a sparse delta over a frozen model."""
+
+from .adapters import (
+    add_delta,
+    count_parameters,
+    delete_adapter,
+    disabled,
+    merge,
+    merge_and_unload,
+    print_trainable_parameters,
+    set_adapter,
+    sync,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from .config import DeltaConfig, SelectionReport
+from .delta import SparseDelta
+from .io import DeltaFileError, load, read, save
+from .methods import MagnitudeConfig, RandomConfig, SaRAConfig
+
+prepare = add_delta  # prepare(model, config): select positions by the config's rule and attach
+
+__all__ = [
+    "DeltaConfig",
+    "DeltaFileError",
+    "MagnitudeConfig",
+    "RandomConfig",
+    "SaRAConfig",
+    "SelectionReport",
+    "SparseDelta",
+    "add_delta",
+    "count_parameters",
+    "delete_adapter",
+    "disabled",
+    "load",
+    "merge",
+    "merge_and_unload",
+    "prepare",
+    "print_trainable_parameters",
+    "read",
+    "save",
+    "set_adapter",
+    "sync",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]
+__version__ = "0.1.0"

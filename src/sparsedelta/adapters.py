@@ -1,0 +1,343 @@
+"""Sparse deltas on a model: attaching them, routing gradients, switching, merging, unloading.
+
+`add_delta` is the core verb: given positions per targeted tensor it creates one `SparseDelta`
+per tensor (registered under its module as `sparse_delta.<adapter>.<param>`), freezes everything
+else, and wraps each owner module's forward so the values receive their gradient. Several named
+deltas (adapters) can live on one model; exactly one, or none, is merged at a time, and switching
+costs O(k).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import DeltaConfig, SelectionReport
+from .delta import SparseDelta
+from .ops import AddDelta, EmbeddingDelta, LinearDelta
+from .targeting import CONTAINER, Target, find_targets
+
+
+@dataclass
+class Adapter:
+    config: DeltaConfig
+    deltas: dict[str, SparseDelta]  # by parameter path
+    saved: dict[str, nn.Parameter]  # dense modules_to_save tensors, by parameter path
+    report: SelectionReport | None = None
+    trainable: bool = True
+
+
+@dataclass
+class DeltaState:
+    adapters: dict[str, Adapter] = field(default_factory=dict)
+    active: str | None = None
+    merged: bool = True
+    base_saved: dict[str, nn.Parameter] = field(default_factory=dict)  # originals of saved modules
+    owners: dict[str, list[tuple[nn.Module, str]]] = field(default_factory=dict)
+
+
+def state_of(model: nn.Module) -> DeltaState:
+    state = getattr(model, "_sparsedelta", None)
+    if state is None:
+        raise ValueError(
+            "this model has no sparse delta; call sparsedelta.prepare(model, config) or sparsedelta.load first"
+        )
+    return state
+
+
+# -- fast gradient paths, by module type ------------------------------------------------------------
+def _linear(module, delta, x):
+    return LinearDelta.apply(x, module.weight, module.bias, delta.values, delta.indices, False)
+
+
+def _conv1d(module, delta, x):
+    out = LinearDelta.apply(x, module.weight, module.bias, delta.values, delta.indices, True)
+    return out
+
+
+def _embedding(module, delta, ids):
+    return EmbeddingDelta.apply(ids, module.weight, delta.values, delta.indices, module.padding_idx)
+
+
+def _fast_path(module: nn.Module):
+    kind = type(module)
+    if kind is nn.Linear:
+        return _linear
+    if kind is nn.Embedding and module.max_norm is None and not module.scale_grad_by_freq and not module.sparse:
+        return _embedding
+    if kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers"):
+        return _conv1d
+    return None
+
+
+def _delta_forward(self: nn.Module, *args, **kwargs):
+    bound = self._sparsedelta_bindings.get(self._sparsedelta_active, ())
+    inner = self._sparsedelta_inner_forward
+    for _, delta in bound:
+        delta.sync()
+    if not bound or not torch.is_grad_enabled() or not any(d.values.requires_grad for _, d in bound):
+        return inner(*args, **kwargs)  # weights are merged: the ordinary forward is exact
+    fast = _fast_path(self) if self._sparsedelta_own_forward else None
+    fast_delta = next((d for p, d in bound if p == "weight"), None) if fast else None
+    swapped = []
+    try:
+        for pname, delta in bound:
+            if delta is fast_delta:
+                continue
+            original = self._parameters[pname]
+            self._parameters[pname] = AddDelta.apply(original, delta.values, delta.indices)
+            swapped.append((pname, original))
+        if fast_delta is not None:
+            return fast(self, fast_delta, *args, **kwargs)
+        return inner(*args, **kwargs)
+    finally:
+        for pname, original in swapped:
+            self._parameters[pname] = original
+
+
+def _wrap_forward(module: nn.Module) -> None:
+    if "_sparsedelta_bindings" in module.__dict__:
+        return
+    module._sparsedelta_own_forward = "forward" not in module.__dict__
+    module._sparsedelta_inner_forward = module.forward
+    module._sparsedelta_bindings = {}
+    module._sparsedelta_active = None
+    module.forward = types.MethodType(_delta_forward, module)
+
+
+def _unwrap_forward(module: nn.Module) -> None:
+    if "_sparsedelta_bindings" not in module.__dict__:
+        return
+    if module._sparsedelta_own_forward:
+        del module.forward
+    else:
+        module.forward = module._sparsedelta_inner_forward
+    for attr in (
+        "_sparsedelta_own_forward",
+        "_sparsedelta_inner_forward",
+        "_sparsedelta_bindings",
+        "_sparsedelta_active",
+    ):
+        delattr(module, attr)
+
+
+# -- attaching -------------------------------------------------------------------------------------
+def add_delta(
+    model: nn.Module,
+    config: DeltaConfig,
+    positions: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    values: dict[str, torch.Tensor] | None = None,
+    report: SelectionReport | None = None,
+    trainable: bool = True,
+) -> nn.Module:
+    """Attach a delta named `adapter_name` at `positions` (parameter path -> flat positions; by
+    default chosen by `config.select`), make it the active one, and freeze everything else."""
+    if "." in adapter_name or not adapter_name:
+        raise ValueError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
+    state: DeltaState | None = getattr(model, "_sparsedelta", None)
+    if state is not None and adapter_name in state.adapters:
+        raise ValueError(
+            f"adapter {adapter_name!r} exists already; pick another name or call sparsedelta.delete_adapter first"
+        )
+    targets, saved_modules = find_targets(model, config)
+    if positions is None:
+        positions, report = config.select({name: t.param.detach() for name, t in targets.items()})
+    unknown = set(positions) - set(targets)
+    if unknown:
+        raise KeyError(f"positions given for tensors that are not targeted: {sorted(unknown)[:5]}")
+    if sum(len(p) for p in positions.values()) == 0:
+        raise ValueError("the selection picked no entry at all; loosen the threshold or raise the density")
+
+    if state is None:
+        state = DeltaState()
+        model._sparsedelta = state
+        for p in model.parameters():
+            p.requires_grad_(False)
+    with _all_unmerged(model):  # capture θ, not another adapter's merged values
+        deltas = {}
+        for name, idx in positions.items():
+            target: Target = targets[name]
+            delta = SparseDelta(target.param, idx, None if values is None else values.get(name))
+            owner, pname = target.owners[0]
+            if CONTAINER not in owner._modules:
+                setattr(owner, CONTAINER, nn.ModuleDict())
+            container = getattr(owner, CONTAINER)
+            if adapter_name not in container:
+                container[adapter_name] = nn.ModuleDict()
+            container[adapter_name][pname] = delta
+            for module, owned_name in target.owners:
+                _wrap_forward(module)
+                module._sparsedelta_bindings.setdefault(adapter_name, []).append((owned_name, delta))
+            state.owners[name] = target.owners
+            deltas[name] = delta
+    saved = _make_saved(model, state, saved_modules)
+    state.adapters[adapter_name] = Adapter(config, deltas, saved, report, trainable)
+    set_adapter(model, adapter_name)
+    return model
+
+
+def _make_saved(model: nn.Module, state: DeltaState, module_names: list[str]) -> dict[str, nn.Parameter]:
+    saved = {}
+    for module_name in module_names:
+        module = model.get_submodule(module_name)
+        for pname, param in list(module.named_parameters(recurse=False)):
+            path = f"{module_name}.{pname}"
+            base = state.base_saved.setdefault(path, param)
+            saved[path] = nn.Parameter(base.detach().clone())
+    return saved
+
+
+def _install_saved(model: nn.Module, tensors: dict[str, nn.Parameter]) -> None:
+    for path, param in tensors.items():
+        module_name, _, pname = path.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._parameters[pname] = param
+
+
+# -- switching -------------------------------------------------------------------------------------
+def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
+    """Make `adapter_name` the merged, active delta (None: the base model). Costs O(k)."""
+    state = state_of(model)
+    if adapter_name is not None and adapter_name not in state.adapters:
+        raise KeyError(f"no adapter {adapter_name!r}; this model has {sorted(state.adapters)}")
+    old = state.adapters.get(state.active)
+    if old is not None and state.merged:
+        for delta in old.deltas.values():
+            delta.unmerge()
+    state.active = adapter_name
+    for name, adapter in state.adapters.items():
+        on = name == adapter_name
+        for delta in adapter.deltas.values():
+            delta.values.requires_grad_(on and adapter.trainable)
+        for p in adapter.saved.values():
+            p.requires_grad_(on and adapter.trainable)
+    _install_saved(model, state.base_saved)
+    new = state.adapters.get(adapter_name)
+    if new is not None and state.merged:
+        for delta in new.deltas.values():
+            delta.merge()
+        _install_saved(model, new.saved)
+    for owners in state.owners.values():
+        for module, _ in owners:
+            module._sparsedelta_active = adapter_name if state.merged else None
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore the base weights while keeping every delta attached (bit-exact)."""
+    state = state_of(model)
+    active = state.active
+    set_adapter(model, None)
+    state.active, state.merged = active, False
+    set_adapter(model, active)
+
+
+def merge(model: nn.Module) -> None:
+    """Merge the active delta back into the weights after `unmerge`."""
+    state = state_of(model)
+    state.merged = True
+    set_adapter(model, state.active)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Run the base model: `with sparsedelta.disabled(model): base_logits = model(x)`."""
+    state = state_of(model)
+    was_merged = state.merged
+    unmerge(model)
+    try:
+        yield model
+    finally:
+        if was_merged:
+            merge(model)
+
+
+@contextlib.contextmanager
+def _all_unmerged(model: nn.Module):
+    state: DeltaState | None = getattr(model, "_sparsedelta", None)
+    if state is None or state.active is None or not state.merged:
+        yield
+        return
+    with disabled(model):
+        yield
+
+
+def sync(model: nn.Module) -> None:
+    """Write the active delta's current values into the weights (done by every forward anyway)."""
+    state = state_of(model)
+    adapter = state.adapters.get(state.active)
+    if adapter is not None:
+        for delta in adapter.deltas.values():
+            delta.sync()
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    state = state_of(model)
+    if adapter_name not in state.adapters:
+        raise KeyError(f"no adapter {adapter_name!r}; this model has {sorted(state.adapters)}")
+    if state.active == adapter_name:
+        set_adapter(model, None)
+    adapter = state.adapters.pop(adapter_name)
+    for path in adapter.deltas:
+        for module, _ in state.owners[path]:
+            module._sparsedelta_bindings.pop(adapter_name, None)
+        owner = state.owners[path][0][0]
+        getattr(owner, CONTAINER).pop(adapter_name, None)
+
+
+def _remove_all(model: nn.Module) -> None:
+    state = state_of(model)
+    for owners in state.owners.values():
+        for module, _ in owners:
+            _unwrap_forward(module)
+            if CONTAINER in module._modules:
+                del module._modules[CONTAINER]
+    del model._sparsedelta
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Make the active delta permanent and return a plain model without any sparsedelta parts."""
+    state = state_of(model)
+    if not state.merged:
+        merge(model)
+    sync(model)
+    _remove_all(model)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every delta and return the base model, bit-exact."""
+    set_adapter(model, None)
+    _remove_all(model)
+    return model
+
+
+# -- inspection ------------------------------------------------------------------------------------
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The active adapter's trainable tensors: delta values and densely trained modules."""
+    state = state_of(model)
+    adapter = state.adapters.get(state.active)
+    if adapter is None:
+        return []
+    return [d.values for d in adapter.deltas.values()] + list(adapter.saved.values())
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable entries of the active adapter, entries of the base model)."""
+    state = getattr(model, "_sparsedelta", None)
+    delta_params = set()
+    if state is not None:
+        for adapter in state.adapters.values():
+            delta_params |= {id(d.values) for d in adapter.deltas.values()}
+    total = sum(p.numel() for p in model.parameters() if id(p) not in delta_params)
+    trainable = sum(p.numel() for p in trainable_parameters(model)) if state is not None else total
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")

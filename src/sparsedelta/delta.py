@@ -1,0 +1,107 @@
+"""The central object: a sparse delta over one frozen tensor.
+
+θ_task = θ + scatter(indices, values). The delta is kept *merged*: the model's own weight tensor
+holds θ + delta at all times while the delta is active, so the forward pass is the model's
+ordinary forward. θ's original values at the selected positions (`base`) are kept, which makes
+unmerging bit-exact. Entries can later be frozen (SaRA's progressive re-selection): they stay
+merged and are saved, but are no longer trained.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SparseDelta(nn.Module):
+    def __init__(self, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor | None = None):
+        super().__init__()
+        if not weight.is_contiguous():
+            raise ValueError("sparse deltas need a contiguous weight tensor; call .contiguous() on the parameter first")
+        indices = torch.as_tensor(indices, dtype=torch.long, device=weight.device).reshape(-1)
+        indices = torch.unique(indices)  # sorted, no duplicates
+        if len(indices) and (indices[0] < 0 or indices[-1] >= weight.numel()):
+            raise IndexError(
+                f"delta positions must lie in [0, {weight.numel()}) for a tensor of shape {tuple(weight.shape)}"
+            )
+        self.__dict__["weight"] = weight  # a reference, not a registered parameter of this module
+        self.shape = tuple(weight.shape)
+        self.register_buffer("indices", indices)
+        self.register_buffer("base", weight.detach().reshape(-1)[indices].clone())
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # train in ≥ float32 even over bf16 weights
+        if values is None:
+            values = torch.zeros(len(indices), dtype=dtype, device=weight.device)
+        elif values.shape != indices.shape:
+            raise ValueError(f"{len(values)} values for {len(indices)} positions")
+        self.values = nn.Parameter(values.detach().to(device=weight.device, dtype=dtype).clone())
+        empty = indices[:0]
+        self.register_buffer("frozen_indices", empty.clone())
+        self.register_buffer("frozen_base", self.base[:0].clone())
+        self.register_buffer("frozen_values", self.values.detach()[:0].clone())
+        self.merged = False
+        self._synced_version = -1
+
+    # -- keeping the weight up to date ------------------------------------------------------------
+    def _write(self, indices: torch.Tensor, new: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.weight.view(-1).index_copy_(0, indices, new.to(self.weight.dtype))
+
+    def _merged_values(self, base: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return base.to(values.dtype) + values.detach()
+
+    def merge(self) -> None:
+        self._write(self.frozen_indices, self._merged_values(self.frozen_base, self.frozen_values))
+        self.merged = True
+        self._synced_version = -1
+        self.sync()
+
+    def unmerge(self) -> None:
+        self._write(self.indices, self.base)
+        self._write(self.frozen_indices, self.frozen_base)
+        self.merged = False
+
+    def sync(self) -> None:
+        """Bring the merged weight up to date after the values changed (e.g. an optimizer step)."""
+        version = self.values._version
+        if self.merged and version != self._synced_version:
+            self._write(self.indices, self._merged_values(self.base, self.values))
+            self._synced_version = version
+
+    # -- views for saving and analysis ------------------------------------------------------------
+    @property
+    def num_entries(self) -> int:
+        return len(self.indices) + len(self.frozen_indices)
+
+    def all_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions, base values, delta values) of every entry, trained and frozen, sorted."""
+        positions = torch.cat([self.indices, self.frozen_indices])
+        order = torch.argsort(positions)
+        base = torch.cat([self.base, self.frozen_base])[order]
+        values = torch.cat([self.values.detach(), self.frozen_values])[order]
+        return positions[order], base, values
+
+    def current_values(self) -> torch.Tensor:
+        """θ + delta at the trainable positions, differentiable with respect to `values`."""
+        return self.base.to(self.values.dtype) + self.values
+
+    # -- re-selection -----------------------------------------------------------------------------
+    def freeze_entries(self, keep: torch.Tensor) -> torch.Tensor:
+        """Stop training the entries where `keep` is False; they stay merged at their trained values.
+        Shrinks `values` in place (same Parameter object), so optimizers keep referring to it.
+        Returns the boolean `keep` for slicing optimizer state."""
+        keep = keep.to(device=self.indices.device, dtype=torch.bool)
+        drop = ~keep
+        self.frozen_indices = torch.cat([self.frozen_indices, self.indices[drop]])
+        self.frozen_base = torch.cat([self.frozen_base, self.base[drop]])
+        self.frozen_values = torch.cat([self.frozen_values, self.values.detach()[drop]])
+        self.indices = self.indices[keep]
+        self.base = self.base[keep]
+        with torch.no_grad():
+            self.values.data = self.values.data[keep]
+            if self.values.grad is not None:
+                self.values.grad = self.values.grad[keep]
+        self._synced_version = -1
+        return keep
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, trainable={len(self.indices)}, frozen={len(self.frozen_indices)}"

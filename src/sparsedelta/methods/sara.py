@@ -1,0 +1,150 @@
+"""SaRA (Hu et al., ICLR 2025, arXiv 2409.06633): train the "ineffective" small weights.
+
+- mask: M = |θ| < threshold, one absolute threshold over every targeted tensor (or, our addition,
+  the k smallest |θ| for a target density, globally or per tensor);
+- only θ⊙M changes (the core guarantees it: only those positions exist in the delta);
+- low-rank penalty λ_rank·‖θ⊙M‖_* on the masked *current* weights, one random eligible matrix per
+  step (min side > 64) or all of them; unlike the official code it reaches the optimizer;
+- progressive re-selection: M_new = M_old ∧ (|θ_current| < threshold); leavers freeze at their
+  trained values and the optimizer state of the survivors is kept;
+- default learning rate 1e-3·exp(−350·threshold).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..adapters import state_of
+from ..config import DeltaConfig, SelectionReport
+from ..delta import SparseDelta
+from ..selection import below, check_density, smallest_fraction
+
+MIN_SIDE = 64  # matrices whose smaller side is at most this get no low-rank penalty (paper)
+
+
+def default_lr(threshold: float) -> float:
+    """The paper's rule for the learning rate when none is given."""
+    return 1e-3 * math.exp(-350 * threshold)
+
+
+@dataclass
+class SaRAConfig(DeltaConfig):
+    """threshold: train |θ| < threshold (default 1e-3 when no density is given).
+    density: instead, train the ⌈density·n⌉ smallest |θ| (globally, or per tensor).
+    rank_penalty: λ_rank of the nuclear-norm term (paper's scripts 5e-4; 0 turns it off).
+    rank_penalty_scope: "random" (one eligible matrix per step, as the paper) or "all".
+    reselect_step: optimizer step at which to re-select once (None: never).
+    """
+
+    method = "sara"
+    threshold: float | None = None
+    density: float | None = None
+    per_tensor: bool = False
+    rank_penalty: float = 5e-4
+    rank_penalty_scope: str = "random"
+    reselect_step: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.threshold is None and self.density is None:
+            self.threshold = 1e-3
+        if self.threshold is not None and self.density is not None:
+            raise ValueError("give SaRA either a threshold or a density, not both")
+        if self.threshold is not None and not self.threshold > 0:
+            raise ValueError(f"threshold must be > 0, got {self.threshold}; SaRA's paper uses about 5e-4 to 2e-3")
+        if self.density is not None:
+            check_density(self.density)
+        if self.rank_penalty < 0:
+            raise ValueError(f"rank_penalty must be >= 0, got {self.rank_penalty}")
+        if self.rank_penalty_scope not in ("random", "all"):
+            raise ValueError(f"rank_penalty_scope must be 'random' or 'all', got {self.rank_penalty_scope!r}")
+
+    @property
+    def default_lr(self) -> float:
+        return default_lr(self.threshold if self.threshold is not None else 0.0)
+
+    def select(self, tensors):
+        scores = {n: t.abs() for n, t in tensors.items()}
+        eligible = sum(t.numel() for t in tensors.values())
+        if self.density is not None:
+            positions = smallest_fraction(scores, self.density, self.per_tensor)
+            rule = f"SaRA: smallest |θ| at density {self.density}" + (" per tensor" if self.per_tensor else "")
+        else:
+            positions = below(scores, self.threshold)
+            rule = f"SaRA: |θ| < {self.threshold:g}"
+        per = {n: len(p) for n, p in positions.items()}
+        if sum(per.values()) == 0:
+            smallest = min(float(s.min()) for s in scores.values())
+            raise ValueError(
+                f"threshold {self.threshold:g} selects no entry of {eligible:,} targeted ones (smallest |θ| is "
+                f"{smallest:.3g}); raise the threshold or give a density instead"
+            )
+        return positions, SelectionReport(rule, sum(per.values()), eligible, per)
+
+
+def _active_deltas(model: nn.Module) -> dict[str, SparseDelta]:
+    state = state_of(model)
+    if state.active is None:
+        raise ValueError("no active adapter; call sparsedelta.set_adapter(model, name) first")
+    return state.adapters[state.active].deltas
+
+
+def penalty_matrices(model: nn.Module) -> list[str]:
+    """Names of the active deltas eligible for the low-rank penalty: 2-D, min side > 64."""
+    return [
+        n for n, d in _active_deltas(model).items() if len(d.shape) == 2 and min(d.shape) > MIN_SIDE and len(d.indices)
+    ]
+
+
+def masked_weight(delta: SparseDelta) -> torch.Tensor:
+    """θ⊙M as a dense matrix, differentiable with respect to the delta's values."""
+    current = delta.current_values()
+    dense = current.new_zeros(math.prod(delta.shape)).scatter(0, delta.indices, current)
+    return dense.view(delta.shape)
+
+
+def rank_penalty(
+    model: nn.Module, weight: float, scope: str = "random", rng: random.Random | None = None
+) -> torch.Tensor:
+    """λ_rank·Σ‖θ⊙M‖_* over one random eligible matrix ("random") or all of them ("all").
+    Add it to the loss before backward."""
+    deltas = _active_deltas(model)
+    names = penalty_matrices(model)
+    if weight == 0 or not names:
+        return torch.zeros((), device=next(iter(deltas.values())).values.device)
+    if scope == "random":
+        names = [(rng or random).choice(names)]
+    total = sum(torch.linalg.matrix_norm(masked_weight(deltas[n]), ord="nuc") for n in names)
+    return weight * total
+
+
+def reselect(model: nn.Module, threshold: float, optimizer: torch.optim.Optimizer | None = None) -> SelectionReport:
+    """Progressive re-selection: keep training only the entries whose current |θ| < threshold.
+    The others stay merged at their trained values. Optimizer state of the survivors is kept."""
+    per = {}
+    before = 0
+    for name, delta in _active_deltas(model).items():
+        before += len(delta.indices)
+        keep = delta.current_values().detach().abs() < threshold
+        old_len = len(delta.values)
+        if optimizer is not None:
+            _slice_optimizer_state(optimizer, delta.values, keep, old_len)
+        delta.freeze_entries(keep)
+        per[name] = int(keep.sum())
+    return SelectionReport(f"SaRA re-selection: |θ| < {threshold:g}", sum(per.values()), before, per)
+
+
+def _slice_optimizer_state(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, keep: torch.Tensor, old_len: int
+) -> None:
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.dim() == 1 and len(value) == old_len:
+            state[key] = value[keep]

@@ -1,0 +1,107 @@
+"""Autograd functions that give the gradient of a sparse delta's values directly.
+
+Every function here takes the frozen, already-merged weight (θ + delta) as a plain input and the
+delta's `values` as the only differentiable weight-side input. Backward returns the input gradient
+as usual and the k-vector ∂L/∂values; the dense weight gradient is at most a transient per-layer
+product that is gathered at once and freed, so no `.grad` is ever kept for the frozen weight.
+
+Under autocast the forward runs in the autocast dtype; backward casts explicitly to the output
+gradient's dtype instead of relying on the autocast state, and returns each gradient in its
+input's own dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import Function
+
+
+def _gather(dense_grad: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return dense_grad.reshape(-1).index_select(0, indices).to(dtype)
+
+
+class LinearDelta(Function):
+    """y = x Wᵀ + b (nn.Linear) or y = x W + b (transformers' Conv1D, `transposed=True`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, indices, transposed):
+        ctx.save_for_backward(x, weight, indices)
+        ctx.transposed = transposed
+        ctx.values_dtype = values.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        w = weight if transposed else weight.t()
+        if autocast_dtype := _autocast_dtype(x):
+            x, w = x.to(autocast_dtype), w.to(autocast_dtype)
+            bias = bias.to(autocast_dtype) if bias is not None else None
+        y = x.matmul(w)
+        return y + bias if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, indices = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        w = weight if ctx.transposed else weight.t()  # (in, out)
+        grad_x = grad_bias = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(w.to(g.dtype).t()).to(x.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[3]:
+            x2 = x.reshape(-1, x.shape[-1]).to(g.dtype)
+            dense = x2.t().matmul(g) if ctx.transposed else g.t().matmul(x2)
+            grad_values = _gather(dense, indices, ctx.values_dtype)
+        return grad_x, None, grad_bias, grad_values, None, None
+
+
+class EmbeddingDelta(Function):
+    """Embedding lookup whose values-gradient touches only the rows present in the batch."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, values, indices, padding_idx):
+        ctx.save_for_backward(ids, indices)
+        ctx.num_rows, ctx.dim = weight.shape
+        ctx.padding_idx = padding_idx
+        ctx.values_dtype = values.dtype
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ids, indices = ctx.saved_tensors
+        flat_ids = ids.reshape(-1)
+        g = grad_out.reshape(-1, ctx.dim)
+        if ctx.padding_idx is not None:  # as F.embedding: the padding row gets no gradient
+            keep = flat_ids != ctx.padding_idx
+            flat_ids, g = flat_ids[keep], g[keep]
+        rows, inverse = torch.unique(flat_ids, return_inverse=True)
+        row_grads = g.new_zeros(len(rows), ctx.dim).index_add_(0, inverse, g)
+        slot = torch.full((ctx.num_rows,), -1, dtype=torch.long, device=ids.device)
+        slot[rows] = torch.arange(len(rows), device=ids.device)
+        sel_slot = slot[indices // ctx.dim]
+        hit = sel_slot >= 0
+        grad_values = torch.zeros(len(indices), dtype=ctx.values_dtype, device=g.device)
+        grad_values[hit] = row_grads[sel_slot[hit], indices[hit] % ctx.dim].to(ctx.values_dtype)
+        return None, None, grad_values, None, None
+
+
+class AddDelta(Function):
+    """Generic path: returns the merged weight itself (a view, no copy) so any module can use it;
+    backward gathers the k entries of the dense weight gradient that autograd computed."""
+
+    @staticmethod
+    def forward(ctx, weight, values, indices):
+        ctx.save_for_backward(indices)
+        ctx.values_dtype = values.dtype
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return None, _gather(grad, indices, ctx.values_dtype), None
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
