@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import DeltaConfig, SelectionReport
 from .delta import SparseDelta
@@ -38,6 +40,24 @@ class DeltaState:
     merged: bool = True
     base_saved: dict[str, nn.Parameter] = field(default_factory=dict)  # originals of saved modules
     owners: dict[str, list[tuple[nn.Module, str]]] = field(default_factory=dict)
+
+
+_LIVE_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_STEP_HOOK = None
+
+
+def _sync_after_optimizer_step(optimizer, args, kwargs) -> None:
+    """Global optimizer post-step hook: merged weights follow every step without a call."""
+    for model in list(_LIVE_MODELS):
+        if getattr(model, "_sparsedelta", None) is not None:
+            sync(model)
+
+
+def _track(model: nn.Module) -> None:
+    global _STEP_HOOK
+    _LIVE_MODELS.add(model)
+    if _STEP_HOOK is None:
+        _STEP_HOOK = register_optimizer_step_post_hook(_sync_after_optimizer_step)
 
 
 def state_of(model: nn.Module) -> DeltaState:
@@ -156,6 +176,7 @@ def add_delta(
     if state is None:
         state = DeltaState()
         model._sparsedelta = state
+        _track(model)
         for p in model.parameters():
             p.requires_grad_(False)
     with _all_unmerged(model):  # capture θ, not another adapter's merged values
@@ -285,8 +306,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     for path in adapter.deltas:
         for module, _ in state.owners[path]:
             module._sparsedelta_bindings.pop(adapter_name, None)
-        owner = state.owners[path][0][0]
-        getattr(owner, CONTAINER).pop(adapter_name, None)
+        container = getattr(state.owners[path][0][0], CONTAINER)
+        if adapter_name in container:
+            del container[adapter_name]
 
 
 def _remove_all(model: nn.Module) -> None:
