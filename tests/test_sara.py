@@ -178,3 +178,26 @@ def test_reselection_keeps_a_subset_freezes_leavers_and_keeps_optimizer_state():
         sd.save(model, tmp)
         sd.load(fresh, tmp)
     assert torch.equal(fresh(x), out)
+
+
+def test_sara_training_on_minilm_changes_only_selected_entries(minilm, minilm_batch):
+    base = {k: v.clone() for k, v in minilm.state_dict().items()}
+    config = sd.SaRAConfig(threshold=1e-3, parameter_kinds=("weight", "embedding"), modules_to_save=["classifier"])
+    sd.prepare(minilm, config)
+    opt = torch.optim.AdamW(sd.trainable_parameters(minilm), lr=1e-3)
+    minilm.train()
+    for _ in range(2):
+        (minilm(**minilm_batch).loss + sara.rank_penalty(minilm, 5e-3)).backward()
+        opt.step()
+        opt.zero_grad()
+    deltas = state_of(minilm).adapters["default"].deltas
+    changed_total = 0
+    for name, before in base.items():
+        if name.startswith("classifier."):
+            continue
+        after = minilm.state_dict()[name]
+        changed = torch.nonzero((after != before).reshape(-1)).squeeze(1)
+        selected = deltas[name].indices if name in deltas else changed[:0]
+        assert torch.isin(changed, selected).all(), f"{name}: a non-selected entry changed"
+        changed_total += len(changed)
+    assert changed_total > 0.5 * sum(len(d.indices) for n, d in deltas.items() if "embeddings" not in n)
