@@ -40,7 +40,9 @@ def bbc_news(per_label_test: int = 40, seed: int = 0):
 def batches(rows, tokenizer, size, max_length=128):
     for i in range(0, len(rows), size):
         chunk = rows[i : i + size]
-        enc = tokenizer([t for t, _ in chunk], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        enc = tokenizer(
+            [t for t, _ in chunk], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
         enc["labels"] = torch.tensor([y for _, y in chunk])
         yield enc
 

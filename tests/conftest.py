@@ -39,7 +39,12 @@ def minilm_batch(minilm_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm_path)
-    texts = ["the market fell sharply today", "the striker scored twice", "a new phone was launched", "parliament votes"]
+    texts = [
+        "the market fell sharply today",
+        "the striker scored twice",
+        "a new phone was launched",
+        "parliament votes",
+    ]
     batch = tok(texts, return_tensors="pt", padding=True)
     batch["labels"] = torch.tensor([0, 3, 4, 2])
     return dict(batch)

@@ -29,7 +29,12 @@ def test_targeting_list_suffix_regex_exclude_and_kinds(tiny):
     assert targets(sd.RandomConfig(target_modules=["proj", "head"])) == {"proj.weight", "head.weight"}
     assert targets(sd.RandomConfig(target_modules=r"pro.|hea.")) == {"proj.weight", "head.weight"}
     assert targets(sd.RandomConfig(exclude_modules=["head"])) == {"proj.weight", "conv.weight"}
-    assert targets(sd.RandomConfig(parameter_kinds=("bias", "norm"))) == {"proj.bias", "conv.bias", "norm.weight", "norm.bias"}
+    assert targets(sd.RandomConfig(parameter_kinds=("bias", "norm"))) == {
+        "proj.bias",
+        "conv.bias",
+        "norm.weight",
+        "norm.bias",
+    }
     assert targets(sd.RandomConfig(parameter_kinds=("embedding",))) == {"embed.weight"}
 
 

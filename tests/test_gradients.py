@@ -53,7 +53,9 @@ def test_tied_weights_receive_gradient_from_both_uses():
     torch.manual_seed(1)
     model = TinyNet(tied=True).double()
     ids = torch.randint(1, 50, (2, 5))
-    deltas = check_values_grads(model, sd.RandomConfig(density=0.5, parameter_kinds=("embedding", "weight")), lm_loss(ids))
+    deltas = check_values_grads(
+        model, sd.RandomConfig(density=0.5, parameter_kinds=("embedding", "weight")), lm_loss(ids)
+    )
     assert "embed.weight" in deltas and "head.weight" not in deltas  # one delta for the shared tensor
 
 
@@ -63,7 +65,9 @@ def test_transformers_conv1d_fast_path_float64():
     torch.manual_seed(0)
     model = nn.Sequential(Conv1D(6, 4), nn.Tanh(), Conv1D(3, 6)).double()
     x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
-    check_values_grads(model, sd.RandomConfig(density=0.4, parameter_kinds=("weight", "bias")), lambda m: m(x).pow(2).sum())
+    check_values_grads(
+        model, sd.RandomConfig(density=0.4, parameter_kinds=("weight", "bias")), lambda m: m(x).pow(2).sum()
+    )
 
 
 def test_input_gradient_unchanged_by_delta_path(tiny):
@@ -79,7 +83,9 @@ def test_input_gradient_unchanged_by_delta_path(tiny):
 
 
 def test_frozen_weights_keep_no_gradient(minilm, minilm_batch):
-    sd.prepare(minilm, sd.SaRAConfig(threshold=1e-3, parameter_kinds=("weight", "embedding"), modules_to_save=["classifier"]))
+    sd.prepare(
+        minilm, sd.SaRAConfig(threshold=1e-3, parameter_kinds=("weight", "embedding"), modules_to_save=["classifier"])
+    )
     minilm(**minilm_batch).loss.backward()
     trainable = {id(p) for p in sd.trainable_parameters(minilm)}
     for name, p in minilm.named_parameters():

@@ -1,6 +1,7 @@
 """Delta files: round trip, fingerprint, damage, atomic writes."""
 
 import json
+import math
 import os
 
 import pytest
@@ -23,7 +24,9 @@ def trained(model, batch, steps=2):
 
 @pytest.fixture
 def saved_minilm(minilm, minilm_batch, tmp_path):
-    sd.prepare(minilm, sd.SaRAConfig(threshold=1e-3, parameter_kinds=("weight", "embedding"), modules_to_save=["classifier"]))
+    sd.prepare(
+        minilm, sd.SaRAConfig(threshold=1e-3, parameter_kinds=("weight", "embedding"), modules_to_save=["classifier"])
+    )
     trained(minilm, minilm_batch)
     sd.save(minilm, tmp_path / "delta")
     with torch.no_grad():
@@ -175,3 +178,24 @@ def test_load_while_another_adapter_is_active(tmp_path):
     assert torch.equal(model(x), out_a)
     sd.set_adapter(model, "b")
     assert torch.equal(model(x), out_b)
+
+
+def test_elias_fano_indices_round_trip_near_the_information_floor(saved_minilm, minilm_path, minilm_batch, tmp_path):
+    from sparsedelta.encoding import information_floor_bits
+
+    folder, logits = saved_minilm
+    model = sd.load(fresh_minilm(minilm_path), folder)
+    compact = sd.save(model, tmp_path / "ef", index_encoding="elias-fano")
+    meta, tensors = sd.read(compact)
+    raw_meta, raw = sd.read(folder)
+    floor = sum(information_floor_bits(math.prod(fp["shape"]), fp["entries"]) for fp in meta["fingerprint"].values())
+    with safe_open(str(compact), "pt") as f:
+        stored_bits = 8 * sum(f.get_tensor(f"{n}.indices").numel() for n in meta["fingerprint"])
+    assert stored_bits < 1.25 * floor
+    for name in meta["fingerprint"]:
+        assert torch.equal(tensors[f"{name}.indices"], raw[f"{name}.indices"].long())
+    reloaded = sd.load(fresh_minilm(minilm_path), tmp_path / "ef")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**minilm_batch).logits, logits)
+    with pytest.raises(ValueError, match="index_encoding"):
+        sd.save(model, tmp_path / "x", index_encoding="zip")

@@ -32,7 +32,9 @@ print(kib("VmHWM") - before)
 
 
 def peak_growth_kib(model_path, mode):
-    out = subprocess.run([sys.executable, "-c", STEP, str(model_path), mode], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", STEP, str(model_path), mode], capture_output=True, text=True, check=True
+    )
     return int(out.stdout.split()[-1])
 
 

@@ -135,7 +135,12 @@ def test_rank_penalty_changes_training():
     plain, _ = train(0.0)
     penalised, model = train(0.05)
     assert not torch.allclose(plain, penalised)
-    nuc = lambda m: float(torch.linalg.matrix_norm(sara.masked_weight(state_of(m).adapters["default"].deltas["0.weight"]).detach(), ord="nuc"))  # noqa: E731
+    def nuc(m):
+        return float(
+            torch.linalg.matrix_norm(
+                sara.masked_weight(state_of(m).adapters["default"].deltas["0.weight"]).detach(), ord="nuc"
+            )
+        )  # noqa: E731
     _, unpenalised_model = train(0.0)
     assert nuc(model) < nuc(unpenalised_model)
 

@@ -170,7 +170,8 @@ def add_delta(
     unknown = set(positions) - set(targets)
     if unknown:
         raise KeyError(f"positions given for tensors that are not targeted: {sorted(unknown)[:5]}")
-    if sum(len(p) for p in positions.values()) == 0:
+    positions = {name: idx for name, idx in positions.items() if len(idx)}  # a tensor may get no entry
+    if not positions:
         raise ValueError("the selection picked no entry at all; loosen the threshold or raise the density")
 
     if state is None:

@@ -22,11 +22,13 @@ from torch import nn
 
 from .adapters import _all_unmerged, add_delta, state_of, sync
 from .config import DeltaConfig
+from .encoding import decode, encode
 
 FORMAT = "sparsedelta"
 FORMAT_VERSION = 1
 DELTA_FILE = "delta.safetensors"
 CONFIG_FILE = "delta_config.json"
+INDEX_ENCODINGS = ("int32", "elias-fano")
 VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -61,26 +63,40 @@ def atomic_write(path: Path, write) -> None:
 
 
 def save(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None, dtype: str = "float32"
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str | None = None,
+    dtype: str = "float32",
+    index_encoding: str = "int32",
 ) -> Path:
-    """Save one adapter (default: the active one) into `directory`; returns the delta file's path."""
+    """Save one adapter (default: the active one) into `directory`; returns the delta file's path.
+
+    dtype: the values' storage type ("float32", "float16", "bfloat16").
+    index_encoding: "int32" (plain, 4 bytes a position) or "elias-fano" (about 2 + log2(n/k) bits a
+    position, within about 10% of the information floor at typical densities)."""
     state = state_of(model)
     name = adapter_name or state.active
     if name not in state.adapters:
         raise KeyError(f"no adapter {name!r} to save; this model has {sorted(state.adapters)}")
     if dtype not in VALUE_DTYPES:
         raise ValueError(f"values dtype must be one of {list(VALUE_DTYPES)}, got {dtype!r}")
+    if index_encoding not in INDEX_ENCODINGS:
+        raise ValueError(f"index_encoding must be one of {list(INDEX_ENCODINGS)}, got {index_encoding!r}")
     adapter = state.adapters[name]
     sync(model)
     tensors, fingerprint = {}, {}
     for path, delta in adapter.deltas.items():
         positions, base, values = delta.all_entries()
-        index_dtype = torch.int32 if math.prod(delta.shape) < 2**31 else torch.int64
-        tensors[f"{path}.indices"] = positions.to(index_dtype).cpu()
+        numel = math.prod(delta.shape)
+        if index_encoding == "elias-fano":
+            tensors[f"{path}.indices"] = encode(positions, numel)
+        else:
+            tensors[f"{path}.indices"] = positions.to(torch.int32 if numel < 2**31 else torch.int64).cpu()
         tensors[f"{path}.values"] = values.to(VALUE_DTYPES[dtype]).cpu()
         fingerprint[path] = {
             "shape": list(delta.shape),
             "dtype": str(base.dtype).removeprefix("torch."),
+            "entries": len(positions),
             "sha256": tensor_hash(base),
         }
     for path, param in adapter.saved.items():
@@ -92,15 +108,14 @@ def save(
         "fingerprint": json.dumps(fingerprint),
         "saved_tensors": json.dumps(sorted(adapter.saved)),
         "values_dtype": dtype,
+        "index_encoding": index_encoding,
         "content_sha256": _content_hash(tensors),
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / DELTA_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     readable = {k: json.loads(v) if k in ("config", "fingerprint", "saved_tensors") else v for k, v in metadata.items()}
-    readable["fingerprint"] = {
-        k: {"shape": v["shape"], "entries": len(tensors[f"{k}.indices"])} for k, v in fingerprint.items()
-    }
+    readable["fingerprint"] = {k: {"shape": v["shape"], "entries": v["entries"]} for k, v in fingerprint.items()}
     atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(readable, indent=2) + "\n"))
     return directory / DELTA_FILE
 
@@ -144,6 +159,12 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         )
     if _content_hash(tensors) != metadata.get("content_sha256"):
         raise DeltaFileError(f"{path} failed its checksum: the stored tensors were changed or damaged")
+    encoding = metadata.get("index_encoding", "int32")
+    if encoding not in INDEX_ENCODINGS:
+        raise DeltaFileError(f"{path} uses index encoding {encoding!r}; this sparsedelta reads {list(INDEX_ENCODINGS)}")
+    if encoding == "elias-fano":
+        for name, fp in meta["fingerprint"].items():
+            tensors[f"{name}.indices"] = decode(tensors[f"{name}.indices"], math.prod(fp["shape"]), fp["entries"])
     return meta, tensors
 
 
