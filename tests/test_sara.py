@@ -206,3 +206,14 @@ def test_sara_training_on_minilm_changes_only_selected_entries(minilm, minilm_ba
         assert torch.isin(changed, selected).all(), f"{name}: a non-selected entry changed"
         changed_total += len(changed)
     assert changed_total > 0.5 * sum(len(d.indices) for n, d in deltas.items() if "embeddings" not in n)
+
+
+@pytest.mark.parametrize("shape", [(90, 70), (70, 90)])
+def test_nuclear_norm_matches_svd_autograd(shape):
+    torch.manual_seed(0)
+    a = (torch.randn(*shape, dtype=torch.float64) * (torch.rand(*shape) < 0.2)).requires_grad_(True)
+    b = a.detach().clone().requires_grad_(True)
+    sara.NuclearNorm.apply(a).backward()
+    torch.linalg.matrix_norm(b, ord="nuc").backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(sara.NuclearNorm.apply(a.detach()), torch.linalg.matrix_norm(b.detach(), ord="nuc"))

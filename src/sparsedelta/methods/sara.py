@@ -108,6 +108,30 @@ def masked_weight(delta: SparseDelta) -> torch.Tensor:
     return dense.view(delta.shape)
 
 
+class NuclearNorm(torch.autograd.Function):
+    """‖A‖_* and its (sub)gradient U Vᵀ through the eigen-decomposition of the small Gram matrix AᵀA in
+    float64: a few times faster on CPU than an SVD with autograd, exact up to float64 rounding. Directions
+    with (numerically) zero singular value get a zero subgradient."""
+
+    @staticmethod
+    def forward(ctx, matrix):
+        x = matrix.double()
+        wide = x.shape[0] < x.shape[1]
+        if wide:
+            x = x.t()
+        evals, v = torch.linalg.eigh(x.t() @ x)
+        sigma = evals.clamp_min(0).sqrt()
+        inverse = torch.where(sigma > sigma.max() * 1e-7, 1 / sigma, torch.zeros_like(sigma))
+        grad = x @ (v * inverse) @ v.t()  # = U Vᵀ on the range of x
+        ctx.save_for_backward((grad.t() if wide else grad).to(matrix.dtype))
+        return sigma.sum().to(matrix.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad_out * grad
+
+
 def rank_penalty(
     model: nn.Module, weight: float, scope: str = "random", rng: random.Random | None = None
 ) -> torch.Tensor:
@@ -119,7 +143,7 @@ def rank_penalty(
         return torch.zeros((), device=next(iter(deltas.values())).values.device)
     if scope == "random":
         names = [(rng or random).choice(names)]
-    total = sum(torch.linalg.matrix_norm(masked_weight(deltas[n]), ord="nuc") for n in names)
+    total = sum(NuclearNorm.apply(masked_weight(deltas[n])) for n in names)
     return weight * total
 
 

