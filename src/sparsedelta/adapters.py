@@ -74,9 +74,8 @@ def _linear(module, delta, x):
     return LinearDelta.apply(x, module.weight, module.bias, delta.values, delta.indices, False)
 
 
-def _conv1d(module, delta, x):
-    out = LinearDelta.apply(x, module.weight, module.bias, delta.values, delta.indices, True)
-    return out
+def _conv1d(module, delta, x):  # transformers' Conv1D: y = x W + b with W of shape (in, out)
+    return LinearDelta.apply(x, module.weight, module.bias, delta.values, delta.indices, True)
 
 
 def _embedding(module, delta, ids):
