@@ -101,6 +101,7 @@ class SparseDelta(nn.Module):
         Shrinks `values` in place (same Parameter object), so optimizers keep referring to it.
         Returns the boolean `keep` for slicing optimizer state."""
         keep = keep.to(device=self.indices.device, dtype=torch.bool)
+        self.sync()  # the weight must hold the leaving entries' final values, not those of the last forward
         drop = ~keep
         self.frozen_indices = torch.cat([self.frozen_indices, self.indices[drop]])
         self.frozen_base = torch.cat([self.frozen_base, self.base[drop]])
