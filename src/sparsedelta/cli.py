@@ -137,7 +137,7 @@ def run_train(args) -> int:
 def _explicit(args) -> list[str]:
     """Names of the train options given on the command line (differing from their defaults)."""
     defaults = vars(args.parser.parse_args([]))
-    return [k for k, v in vars(args).items() if k not in ("func", "parser") and v != defaults.get(k)]
+    return [k for k, v in vars(args).items() if k in defaults and k not in ("func", "parser") and v != defaults[k]]
 
 
 def report(result) -> str:
@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sparsedelta: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ERRORS as e:
         if os.environ.get("SPARSEDELTA_DEBUG"):
             raise

@@ -132,6 +132,8 @@ def read_table(path: str | os.PathLike, role: str = "train"):
     try:
         table = datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **options)
     except Exception as e:  # the loaders raise many types (pandas, pyarrow, json); all mean "unreadable"
+        if "corresponds to no data" in str(e):  # a header and nothing else
+            raise UsageError(f"{option}: {path} has no rows, only a header; add examples to it") from e
         cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise UsageError(f"{option}: could not read {path} as {suffix[1:]}: {cause}") from e
     if len(table) == 0:

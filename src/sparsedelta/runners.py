@@ -27,6 +27,7 @@ from torch import nn
 from . import io
 from .adapters import add_delta, count_parameters, state_of, trainable_parameters
 from .config import DeltaConfig
+from .delta import replace_data
 from .errors import UsageError
 from .methods import MagnitudeConfig, RandomConfig, SaRAConfig
 from .methods.sara import rank_penalty, reselect
@@ -184,7 +185,7 @@ class DeltaRunner(MethodRunner):
                 delta.unmerge()  # θ back at every position the delta touched, then the stored split
                 for key in _DELTA_STATE:
                     if key == "values":
-                        delta.values.data = stored[key].clone()
+                        replace_data(delta.values, stored[key].clone())
                     else:
                         setattr(delta, key, stored[key].clone())
                 delta.merge()
