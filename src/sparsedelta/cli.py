@@ -76,6 +76,7 @@ def add_train(sub) -> None:
     r.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every N steps; 0: never (default 50)")
     r.add_argument("--resume", metavar="RUN_FOLDER", help="continue a stopped run with its saved settings")
     r.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    r.add_argument("--device", help="cpu, cuda or cuda:N (default: this process's GPU if any, else the CPU)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train, parser=p)
 
@@ -110,7 +111,7 @@ def train_config(args):
         max_steps=args.max_steps, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
         head_lr=args.head_lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed, output_dir=args.output_dir,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, threads=args.threads,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, threads=args.threads, device=args.device,
     )  # fmt: skip
 
 
@@ -119,13 +120,14 @@ def run_train(args) -> int:
     from .training import TrainConfig, train
 
     if args.resume:
-        given = [a for a in _explicit(args) if a not in ("resume", "no_progress", "threads")]
+        given = [a for a in _explicit(args) if a not in ("resume", "no_progress", "threads", "device")]
         if given:
             flags = ", ".join("--" + a.replace("_", "-") for a in given)
             raise UsageError(f"--resume continues a run with its saved settings; drop {flags}")
         folder = RunFolder.existing(args.resume)
         saved = folder.config["train"]
-        cfg = TrainConfig.from_dict({**saved, "output_dir": str(folder.path), "threads": args.threads or saved.get("threads")})
+        overrides = {"output_dir": str(folder.path), "threads": args.threads or saved.get("threads")}
+        cfg = TrainConfig.from_dict({**saved, **overrides, "device": args.device or saved.get("device")})
         result = train(cfg, resume=True, progress=not args.no_progress)
     else:
         result = train(train_config(args), progress=not args.no_progress)

@@ -37,6 +37,8 @@ def setup() -> World:
         return World()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("SPARSEDELTA_BACKEND") != "gloo" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return World(dist.get_rank(), dist.get_world_size())
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,7 @@ class TrainConfig:
     eval_every: int | None = None  # steps; None: twice per epoch
     checkpoint_every: int = 50  # steps; 0: never
     threads: int | None = None
+    device: str | None = None  # None: the GPU of this process when there is one, else the CPU
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -121,6 +123,21 @@ def lr_factor(schedule: str, warmup: int, total: int):
     return factor
 
 
+def pick_device(requested: str | None, world: distributed.World) -> torch.device:
+    if requested:
+        try:
+            return torch.device(requested)
+        except RuntimeError as e:
+            raise UsageError(f"--device {requested}: {e}; use cpu, cuda or cuda:N") from e
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world.active else torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def epoch_order(n: int, epoch: int, seed: int, world: distributed.World) -> list[int]:
     """This rank's example indices for an epoch: one seeded permutation shared by all ranks, padded by
     wrapping around to a multiple of the world size (as DistributedSampler), dealt out round-robin."""
@@ -139,10 +156,12 @@ def evaluate(model, encoded: Encoded, tokenizer, num_labels: int, batch_size: in
     world = world or distributed.World()
     was_training = model.training
     model.eval()
-    confusion = torch.zeros(num_labels, num_labels, dtype=torch.float64)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    device = next(model.parameters()).device
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     indices = list(range(world.rank, len(encoded), world.size))
     for batch in batches(encoded, indices, batch_size, tokenizer):
+        batch = to_device(batch, device)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
@@ -150,7 +169,7 @@ def evaluate(model, encoded: Encoded, tokenizer, num_labels: int, batch_size: in
     distributed.all_sum(confusion, world)
     distributed.all_sum(loss_sum, world)
     model.train(was_training)
-    return scores(confusion, float(loss_sum))
+    return scores(confusion.cpu(), float(loss_sum))
 
 
 def scores(confusion: torch.Tensor, loss_sum: float) -> dict:
@@ -219,7 +238,8 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     for note in data.notes:
         log(f"      {note}")
     loaded = load_classifier(cfg.model, data.label_names, cfg.seed)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    device = pick_device(cfg.device, world)
+    model, tokenizer = loaded.model.to(device), loaded.tokenizer
     encoded = {role: encode(tokenizer, getattr(data, role), cfg.max_length) for role in ("train", "validation", "test")}
     per_epoch = steps_per_epoch(len(encoded["train"]), cfg.batch_size, world)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
@@ -264,7 +284,7 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
         bar.set_description(f"{cfg.method} epoch {epoch + 1}")
         for batch in batches(encoded["train"], order, cfg.batch_size, tokenizer):
             t = time.perf_counter()
-            loss = model(**batch).loss
+            loss = model(**to_device(batch, device)).loss
             extra = runner.extra_loss(model, step)
             (loss if extra is None else loss + extra).backward()
             params = trainable(model)  # may change at a schedule event (e.g. SaRA's re-selection)
@@ -361,6 +381,7 @@ def _checkpoint(folder, runner, model, optimizer, scheduler, step, metrics, worl
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "metrics": metrics,
             }
         )
@@ -378,6 +399,8 @@ def _restore(folder, runner, model, optimizer, scheduler, world, fresh_metrics) 
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     metrics = state["metrics"]
     metrics["timings"]["segments"] = metrics["timings"].get("segments", 1) + 1
     metrics["timings"]["load_s"] += fresh_metrics["timings"]["load_s"]
