@@ -152,9 +152,23 @@ def test_baselines_match_saras_budget_and_full_and_lora_write_their_products(tin
     lora = json.loads((tmp_path / "lora" / "metrics.json").read_text())["budget"]
     assert 0 < lora["trainable"] < lora["total"]
     capsys.readouterr()
-    for run in ("full", "lora"):
+    for run in ("full", "lora"):  # eval rebuilds the trained model from the run folder alone
         assert main(["eval", str(tmp_path / run), "--json"]) == 0
-        assert json.loads(capsys.readouterr().out)["examples"] == 18
+        test = json.loads((tmp_path / run / "metrics.json").read_text())["test"]
+        assert json.loads(capsys.readouterr().out) == pytest.approx(test)
+    # a merged LoRA run is an ordinary model with the same test metrics
+    assert main(["merge", str(tmp_path / "lora"), "--output", str(tmp_path / "lora-merged")]) == 0
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sparsedelta.data import encode, load_labelled_file
+    from sparsedelta.training import evaluate
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora-merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "lora-merged")
+    labels = json.loads((tmp_path / "lora" / "config.json").read_text())["labels"]
+    encoded = encode(tokenizer, load_labelled_file(topic_files["test"], labels, None, None), max_length=16)
+    test = json.loads((tmp_path / "lora" / "metrics.json").read_text())["test"]
+    assert evaluate(merged, encoded, tokenizer, len(labels), 64) == pytest.approx(test)
 
 
 def test_sara_options_reach_the_config(tiny_bert, topic_files, tmp_path):

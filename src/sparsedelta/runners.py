@@ -4,7 +4,9 @@ A runner's hooks, in the order a loop calls them:
     prepare(model, head_modules, total_steps)   attach the delta (or adapter); freeze the rest
     param_groups(model)                         optimizer groups, each with its own lr
     extra_loss(model, step)                     a term added to the task loss (e.g. SaRA's nuclear norm)
-    on_step(model, step, optimizer)             schedules after each optimizer step (e.g. re-selection)
+    on_step(model, step, optimizer)             schedules after each optimizer step (e.g. re-selection);
+                                                set params_changed = True after swapping the trainable
+                                                tensors (a new phase) and the loop builds a new AdamW
     finish(model)                               anything after the last step
     save(model, tokenizer, folder)              the run's product
 plus state_dict/load_state_dict for checkpoints and budget/selection for reports. Both the built-in
@@ -60,6 +62,7 @@ class MethodRunner:
     name = ""
     default_lr = 1e-3
     product = "delta.safetensors"  # what `save` writes into the run folder
+    params_changed = False  # set by on_step after swapping the trainable tensors: the loop rebuilds AdamW
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg

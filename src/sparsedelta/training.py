@@ -253,9 +253,15 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     log(f"model: {loaded.name} ({budget.total:,} parameters); new head trained densely: {loaded.head_modules}")
     log(f"method: {cfg.method}: {budget.trainable:,} trainable entries, density {budget.density:.3%} of the targets")
 
-    optimizer = torch.optim.AdamW(runner.param_groups(model), betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-    warmup = int(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule, warmup, total_steps))
+    factor = lr_factor(cfg.schedule, int(cfg.warmup_ratio * total_steps), total_steps)
+
+    def optimizer_at(step: int):
+        """AdamW over the runner's groups and the schedule, positioned at `step`."""
+        optimizer = torch.optim.AdamW(runner.param_groups(model), betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
+
     metrics = {
         "title": f"{cfg.method} on {Path(data.source).name if cfg.train_file else data.source.split(' (')[0]}",
         "metric": "accuracy",
@@ -266,14 +272,19 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     }
     step, prior_total = 0, 0.0
     if resume:
-        step, metrics = _restore(folder, runner, model, optimizer, scheduler, world, metrics)
+        state = _restore(folder, runner, model, world)
+        step, metrics = state["step"], _continued(state["metrics"], metrics)
+        optimizer, scheduler = optimizer_at(step)  # after the runner's state: its groups may differ now
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         prior_total = metrics["timings"].get("total_s", 0.0)
         log(f"resumed {folder.path} at step {step} of {total_steps}")
-    elif world.main:
-        folder.write_json(CONFIG, _resolved(cfg, data, loaded, runner, budget, total_steps, per_epoch, world))
+    else:
+        optimizer, scheduler = optimizer_at(0)
+        if world.main:
+            folder.write_json(CONFIG, _resolved(cfg, data, loaded, runner, budget, total_steps, per_epoch, world))
 
     num_labels = len(data.label_names)
-    params = trainable(model)
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and world.main), unit="step", dynamic_ncols=True)
     bar.set_description(f"{cfg.method} epoch {step // per_epoch + 1}")
     running = None
@@ -297,6 +308,9 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
             optimizer.zero_grad(set_to_none=True)
             step += 1
             event = runner.on_step(model, step, optimizer)
+            if runner.params_changed:  # the method swapped its trainable tensors (e.g. a new phase)
+                optimizer, scheduler = optimizer_at(step)
+                runner.params_changed = False
             metrics["timings"]["train_s"] += time.perf_counter() - t
 
             loss_value = float(distributed.all_sum(loss.detach().double(), world)) / world.size
@@ -304,7 +318,7 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
             if extra is not None:
                 record["extra_loss"] = float(extra.detach())
             metrics["steps"].append(record)
-            running = loss_value if running is None else 0.95 * running + 0.05 * loss_value
+            running = loss_value if running is None else 0.9 * running + 0.1 * loss_value
             bar.set_postfix(loss=f"{running:.4f}", refresh=False)
             bar.update()
             if event:
@@ -388,7 +402,7 @@ def _checkpoint(folder, runner, model, optimizer, scheduler, step, metrics, worl
     distributed.barrier(world)
 
 
-def _restore(folder, runner, model, optimizer, scheduler, world, fresh_metrics) -> tuple[int, dict]:
+def _restore(folder, runner, model, world) -> dict:
     state = folder.load_checkpoint()
     if state["world_size"] != world.size:
         raise UsageError(
@@ -396,12 +410,13 @@ def _restore(folder, runner, model, optimizer, scheduler, world, fresh_metrics) 
             f"resume it with the same number (now {world.size})"
         )
     runner.load_state_dict(model, state["runner"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    metrics = state["metrics"]
+    return state
+
+
+def _continued(metrics: dict, fresh: dict) -> dict:
     metrics["timings"]["segments"] = metrics["timings"].get("segments", 1) + 1
-    metrics["timings"]["load_s"] += fresh_metrics["timings"]["load_s"]
-    return state["step"], metrics
+    metrics["timings"]["load_s"] += fresh["timings"]["load_s"]
+    return metrics
