@@ -58,12 +58,12 @@ def add_train(sub) -> None:
                    help="a method setting, e.g. rank_penalty=5e-3, reselect_step=100 (sara); r=16 (lora)")  # fmt: skip
 
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=float, default=3.0)
+    o.add_argument("--epochs", type=float, default=2.0)
     o.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
     o.add_argument("--batch-size", type=int, default=16, help="per process")
     o.add_argument("--eval-batch-size", type=int, default=64)
     o.add_argument("--lr", type=float, help="learning rate (default: the method's; SaRA 1e-3·exp(−350·threshold))")
-    o.add_argument("--head-lr", type=float, help="learning rate of the densely trained head (default 1e-3)")
+    o.add_argument("--head-lr", type=float, help="learning rate of the densely trained head (default 5e-3 next to a delta)")
     o.add_argument("--weight-decay", type=float, default=0.01)
     o.add_argument("--warmup-ratio", type=float, default=0.06)
     o.add_argument("--schedule", default="cosine", help="cosine | linear | constant")

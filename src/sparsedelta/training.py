@@ -61,12 +61,12 @@ class TrainConfig:
     modules_to_save: list[str] | None = None
     options: dict = field(default_factory=dict)  # method-specific config fields, e.g. {"rank_penalty": 5e-3}
     # optimisation
-    epochs: float = 3.0
+    epochs: float = 2.0
     max_steps: int | None = None
     batch_size: int = 16
     eval_batch_size: int = 64
     lr: float | None = None  # None: the method's default (SaRA: 1e-3·exp(−350·threshold))
-    head_lr: float | None = None  # the densely trained head's lr (None: 1e-3 for deltas, lr otherwise)
+    head_lr: float | None = None  # the densely trained head's lr (None: 5e-3 for deltas, lr otherwise)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     schedule: str = "cosine"
