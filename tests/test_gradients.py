@@ -111,7 +111,7 @@ def test_gradient_accumulation_and_clipping_behave_like_parameters(tiny):
     loss(tiny).backward()
     once = [v.grad.clone() for v in values]
     loss(tiny).backward()
-    for v, g in zip(values, once):
+    for v, g in zip(values, once, strict=True):
         torch.testing.assert_close(v.grad, 2 * g)
     norm = torch.nn.utils.clip_grad_norm_(values, max_norm=1e-3)
     assert norm > 1e-3
@@ -130,7 +130,7 @@ def test_autocast_bfloat16_matches_float32_roughly(tiny):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = lm_loss(ids)(tiny)
     loss.backward()
-    for v, g in zip(sd.trainable_parameters(tiny), exact):
+    for v, g in zip(sd.trainable_parameters(tiny), exact, strict=True):
         assert v.grad.dtype == torch.float32
         cos = torch.nn.functional.cosine_similarity(v.grad, g, dim=0)
         assert cos > 0.98

@@ -13,6 +13,17 @@ import torch
 from torch import nn
 
 
+def replace_data(param: torch.Tensor, data: torch.Tensor) -> None:
+    """Give `param` new data of another size, keeping the same Parameter object (optimizers hold it).
+
+    `param.data = data` alone keeps the parameter's gradient accumulator, which remembers the old
+    size, while any earlier graph (e.g. the last loss) is alive, and the next backward then fails.
+    Autograd drops that accumulator when the dtype changes, so pass through another dtype."""
+    with torch.no_grad():
+        param.data = data.to(torch.float64 if data.dtype != torch.float64 else torch.float32)
+        param.data = data
+
+
 class SparseDelta(nn.Module):
     def __init__(self, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor | None = None):
         super().__init__()
@@ -90,6 +101,7 @@ class SparseDelta(nn.Module):
         Shrinks `values` in place (same Parameter object), so optimizers keep referring to it.
         Returns the boolean `keep` for slicing optimizer state."""
         keep = keep.to(device=self.indices.device, dtype=torch.bool)
+        self.sync()  # the weight must hold the leaving entries' final values, not those of the last forward
         drop = ~keep
         self.frozen_indices = torch.cat([self.frozen_indices, self.indices[drop]])
         self.frozen_base = torch.cat([self.frozen_base, self.base[drop]])
@@ -97,7 +109,7 @@ class SparseDelta(nn.Module):
         self.indices = self.indices[keep]
         self.base = self.base[keep]
         with torch.no_grad():
-            self.values.data = self.values.data[keep]
+            replace_data(self.values, self.values.data[keep])
             if self.values.grad is not None:
                 self.values.grad = self.values.grad[keep]
         self._synced_version = -1

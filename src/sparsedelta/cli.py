@@ -1,0 +1,305 @@
+"""`sparsedelta train | eval | inspect | merge`: a thin argparse layer over the public API.
+
+Mistakes a user can fix are printed as one line naming the problem and the fix (exit status 2);
+SPARSEDELTA_DEBUG=1 shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UsageError
+from .io import DeltaFileError
+
+ERRORS = (UsageError, DeltaFileError, FileNotFoundError, ValueError, KeyError)
+
+
+# -- train -----------------------------------------------------------------------------------------
+def add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a classifier; with no arguments: MiniLM-L6 on BBC News with SaRA",
+        description="Fine-tune a sequence classifier with a sparse delta (or a baseline) and write a run folder. "
+        "With no arguments: the embedded MiniLM-L6 on BBC News (5 topics) with SaRA.",
+    )
+    d = p.add_argument_group("data (default: the embedded BBC News, split 70/10/20 stratified)")
+    d.add_argument("--train-file", help="csv, tsv, json, jsonl or parquet")
+    d.add_argument("--validation-file", help="(default: carved from the training file)")
+    d.add_argument("--test-file", help="(default: carved from the training file)")
+    d.add_argument("--dataset", help="a Hugging Face Hub dataset id (needs the internet or its cache)")
+    d.add_argument("--dataset-config", help="the hub dataset's configuration name")
+    d.add_argument("--text-column", action="append", dest="text_columns", metavar="NAME",
+                   help="the text column; give it twice for sentence pairs (default: guessed)")  # fmt: skip
+    d.add_argument("--label-column", help="string or integer labels (default: label, labels, class, ...)")
+    d.add_argument("--split-seed", type=int, default=0, help="seed of the stratified split (default 0)")
+    d.add_argument("--validation-fraction", type=float, default=0.1)
+    d.add_argument("--test-fraction", type=float, default=0.2)
+    d.add_argument("--max-train-samples", type=int, help="use a seeded subset of the training data")
+    d.add_argument("--max-eval-samples", type=int, help="use a seeded subset of validation and test")
+
+    m = p.add_argument_group("model and method")
+    m.add_argument("--model", help="local folder or hub id (default: the embedded MiniLM-L6)")
+    m.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
+    m.add_argument("--method", default="sara", help="sara | diff-pruning | random | magnitude | full | lora")
+    budget = m.add_mutually_exclusive_group()
+    budget.add_argument("--threshold", type=float, help="train entries with |θ| below it (SaRA default 1e-3)")
+    budget.add_argument("--density", type=float, help="train this fraction of the targeted entries instead")
+    m.add_argument("--target-modules", nargs="+", metavar="NAME",
+                   help="modules that get a delta (name or its last parts; default: every weight matrix outside the head)")  # fmt: skip
+    m.add_argument("--target-regex", help="instead, a regular expression matching whole module names")
+    m.add_argument("--exclude-modules", nargs="+", metavar="NAME")
+    m.add_argument("--parameter-kinds", nargs="+", metavar="KIND", help="weight bias embedding norm (default: weight)")
+    m.add_argument("--modules-to-save", nargs="+", metavar="NAME", help="trained densely (default: the new head)")
+    m.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method setting, e.g. rank_penalty=5e-3, reselect_step=100 (sara); r=16 (lora)")  # fmt: skip
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=float, default=2.0)
+    o.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    o.add_argument("--batch-size", type=int, default=16, help="per process")
+    o.add_argument("--eval-batch-size", type=int, default=64)
+    o.add_argument("--lr", type=float, help="learning rate (default: the method's; SaRA 1e-3·exp(−350·threshold))")
+    o.add_argument("--head-lr", type=float, help="learning rate of the densely trained head (default 5e-3 next to a delta)")
+    o.add_argument("--weight-decay", type=float, default=0.01)
+    o.add_argument("--warmup-ratio", type=float, default=0.06)
+    o.add_argument("--schedule", default="cosine", help="cosine | linear | constant")
+    o.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
+    o.add_argument("--seed", type=int, default=0)
+
+    r = p.add_argument_group("run folder")
+    r.add_argument("--output-dir", help="the run folder (default: runs/<time>-<method>)")
+    r.add_argument("--eval-every", type=int, help="validate every N steps (default: twice per epoch)")
+    r.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every N steps; 0: never (default 50)")
+    r.add_argument("--resume", metavar="RUN_FOLDER", help="continue a stopped run with its saved settings")
+    r.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    r.add_argument("--device", help="cpu, cuda or cuda:N (default: this process's GPU if any, else the CPU)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train, parser=p)
+
+
+def parse_options(items: list[str]) -> dict:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option {item!r}: write it as KEY=VALUE, e.g. --option rank_penalty=5e-3")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value  # a plain string
+    return options
+
+
+def train_config(args):
+    from .training import TrainConfig
+
+    if args.target_regex and args.target_modules:
+        raise UsageError("give --target-modules or --target-regex, not both")
+    return TrainConfig(
+        train_file=args.train_file, validation_file=args.validation_file, test_file=args.test_file,
+        dataset=args.dataset, dataset_config=args.dataset_config, text_columns=args.text_columns,
+        label_column=args.label_column, split_seed=args.split_seed, validation_fraction=args.validation_fraction,
+        test_fraction=args.test_fraction, max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples, model=args.model, max_length=args.max_length, method=args.method,
+        threshold=args.threshold, density=args.density, target_modules=args.target_regex or args.target_modules,
+        exclude_modules=args.exclude_modules, parameter_kinds=args.parameter_kinds,
+        modules_to_save=args.modules_to_save, options=parse_options(args.option), epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
+        head_lr=args.head_lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed, output_dir=args.output_dir,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, threads=args.threads, device=args.device,
+    )  # fmt: skip
+
+
+def run_train(args) -> int:
+    from .runfolder import RunFolder
+    from .training import TrainConfig, train
+
+    if args.resume:
+        given = [a for a in _explicit(args) if a not in ("resume", "no_progress", "threads", "device")]
+        if given:
+            flags = ", ".join("--" + a.replace("_", "-") for a in given)
+            raise UsageError(f"--resume continues a run with its saved settings; drop {flags}")
+        folder = RunFolder.existing(args.resume)
+        saved = folder.config["train"]
+        overrides = {"output_dir": str(folder.path), "threads": args.threads or saved.get("threads")}
+        cfg = TrainConfig.from_dict({**saved, **overrides, "device": args.device or saved.get("device")})
+        result = train(cfg, resume=True, progress=not args.no_progress)
+    else:
+        result = train(train_config(args), progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(report(result))
+    return 0
+
+
+def _explicit(args) -> list[str]:
+    """Names of the train options given on the command line (differing from their defaults)."""
+    defaults = vars(args.parser.parse_args([]))
+    return [k for k, v in vars(args).items() if k in defaults and k not in ("func", "parser") and v != defaults[k]]
+
+
+def report(result) -> str:
+    t, b, m = result.test, result.budget, result.metrics
+    timings = m["timings"]
+    peak = max(m["memory"]["peak_rss_mib"])
+    lines = [
+        f"test accuracy: {t['accuracy']:.4f} (macro-F1 {t['macro_f1']:.4f}, loss {t['loss']:.4f}, {t['examples']} examples)",
+    ]
+    if b.selected is not None:
+        lines.append(
+            f"trainable: {b.trainable:,} entries: {b.selected:,} delta entries ({b.density:.3%} of {b.eligible:,} "
+            f"targeted) + {b.dense:,} head entries trained densely; base model {b.total:,}"
+        )
+    else:
+        lines.append(f"trainable: {b.trainable:,} of {b.total:,} entries ({b.density:.3%})")
+    lines.append(
+        f"wall time: {_duration(timings['total_s'])} (training {_duration(timings['train_s'])}, "
+        f"{timings['steps_per_s']:.2f} steps/s; evaluation {_duration(timings['eval_s'] + timings.get('test_s', 0))})"
+        + (f" over {timings['segments']} segments" if timings.get("segments", 1) > 1 else "")
+    )
+    lines.append(f"peak memory: {peak:,.0f} MiB (max resident set size" + (", per process)" if len(m["memory"]["peak_rss_mib"]) > 1 else ")"))
+    lines.append(f"run folder: {result.folder}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes}m {s:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+# -- eval ------------------------------------------------------------------------------------------
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a trained run (base model + delta) on a labelled file")
+    p.add_argument("run", help="the run folder written by `sparsedelta train`")
+    p.add_argument("--test-file", help="csv, tsv, json, jsonl or parquet (default: the run's own test split)")
+    p.add_argument("--model", help="the base model (default: the one recorded in the run)")
+    p.add_argument("--text-column", action="append", dest="text_columns", metavar="NAME")
+    p.add_argument("--label-column")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, help="(default: the run's)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> int:
+    from .data import encode, load_data, load_labelled_file
+    from .models import load_run_model
+    from .runfolder import RunFolder
+    from .training import TrainConfig, evaluate
+
+    folder = RunFolder.existing(args.run)
+    config = folder.config
+    cfg = TrainConfig.from_dict(config["train"])
+    text_columns = args.text_columns or config["data"]["text_columns"]
+    label_column = args.label_column or config["data"]["label_column"]
+    loaded = load_run_model(config, folder.path, args.model)
+    if args.test_file:
+        split, source = load_labelled_file(args.test_file, config["labels"], text_columns, label_column), args.test_file
+    else:
+        data = load_data(
+            cfg.train_file, cfg.validation_file, cfg.test_file, cfg.dataset, cfg.dataset_config, cfg.text_columns,
+            cfg.label_column, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction, cfg.max_train_samples,
+            cfg.max_eval_samples,
+        )  # fmt: skip
+        split, source = data.test, f"the run's test split ({data.source})"
+    encoded = encode(loaded.tokenizer, split, args.max_length or cfg.max_length)
+    result = evaluate(loaded.model, encoded, loaded.tokenizer, len(config["labels"]), args.batch_size)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{source}: accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}, "
+              f"loss {result['loss']:.4f} on {result['examples']} examples")  # fmt: skip
+    return 0
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+def add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="per-tensor count, density, value statistics, size and fingerprint of a delta")
+    p.add_argument("path", help="a run folder, a delta folder or a delta.safetensors file")
+    p.add_argument("--png", help="where to write the figure (default: inspect.png beside the delta file)")
+    p.add_argument("--no-png", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args) -> int:
+    from .inspection import delta_file, format_summary, summarize
+
+    summary, values = summarize(args.path)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    if not args.no_png:
+        from .plots import delta_plot
+
+        png = Path(args.png) if args.png else delta_file(args.path).with_name("inspect.png")
+        delta_plot(summary, values, png)
+        if not args.json:
+            print(f"\nfigure: {png}")
+    return 0
+
+
+# -- merge -----------------------------------------------------------------------------------------
+def add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="write the base model with the delta merged in (save_pretrained)")
+    p.add_argument("run", help="the run folder written by `sparsedelta train`")
+    p.add_argument("--output", required=True, help="folder for the merged model (loadable with from_pretrained)")
+    p.add_argument("--model", help="the base model (default: the one recorded in the run)")
+    p.set_defaults(func=run_merge)
+
+
+def run_merge(args) -> int:
+    from .adapters import merge_and_unload
+    from .models import load_run_model
+    from .runfolder import RunFolder
+
+    folder = RunFolder.existing(args.run)
+    config = folder.config
+    method = config["method"]["method"]
+    if method == "full":
+        raise UsageError(f"{folder.path} holds ordinary fine-tuning; its full model is already in {folder.path / 'model'}")
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()):
+        raise UsageError(f"--output {output} exists and is not empty; choose a new folder")
+    loaded = load_run_model(config, folder.path, args.model)
+    model = loaded.model.merge_and_unload() if method == "lora" else merge_and_unload(loaded.model)
+    model.save_pretrained(output)
+    loaded.tokenizer.save_pretrained(output)
+    print(f"merged model written to {output} (load it with AutoModelForSequenceClassification.from_pretrained)")
+    return 0
+
+
+# -- entry point -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sparsedelta",
+        description="Selective fine-tuning by unstructured masking: each task is a sparse delta over a frozen model.",
+    )
+    parser.add_argument("--version", action="version", version=f"sparsedelta {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,inspect,merge}")
+    for add in (add_train, add_eval, add_inspect, add_merge):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("sparsedelta: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except ERRORS as e:
+        if os.environ.get("SPARSEDELTA_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        hint = "" if isinstance(e, (UsageError, DeltaFileError)) else " (SPARSEDELTA_DEBUG=1 shows the traceback)"
+        print(f"sparsedelta {args.command}: error: {message}{hint}", file=sys.stderr)
+        return 2

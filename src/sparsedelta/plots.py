@@ -1,0 +1,102 @@
+"""PNG figures of a run and of a delta file (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+LAYER = re.compile(r"^(.*?)\.(\d+)\.(.*)$")
+
+
+def layer_and_kind(path: str) -> tuple[int | None, str]:
+    """"bert.encoder.layer.3.attention.self.query.weight" -> (3, "attention.self.query.weight")."""
+    m = LAYER.match(path)
+    return (int(m.group(2)), m.group(3)) if m else (None, path)
+
+
+def training_plot(metrics: dict, path: Path) -> Path:
+    steps = [s["step"] for s in metrics.get("steps", [])]
+    losses = [s["loss"] for s in metrics.get("steps", [])]
+    evals = [e for e in metrics.get("evals", []) if e.get("split") == "validation"]
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(steps, losses, lw=0.8, alpha=0.5, label="per step")
+    if len(losses) >= 5:
+        width = max(5, len(losses) // 20)
+        smooth = [sum(losses[max(0, i - width + 1) : i + 1]) / len(losses[max(0, i - width + 1) : i + 1]) for i in range(len(losses))]
+        ax_loss.plot(steps, smooth, lw=1.6, label=f"mean of last {width}")
+    ax_loss.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
+    ax_loss.legend()
+    metric = metrics.get("metric", "accuracy")
+    ax_val.plot([e["step"] for e in evals], [e[metric] for e in evals], "o-")
+    ax_val.set(xlabel="optimizer step", ylabel=f"validation {metric}", title=f"Validation {metric}")
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
+    fig.suptitle(metrics.get("title", ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def density_plot(selection: dict[str, tuple[int, int]], path: Path, title: str = "") -> Path:
+    """Heat map: selected fraction per tensor type (rows) and layer (columns); tensors outside the
+    numbered layers (embeddings, pooler) get the column "–"."""
+    cells: dict[tuple[str, str], tuple[int, int]] = {}
+    layers: set[int] = set()
+    for name, (selected, total) in selection.items():
+        layer, kind = layer_and_kind(name)
+        col = "–" if layer is None else str(layer)
+        if layer is not None:
+            layers.add(layer)
+        s, t = cells.get((kind, col), (0, 0))
+        cells[(kind, col)] = (s + selected, t + total)
+    kinds = sorted({k for k, _ in cells}, key=lambda k: (layer_and_kind_order(k, cells), k))
+    columns = [str(i) for i in sorted(layers)] + (["–"] if any(c == "–" for _, c in cells) else [])
+    grid = [[cells[(k, c)][0] / cells[(k, c)][1] if (k, c) in cells else float("nan") for c in columns] for k in kinds]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.75 * len(columns), 1.2 + 0.4 * len(kinds)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN
+                ax.text(j, i, f"{value:.2%}", ha="center", va="center", fontsize=7, color="w")
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
+    ax.set_xlabel("layer")
+    ax.set_title(title or "selected fraction per layer and tensor type", fontsize=10)
+    fig.colorbar(image, ax=ax, label="selected fraction")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def layer_and_kind_order(kind: str, cells) -> int:
+    """Layer-wise tensor types first, then the others."""
+    return 1 if any(k == kind and c == "–" for k, c in cells) else 0
+
+
+def delta_plot(summary: dict, values: dict, path: Path) -> Path:
+    """For `sparsedelta inspect`: density per tensor and a histogram of all delta values."""
+    tensors = summary["tensors"]
+    fig, (ax_d, ax_h) = plt.subplots(1, 2, figsize=(12, max(4, 0.16 * len(tensors) + 1)))
+    names = list(tensors)
+    ax_d.barh(range(len(names)), [tensors[n]["density"] for n in names])
+    ax_d.set_yticks(range(len(names)), names, fontsize=5 if len(names) > 40 else 7)
+    ax_d.invert_yaxis()
+    ax_d.set(xlabel="selected fraction", title="density per tensor")
+    ax_d.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    import torch
+
+    every = torch.cat([v.float().reshape(-1) for v in values.values()]) if values else torch.zeros(0)
+    ax_h.hist(every.numpy(), bins=100, log=True)
+    ax_h.set(xlabel="delta value", ylabel="entries (log)", title=f"{len(every):,} delta values")
+    fig.suptitle(summary.get("path", ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,241 @@
+"""The command line: the default pipeline end to end, every method, eval/inspect/merge, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsedelta as sd
+from conftest import SHARED_DATA
+from fixtures_cli import make_rows, tiny_bert_fixture, topic_files_fixture, write_csv  # noqa: F401
+from sparsedelta.cli import main
+from sparsedelta.io import read
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def run_cli(*args, env=None, timeout=300):
+    """`python -m sparsedelta ...` in a fresh process, importing this checkout."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "sparsedelta", *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def tiny_args(tiny_bert, files, out, *extra):
+    return [str(a) for a in [
+        "train", "--model", tiny_bert, "--train-file", files["train"], "--validation-file", files["validation"],
+        "--test-file", files["test"], "--max-length", 16, "--batch-size", 8, "--output-dir", out, "--no-progress",
+        *extra,
+    ]]  # fmt: skip
+
+
+def cli_error(capsys, *args) -> str:
+    """Run the CLI in this process; it must fail with status 2 and a one-line message, no traceback."""
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and err.startswith("sparsedelta ") and err.count("\n") == 1, err
+    return err
+
+
+# -- the default pipeline, shortened -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, minilm_path):
+    """The no-argument run (MiniLM-L6 + BBC News + SaRA) cut to a few steps on a small slice."""
+    out = tmp_path_factory.mktemp("default") / "run"
+    args = ["train", "--max-train-samples", 32, "--max-eval-samples", 20, "--max-steps", 4, "--max-length", 32,
+            "--batch-size", 8, "--eval-every", 2, "--output-dir", out]  # fmt: skip
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_default_pipeline_end_to_end(default_run, minilm_path):
+    out, result = default_run
+    lines = result.stdout
+    for needle in ("test accuracy:", "trainable:", "delta entries", "wall time:", "peak memory:", f"run folder: {out}"):
+        assert needle in lines
+    assert "step/s" in result.stderr or "s/step" in result.stderr  # the progress bar
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "metrics.json", "delta.safetensors", "delta_config.json", "training.png", "density.png"} <= names
+    assert "checkpoint.pt" not in names
+    for png in ("training.png", "density.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["labels"] == ["business", "entertainment", "politics", "sports", "tech"]
+    assert config["method"]["config"]["method"] == "sara" and config["method"]["config"]["threshold"] == 1e-3
+    assert config["head_modules"] == ["classifier"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [s["step"] for s in metrics["steps"]] == [1, 2, 3, 4]
+    assert all(s["extra_loss"] > 0 for s in metrics["steps"])  # the nuclear-norm term was in the loss
+    assert [e["step"] for e in metrics["evals"]] == [2, 4]
+    assert metrics["test"]["examples"] == 20 and 0 <= metrics["test"]["accuracy"] <= 1
+    assert metrics["memory"]["peak_rss_mib"][0] > 100 and metrics["timings"]["train_s"] > 0
+    printed = float(lines.split("test accuracy: ")[1].split()[0])
+    assert printed == pytest.approx(metrics["test"]["accuracy"], abs=1e-4)
+
+    # the delta is the core format: it loads onto a fresh base and holds exactly the SaRA positions
+    meta, tensors = read(out)
+    assert meta["config"]["method"] == "sara"
+    budget = metrics["budget"]
+    assert sum(len(v) for k, v in tensors.items() if k.endswith(".values")) == budget["selected"]
+    assert budget["density"] == pytest.approx(budget["selected"] / budget["eligible"])
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=5)
+    for name, p in base.named_parameters():
+        key = f"{name}.indices"
+        if key in tensors:
+            assert bool((p.detach().reshape(-1)[tensors[key].long()].abs() < 1e-3).all()), name
+
+
+def test_eval_reproduces_the_test_accuracy_and_reads_other_files(default_run, tmp_path, capsys):
+    out, _ = default_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert main(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=1e-9)
+    rows = [{"text": "shares in the bank fell as profits dropped", "topic": "business"},
+            {"text": "the striker scored twice in the cup final", "topic": "sports"}]  # fmt: skip
+    custom = ["eval", out, "--test-file", write_csv(tmp_path / "t.csv", rows), "--label-column", "topic", "--json"]
+    assert main([str(a) for a in custom]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 2
+
+
+def test_inspect_and_merge(default_run, tmp_path, minilm_path, capsys):
+    out, _ = default_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert main(["inspect", str(out), "--png", str(tmp_path / "d.png"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["entries"] == metrics["budget"]["selected"]
+    assert summary["file_bytes"] == (out / "delta.safetensors").stat().st_size
+    assert len(summary["content_sha256"]) == 64 and summary["dense_entries"] == 5 * 384 + 5
+    assert all(0 < t["density"] < 0.1 for t in summary["tensors"].values())
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", str(out), "--output", str(merged_dir)]) == 0
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    with_delta = sd.load(AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=5), out).eval()
+    batch = AutoTokenizer.from_pretrained(merged_dir)(["the economy grew", "a new film opened"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, with_delta(**batch).logits)
+    assert merged.config.id2label[3] == "sports"
+
+
+# -- methods ---------------------------------------------------------------------------------------
+def test_baselines_match_saras_budget_and_full_and_lora_write_their_products(tiny_bert, topic_files, tmp_path, capsys):
+    counts = {}
+    for method in ("sara", "random", "magnitude"):
+        assert main(tiny_args(tiny_bert, topic_files, tmp_path / method, "--method", method, "--max-steps", 2)) == 0
+        counts[method] = json.loads((tmp_path / method / "metrics.json").read_text())["budget"]["selected"]
+    assert counts["sara"] == counts["random"] == counts["magnitude"] > 0
+    assert main(tiny_args(tiny_bert, topic_files, tmp_path / "rand2", "--method", "random", "--density", 0.02,
+                          "--max-steps", 1)) == 0  # fmt: skip
+    budget = json.loads((tmp_path / "rand2" / "metrics.json").read_text())["budget"]
+    assert budget["selected"] == round(0.02 * budget["eligible"])
+
+    assert main(tiny_args(tiny_bert, topic_files, tmp_path / "full", "--method", "full", "--max-steps", 2)) == 0
+    assert (tmp_path / "full" / "model" / "config.json").exists()
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())["budget"]
+    assert full["trainable"] == full["total"]
+    assert main(tiny_args(tiny_bert, topic_files, tmp_path / "lora", "--method", "lora", "--max-steps", 2,
+                          "--option", "r=4", "--target-modules", "query", "value")) == 0  # fmt: skip
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
+    lora = json.loads((tmp_path / "lora" / "metrics.json").read_text())["budget"]
+    assert 0 < lora["trainable"] < lora["total"]
+    capsys.readouterr()
+    for run in ("full", "lora"):  # eval rebuilds the trained model from the run folder alone
+        assert main(["eval", str(tmp_path / run), "--json"]) == 0
+        test = json.loads((tmp_path / run / "metrics.json").read_text())["test"]
+        assert json.loads(capsys.readouterr().out) == pytest.approx(test)
+    # a merged LoRA run is an ordinary model with the same test metrics
+    assert main(["merge", str(tmp_path / "lora"), "--output", str(tmp_path / "lora-merged")]) == 0
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sparsedelta.data import encode, load_labelled_file
+    from sparsedelta.training import evaluate
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora-merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "lora-merged")
+    labels = json.loads((tmp_path / "lora" / "config.json").read_text())["labels"]
+    encoded = encode(tokenizer, load_labelled_file(topic_files["test"], labels, None, None), max_length=16)
+    test = json.loads((tmp_path / "lora" / "metrics.json").read_text())["test"]
+    assert evaluate(merged, encoded, tokenizer, len(labels), 64) == pytest.approx(test)
+
+
+def test_sara_options_reach_the_config(tiny_bert, topic_files, tmp_path):
+    args = ["--density", 0.05, "--option", "rank_penalty=0", "--option", "reselect_step=2", "--max-steps", 3]
+    assert main(tiny_args(tiny_bert, topic_files, tmp_path / "r", *args)) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())["method"]["config"]
+    assert config["rank_penalty"] == 0 and config["reselect_step"] == 2 and config["density"] == 0.05
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["events"]] == [2] and "re-selection" in metrics["events"][0]["event"]
+    assert "extra_loss" not in metrics["steps"][0]
+
+
+def test_sst2_files_train(tiny_bert, tmp_path):
+    folder = SHARED_DATA / "sst2"
+    if not (folder / "train.tsv").exists():
+        pytest.skip(f"SST-2 not found under {folder}")
+    files = {role: folder / f"{role}.tsv" for role in ("train", "validation", "test")}
+    args = tiny_args(tiny_bert, files, tmp_path / "sst2", "--max-train-samples", 64, "--max-eval-samples", 32,
+                     "--max-steps", 2)  # fmt: skip
+    assert main(args) == 0
+    config = json.loads((tmp_path / "sst2" / "config.json").read_text())
+    assert config["labels"] == ["0", "1"] and config["data"]["text_columns"] == ["sentence"]
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_bad_data_input_gives_one_clear_line(tmp_path, capsys):
+    base = ["train", "--output-dir", tmp_path / "out"]
+    assert "nope.csv does not exist" in cli_error(capsys, *base, "--train-file", tmp_path / "nope.csv")
+    good = write_csv(tmp_path / "good.csv", make_rows(3))
+    err = cli_error(capsys, *base, "--train-file", good, "--text-column", "body")
+    assert "unknown text column 'body'; the columns are ['text', 'label']" in err
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    assert "has no rows" in cli_error(capsys, *base, "--train-file", tmp_path / "empty.csv")
+    rows = make_rows(3)
+    rows[4]["label"] = ""
+    err = cli_error(capsys, *base, "--train-file", write_csv(tmp_path / "gaps.csv", rows))
+    assert "label column 'label' is empty in 1 of 9 rows (row 4" in err
+    numbers = write_csv(tmp_path / "n.csv", [{"text": "a", "n": 1, "label": 0}, {"text": "b", "n": 2, "label": 1}])
+    assert "holds int64 values, not text" in cli_error(capsys, *base, "--train-file", numbers, "--text-column", "n")
+
+
+def test_bad_method_model_and_hub_access(tmp_path, capsys):
+    base = ["train", "--output-dir", tmp_path / "out"]
+    err = cli_error(capsys, *base, "--method", "sarah")
+    assert "unknown method 'sarah'; choose one of: sara, random, magnitude, full, lora" in err
+    assert "issue 4" in cli_error(capsys, *base, "--method", "diff-pruning")
+    assert "the model path does not exist" in cli_error(capsys, *base, "--model", tmp_path / "no-model")
+    assert "not a model folder" in cli_error(capsys, *base, "--model", tmp_path)
+    offline = cli_error(capsys, *base, "--dataset", "stanfordnlp/sst2")
+    assert "--dataset stanfordnlp/sst2" in offline and "not reachable (HF_HUB_OFFLINE is set)" in offline
+    assert "--train-file" in offline  # names the fix
+    offline = cli_error(capsys, *base, "--model", "bert-base-uncased")
+    assert "not reachable" in offline and "--model PATH" in offline
+    assert "drop --threshold" in cli_error(capsys, *base, "--method", "full", "--threshold", 1e-3)
+    assert "rank_penalty" in cli_error(capsys, *base, "--option", "rank_penalti=1")
+    assert not (tmp_path / "out").exists()  # nothing was written for a failed start
+
+
+def test_eval_inspect_and_resume_refuse_wrong_folders(tmp_path, capsys):
+    assert "does not exist" in cli_error(capsys, "eval", tmp_path / "none")
+    assert "not a run folder" in cli_error(capsys, "eval", tmp_path)
+    assert "no delta file" in cli_error(capsys, "inspect", tmp_path)
+    assert "not a run folder" in cli_error(capsys, "train", "--resume", tmp_path)
+    assert "drop --epochs" in cli_error(capsys, "train", "--resume", tmp_path, "--epochs", 2)
+
+
+def test_user_errors_print_no_traceback_in_a_real_process(tmp_path):
+    result = run_cli("train", "--train-file", tmp_path / "missing.tsv", "--output-dir", tmp_path / "o", timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "missing.tsv does not exist" in result.stderr

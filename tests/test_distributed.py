@@ -1,0 +1,43 @@
+"""torchrun with 2 processes on CPU (gloo): identical deltas on both ranks, one writer, and the same
+result as one process with the global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fixtures_cli import tiny_bert_fixture, topic_files_fixture  # noqa: F401
+from sparsedelta.io import read
+from test_cli import SRC, run_cli, tiny_args
+
+
+@pytest.mark.slow
+def test_two_processes_agree_and_match_one_process_with_the_global_batch(tiny_bert, topic_files, tmp_path):
+    common = ["--max-steps", 7, "--eval-every", 5, "--threshold", 2e-3, "--seed", 5]
+    ddp_out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sparsedelta",
+           *tiny_args(tiny_bert, topic_files, ddp_out, "--batch-size", 8, *common)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("test accuracy:") == 1  # only rank 0 prints
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # and only rank 0 writes
+    metrics = json.loads((ddp_out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert len(metrics["rank_fingerprints"]) == 2 and len(set(metrics["rank_fingerprints"])) == 1
+    assert len(metrics["memory"]["peak_rss_mib"]) == 2
+
+    # one process with batch 16 sees the same examples per step (no dropout in the tiny model)
+    single = run_cli(*tiny_args(tiny_bert, topic_files, tmp_path / "single", "--batch-size", 16, *common, "--threads", 1))
+    assert single.returncode == 0, single.stderr[-3000:]
+    (_, a), (_, b) = read(ddp_out), read(tmp_path / "single")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    reference = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    torch.testing.assert_close([s["loss"] for s in metrics["steps"]], [s["loss"] for s in reference["steps"]],
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    assert metrics["test"]["examples"] == reference["test"]["examples"] == 18

