@@ -26,16 +26,16 @@ def tiny_loss(ids):
 def test_targeting_list_suffix_regex_exclude_and_kinds(tiny):
     targets = lambda cfg: set(state_of(sd.prepare(type(tiny)(), cfg)).adapters["default"].deltas)  # noqa: E731
     torch.manual_seed(0)
-    assert targets(sd.RandomConfig(target_modules=["proj", "head"])) == {"proj.weight", "head.weight"}
-    assert targets(sd.RandomConfig(target_modules=r"pro.|hea.")) == {"proj.weight", "head.weight"}
-    assert targets(sd.RandomConfig(exclude_modules=["head"])) == {"proj.weight", "conv.weight"}
-    assert targets(sd.RandomConfig(parameter_kinds=("bias", "norm"))) == {
+    assert targets(sd.RandomConfig(density=0.9, target_modules=["proj", "head"])) == {"proj.weight", "head.weight"}
+    assert targets(sd.RandomConfig(density=0.9, target_modules=r"pro.|hea.")) == {"proj.weight", "head.weight"}
+    assert targets(sd.RandomConfig(density=0.9, exclude_modules=["head"])) == {"proj.weight", "conv.weight"}
+    assert targets(sd.RandomConfig(density=0.9, parameter_kinds=("bias", "norm"))) == {
         "proj.bias",
         "conv.bias",
         "norm.weight",
         "norm.bias",
     }
-    assert targets(sd.RandomConfig(parameter_kinds=("embedding",))) == {"embed.weight"}
+    assert targets(sd.RandomConfig(density=0.9, parameter_kinds=("embedding",))) == {"embed.weight"}
 
 
 def test_unknown_target_lists_near_matches(tiny):
