@@ -232,7 +232,7 @@ def test_eval_inspect_and_resume_refuse_wrong_folders(tmp_path, capsys):
     assert "not a run folder" in cli_error(capsys, "eval", tmp_path)
     assert "no delta file" in cli_error(capsys, "inspect", tmp_path)
     assert "not a run folder" in cli_error(capsys, "train", "--resume", tmp_path)
-    assert "drop --epochs" in cli_error(capsys, "train", "--resume", tmp_path, "--epochs", 2)
+    assert "drop --epochs" in cli_error(capsys, "train", "--resume", tmp_path, "--epochs", 2, "--no-progress")
 
 
 def test_user_errors_print_no_traceback_in_a_real_process(tmp_path):

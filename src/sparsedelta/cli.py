@@ -137,9 +137,10 @@ def run_train(args) -> int:
 
 
 def _explicit(args) -> list[str]:
-    """Names of the train options given on the command line (differing from their defaults)."""
-    defaults = vars(args.parser.parse_args([]))
-    return [k for k, v in vars(args).items() if k in defaults and k not in ("func", "parser") and v != defaults[k]]
+    """Names of the train options written on the command line (even when equal to their defaults)."""
+    actions = args.parser._option_string_actions  # option string -> action; argparse has no public view
+    given = [actions[token.split("=")[0]].dest for token in args.argv if token.split("=")[0] in actions]
+    return list(dict.fromkeys(given))
 
 
 def report(result) -> str:
@@ -287,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

@@ -62,13 +62,11 @@ class Budget:
 class MethodRunner:
     name = ""
     default_lr = 1e-3
-    product = "delta.safetensors"  # what `save` writes into the run folder
     params_changed = False  # set by on_step after swapping the trainable tensors: the loop rebuilds AdamW
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.rng = random.Random(cfg.seed)  # for any per-step random choice; saved in checkpoints
-        self.messages: list[str] = []
 
     # -- hooks -------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, head_modules: list[str], total_steps: int) -> nn.Module:
@@ -313,7 +311,6 @@ class FullRunner(MethodRunner):
 
     name = "full"
     default_lr = 5e-5
-    product = "model/"
 
     def prepare(self, model, head_modules, total_steps):
         self._check_options(set())
@@ -339,7 +336,6 @@ class LoRARunner(MethodRunner):
 
     name = "lora"
     default_lr = 5e-4
-    product = "adapter/"
 
     def prepare(self, model, head_modules, total_steps):
         try:
