@@ -204,7 +204,7 @@ class DiffPruningConfig(DeltaConfig):
 
 
 # -- phase-1 tensors of one targeted parameter ---------------------------------------------------------
-CHUNK = 1 << 18  # entries per slice of the mask computation: its temporaries stay small (1 MiB each)
+CHUNK = 1 << 20  # entries per slice of the mask computation: its temporaries stay small (4 MiB each)
 GROUPS = -1  # noise slot of the group logits
 
 
@@ -261,18 +261,18 @@ class DiffVector(nn.Module):
             return None
         return hard_concrete(group_log_alpha, self.noise(step, GROUPS, len(group_log_alpha)), self.left, self.right)
 
-    def slice_delta(self, step, start, stop, w, log_alpha, group_z) -> torch.Tensor:
-        """δ on the flat entries [start, stop) from flat slices of w and α and the whole group mask."""
+    def slice_mask(self, step, start, stop, log_alpha, group_z) -> torch.Tensor:
+        """z (⊙ z_g) on the flat entries [start, stop), from that slice of α and the whole group mask."""
         z = hard_concrete(log_alpha, self.noise(step, start // CHUNK, stop - start), self.left, self.right)
         if group_z is not None:
             z = z * expand_groups(group_z, start, stop, self.group_size)
-        return z * w
+        return z
 
     def slices(self):
         return ((start, min(start + CHUNK, self.numel)) for start in range(0, self.numel, CHUNK))
 
-    def merged(self, weight: torch.Tensor, step: int | None, leaves=None) -> torch.Tensor:
-        """θ + δ (or δ alone for weight None), without autograd: one new tensor, small temporaries."""
+    def merged(self, weight: torch.Tensor | None, step: int | None, leaves=None) -> torch.Tensor:
+        """θ + z ⊙ w (or δ = z ⊙ w alone for weight None), without autograd: one new tensor."""
         w, log_alpha, *group = leaves or self.leaves()
         with torch.no_grad():
             group_z = self.group_mask(step, group[0] if group else None)
@@ -280,8 +280,11 @@ class DiffVector(nn.Module):
             out = torch.empty(self.shape, dtype=w.dtype if weight is None else weight.dtype, device=w.device)
             flat_out, base = out.view(-1), None if weight is None else weight.reshape(-1)
             for a, b in self.slices():
-                d = self.slice_delta(step, a, b, w[a:b], log_alpha[a:b], group_z)
-                flat_out[a:b] = d if base is None else base[a:b] + d.to(out.dtype)
+                z = self.slice_mask(step, a, b, log_alpha[a:b], group_z)
+                if base is None:
+                    torch.mul(z, w[a:b], out=flat_out[a:b])
+                else:
+                    _add_delta(base[a:b], z * w[a:b], flat_out[a:b])
         return out
 
     def delta(self, step: int | None = None) -> torch.Tensor:
@@ -293,34 +296,33 @@ class DiffVector(nn.Module):
         mask; also returns θ + δ when `weight` is given (the linear path needs it for ∂L/∂x)."""
         w, log_alpha, *group = leaves
         flat_grad = grad.reshape(-1)
-        grads = [torch.empty_like(t) if n else None for t, n in zip(leaves, needs)]
-        flat = [g.view(-1) if g is not None else None for g in grads]
+        grads = [None] * len(leaves)
         merged = None if weight is None else torch.empty(self.shape, dtype=weight.dtype, device=weight.device)
         base = None if weight is None else weight.reshape(-1)
+        wanted = [i for i, n in enumerate(needs) if n]
         with torch.enable_grad():
             group_in = group[0].detach().requires_grad_(needs[2]) if group else None
             group_z = self.group_mask(step, group_in)
-            if group_in is not None and needs[2]:
-                flat[2].zero_()
             for a, b in self.slices():
                 w_in = w.reshape(-1)[a:b].detach().requires_grad_(needs[0])
                 alpha_in = log_alpha.reshape(-1)[a:b].detach().requires_grad_(needs[1])
-                d = self.slice_delta(step, a, b, w_in, alpha_in, group_z)
+                delta = self.slice_mask(step, a, b, alpha_in, group_z) * w_in
                 if merged is not None:
-                    merged.view(-1)[a:b] = base[a:b] + d.detach().to(base.dtype)
-                inputs = [(t, n) for t, n in zip((w_in, alpha_in, group_in), needs) if n]
-                if not inputs:
+                    _add_delta(base[a:b], delta.detach(), merged.view(-1)[a:b])
+                if not wanted:
                     continue
-                retain = group_z is not None and group_z.requires_grad and b < self.numel
-                got = torch.autograd.grad(d, [t for t, _ in inputs], flat_grad[a:b].to(d.dtype), retain_graph=retain)
-                got = iter(got)
-                for i, n in enumerate(needs):
-                    if not n:
-                        continue
-                    if i < 2:
-                        flat[i][a:b] = next(got)
+                inputs = [(w_in, alpha_in, group_in)[i] for i in wanted]
+                retain = group_z is not None and group_z.requires_grad and b < self.numel  # α_g's graph is shared
+                got = torch.autograd.grad(delta, inputs, flat_grad[a:b].to(delta.dtype), retain_graph=retain)
+                for i, g in zip(wanted, got):
+                    if i == 2:  # group logits: a sum over slices
+                        grads[2] = g if grads[2] is None else grads[2].add_(g)
+                    elif self.numel <= CHUNK:
+                        grads[i] = g.view(self.shape)
                     else:
-                        flat[i] += next(got)
+                        if grads[i] is None:
+                            grads[i] = torch.empty(self.shape, dtype=g.dtype, device=g.device)
+                        grads[i].view(-1)[a:b] = g
         return grads, merged
 
     def penalty_term(self) -> torch.Tensor:
@@ -331,6 +333,14 @@ class DiffVector(nn.Module):
     def extra_repr(self) -> str:
         groups = "" if self.group_log_alpha is None else f", groups={len(self.group_log_alpha)}"
         return f"shape={self.shape}{groups}"
+
+
+def _add_delta(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> None:
+    """out = θ + δ, added in δ's precision and rounded to θ's dtype (as the core merges a delta)."""
+    if base.dtype == delta.dtype:
+        torch.add(base, delta, out=out)
+    else:
+        out.copy_(base.to(delta.dtype) + delta)
 
 
 def _mix(*key: int) -> int:
