@@ -37,9 +37,13 @@ Choices, and why:
   sampled mask (fixed by `eval_seed`). The projection uses the evaluation mask, and the choice is
   saved with the delta's config.
 - Memory: θ stays in the module's own weight (no copy). A layer's θ + δ is a per-layer
-  temporary: the forward computes it and lets it go; the backward recomputes the mask (cheap,
-  elementwise) and differentiates it by autograd. So the step holds w, α, their gradients and
-  optimizer state, and never all layers' dense mask intermediates at once.
+  temporary: the forward computes it and lets it go (linear layers keep only their input; a
+  layer whose own backward needs its weight, e.g. a LayerNorm, keeps θ + δ until then); the
+  backward recomputes the mask (elementwise, in slices of CHUNK entries) and differentiates it by
+  autograd. So a step holds w, α, their gradients and optimizer state, never every layer's mask
+  intermediates at once. Measured on MiniLM-L6 (bench/diff_pruning_memory.py): see the report.
+- Call `start` before wrapping the model in DDP, and wrap it anew after `project` (the trainable
+  tensors change).
 - Phase-2 values start from z⊙w, the diff phase 1 actually applied (`init_from="delta"`), so
   projecting at density 1 changes nothing and a smaller density only drops the smallest entries.
   The official code restarts from w, which silently rescales every kept entry whose z was in
@@ -73,10 +77,9 @@ CONTAINER = "diff_pruning"  # attribute under which a module holds its phase-1 t
 
 
 # -- the Hard-Concrete distribution (Louizos et al. 2018, temperature 1) ---------------------------------
-def logistic_noise(shape, generator: torch.Generator, dtype=torch.float32, device=None) -> torch.Tensor:
-    """log u − log(1 − u) with u ~ U(0, 1), clamped away from 0 and 1."""
-    u = torch.rand(shape, generator=generator, dtype=dtype, device=device)
-    return u.logit_(NOISE_EPS)  # logit_(eps) clamps u to [eps, 1 - eps] first
+def logistic_noise(u: torch.Tensor) -> torch.Tensor:
+    """log u − log(1 − u) from uniforms u ~ U(0, 1) (in place), u clamped to [eps, 1 − eps] first."""
+    return u.clamp_(NOISE_EPS, 1 - NOISE_EPS).logit_()  # (logit_(eps) does the same, ~10x slower in torch 2.13)
 
 
 def hard_concrete(log_alpha: torch.Tensor, noise: torch.Tensor | None, left: float, right: float) -> torch.Tensor:
@@ -124,15 +127,6 @@ def structured_expected_l0(
 
 def num_groups(numel: int, group_size: int | None) -> int:
     return 1 if group_size is None else math.ceil(numel / group_size)
-
-
-def expand_groups(group_z: torch.Tensor, start: int, stop: int, group_size: int | None) -> torch.Tensor:
-    """The per-entry values of a per-group mask on the flat entries [start, stop)."""
-    if group_size is None:
-        return group_z.reshape(())  # one group: a scalar broadcast
-    first = start // group_size
-    per_entry = group_z[first : (stop - 1) // group_size + 1].repeat_interleave(group_size)
-    return per_entry[start - first * group_size : stop - first * group_size]
 
 
 # -- configuration -------------------------------------------------------------------------------------
@@ -205,20 +199,22 @@ class DiffPruningConfig(DeltaConfig):
 
 # -- phase-1 tensors of one targeted parameter ---------------------------------------------------------
 CHUNK = 1 << 20  # entries per slice of the mask computation: its temporaries stay small (4 MiB each)
-GROUPS = -1  # noise slot of the group logits
+GROUPS = -1  # noise block of the group logits
 
 
 class DiffVector(nn.Module):
     """w, α (and the group logits α_g) of one targeted tensor; δ = z ⊙ w (⊙ z_g).
 
-    The mask is computed slice by slice (CHUNK entries), and the noise of each slice is drawn from
-    its own generator keyed by (seed, tensor, step, slice): any slice's mask can be recomputed
-    exactly, in any order, without storing it."""
+    The noise comes in blocks of consecutive entries (an embedding row, else CHUNK entries), each
+    drawn from its own generator keyed by (seed, tensor, step, block): any block's mask can be
+    recomputed exactly, alone and in any order, so nothing is stored, and an embedding computes the
+    mask of the rows its batch looks up only. The mask is computed slice by slice (≈ CHUNK entries)."""
 
-    def __init__(self, weight: torch.Tensor, config: DiffPruningConfig, stream: int):
+    def __init__(self, weight: torch.Tensor, config: DiffPruningConfig, stream: int, row_blocks: bool = False):
         super().__init__()
         self.shape = tuple(weight.shape)
         self.numel = weight.numel()
+        self.block = self.shape[-1] if row_blocks else CHUNK
         dtype = torch.promote_types(weight.dtype, torch.float32)
         kw = dict(dtype=dtype, device=weight.device)
         self.w = nn.Parameter(torch.zeros(self.shape, **kw))
@@ -247,29 +243,51 @@ class DiffVector(nn.Module):
             self._seen_versions = versions
         return int(self.noise_step)
 
-    def noise(self, step: int | None, slot: int, size: int) -> torch.Tensor | None:
-        """Logistic noise of one slice (or of the groups, slot GROUPS) at noise step `step`;
-        step None is the evaluation mask: no noise, or the one fixed sampled mask."""
+    def noise(self, step: int | None, blocks, size: int) -> torch.Tensor | None:
+        """Logistic noise of the given blocks, concatenated (`size` entries in all; block GROUPS is
+        the group logits'). Step None is the evaluation mask: no noise, or the one sampled mask."""
         if step is None and not self.eval_sampled:
             return None
-        key = (self.eval_seed, self.stream, -1, slot) if step is None else (self.seed, self.stream, step, slot)
-        gen = torch.Generator(device=self.w.device).manual_seed(_mix(*key))
-        return logistic_noise(size, gen, self.w.dtype, self.w.device)
+        key = (self.eval_seed, self.stream, -1) if step is None else (self.seed, self.stream, step)
+        gen = torch.Generator(device=self.w.device)
+        u = torch.empty(size, dtype=self.w.dtype, device=self.w.device)
+        start = 0
+        for block in blocks:
+            n = size - start if block == GROUPS else min(self.block, self.numel - block * self.block)
+            u[start : start + n].uniform_(generator=gen.manual_seed(_mix(*key, block)))
+            start += n
+        return logistic_noise(u)
 
     def group_mask(self, step: int | None, group_log_alpha: torch.Tensor | None) -> torch.Tensor | None:
         if group_log_alpha is None:
             return None
-        return hard_concrete(group_log_alpha, self.noise(step, GROUPS, len(group_log_alpha)), self.left, self.right)
+        noise = self.noise(step, [GROUPS], len(group_log_alpha))
+        return hard_concrete(group_log_alpha, noise, self.left, self.right)
 
-    def slice_mask(self, step, start, stop, log_alpha, group_z) -> torch.Tensor:
-        """z (⊙ z_g) on the flat entries [start, stop), from that slice of α and the whole group mask."""
-        z = hard_concrete(log_alpha, self.noise(step, start // CHUNK, stop - start), self.left, self.right)
+    def entry_mask(self, step, blocks, log_alpha, group_z, flat_index) -> torch.Tensor:
+        """z (⊙ z_g) of whole noise blocks, from their entries' α (flat) and the whole group mask;
+        flat_index() gives those entries' flat positions (only needed for chunked groups)."""
+        z = hard_concrete(log_alpha, self.noise(step, blocks, len(log_alpha)), self.left, self.right)
         if group_z is not None:
-            z = z * expand_groups(group_z, start, stop, self.group_size)
+            z = z * (group_z.reshape(()) if self.group_size is None else group_z[flat_index() // self.group_size])
         return z
 
     def slices(self):
-        return ((start, min(start + CHUNK, self.numel)) for start in range(0, self.numel, CHUNK))
+        """(start, stop, blocks) covering the flat tensor in block-aligned slices of about CHUNK entries."""
+        per = max(1, CHUNK // self.block)
+        for first in range(0, math.ceil(self.numel / self.block), per):
+            start, stop = first * self.block, min((first + per) * self.block, self.numel)
+            yield start, stop, range(first, math.ceil(stop / self.block))
+
+    def slice_mask(self, step, start, stop, blocks, log_alpha, group_z) -> torch.Tensor:
+        index = lambda: torch.arange(start, stop, device=log_alpha.device)  # noqa: E731
+        return self.entry_mask(step, blocks, log_alpha, group_z, index)
+
+    def row_mask(self, step, rows: torch.Tensor, log_alpha_rows: torch.Tensor, group_z) -> torch.Tensor:
+        """z of whole rows (row blocks only), shaped like log_alpha_rows (len(rows), row length)."""
+        width = self.block
+        index = lambda: (rows[:, None] * width + torch.arange(width, device=rows.device)).reshape(-1)  # noqa: E731
+        return self.entry_mask(step, rows.tolist(), log_alpha_rows.reshape(-1), group_z, index).view(-1, width)
 
     def merged(self, weight: torch.Tensor | None, step: int | None, leaves=None) -> torch.Tensor:
         """θ + z ⊙ w (or δ = z ⊙ w alone for weight None), without autograd: one new tensor."""
@@ -279,12 +297,21 @@ class DiffVector(nn.Module):
             w, log_alpha = w.reshape(-1), log_alpha.reshape(-1)
             out = torch.empty(self.shape, dtype=w.dtype if weight is None else weight.dtype, device=w.device)
             flat_out, base = out.view(-1), None if weight is None else weight.reshape(-1)
-            for a, b in self.slices():
-                z = self.slice_mask(step, a, b, log_alpha[a:b], group_z)
+            for a, b, blocks in self.slices():
+                z = self.slice_mask(step, a, b, blocks, log_alpha[a:b], group_z)
                 if base is None:
                     torch.mul(z, w[a:b], out=flat_out[a:b])
                 else:
                     _add_delta(base[a:b], z * w[a:b], flat_out[a:b])
+        return out
+
+    def merged_rows(self, weight: torch.Tensor, step: int | None, rows: torch.Tensor, leaves) -> torch.Tensor:
+        """(θ + z ⊙ w)[rows], without autograd."""
+        w, log_alpha, *group = leaves
+        with torch.no_grad():
+            z = self.row_mask(step, rows, log_alpha[rows], self.group_mask(step, group[0] if group else None))
+            out = torch.empty((len(rows), self.block), dtype=weight.dtype, device=weight.device)
+            _add_delta(weight[rows], z * w[rows], out)
         return out
 
     def delta(self, step: int | None = None) -> torch.Tensor:
@@ -303,10 +330,10 @@ class DiffVector(nn.Module):
         with torch.enable_grad():
             group_in = group[0].detach().requires_grad_(needs[2]) if group else None
             group_z = self.group_mask(step, group_in)
-            for a, b in self.slices():
+            for a, b, blocks in self.slices():
                 w_in = w.reshape(-1)[a:b].detach().requires_grad_(needs[0])
                 alpha_in = log_alpha.reshape(-1)[a:b].detach().requires_grad_(needs[1])
-                delta = self.slice_mask(step, a, b, alpha_in, group_z) * w_in
+                delta = self.slice_mask(step, a, b, blocks, alpha_in, group_z) * w_in
                 if merged is not None:
                     _add_delta(base[a:b], delta.detach(), merged.view(-1)[a:b])
                 if not wanted:
@@ -317,13 +344,31 @@ class DiffVector(nn.Module):
                 for i, g in zip(wanted, got):
                     if i == 2:  # group logits: a sum over slices
                         grads[2] = g if grads[2] is None else grads[2].add_(g)
-                    elif self.numel <= CHUNK:
+                    elif a == 0 and b == self.numel:
                         grads[i] = g.view(self.shape)
                     else:
                         if grads[i] is None:
                             grads[i] = torch.empty(self.shape, dtype=g.dtype, device=g.device)
                         grads[i].view(-1)[a:b] = g
         return grads, merged
+
+    def backward_rows(self, step, rows: torch.Tensor, leaves, needs, row_grads: torch.Tensor):
+        """Gradients of (w, α[, α_g]) when only `rows` of θ + δ were used, with ∂L/∂(θ + δ)[rows]:
+        autograd on those rows' mask; every other row's gradient is exactly 0."""
+        w, log_alpha, *group = leaves
+        wanted = [i for i, n in enumerate(needs) if n]
+        if not wanted:
+            return [None] * len(leaves)
+        with torch.enable_grad():
+            w_in = w[rows].detach().requires_grad_(needs[0])
+            alpha_in = log_alpha[rows].detach().requires_grad_(needs[1])
+            group_in = group[0].detach().requires_grad_(needs[2]) if group else None
+            delta = self.row_mask(step, rows, alpha_in, self.group_mask(step, group_in)) * w_in
+        got = torch.autograd.grad(delta, [(w_in, alpha_in, group_in)[i] for i in wanted], row_grads.to(delta.dtype))
+        grads = [None] * len(leaves)
+        for i, g in zip(wanted, got):
+            grads[i] = g if i == 2 else torch.zeros_like(leaves[i]).index_copy_(0, rows, g)
+        return grads
 
     def penalty_term(self) -> torch.Tensor:
         if self.group_log_alpha is None:
@@ -403,6 +448,35 @@ class DiffLinear(Function):
         return grad_x, None, grad_bias, None, None, None, *leaf_grads
 
 
+class DiffEmbedding(Function):
+    """nn.Embedding lookup of θ + δ that computes the mask of the looked-up rows only."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, diff, step, *leaves):
+        rows, inverse = torch.unique(ids, return_inverse=True)
+        ctx.diff, ctx.step, ctx.padding_idx = diff, step, padding_idx
+        ctx.save_for_backward(rows, inverse, *leaves)
+        return nn.functional.embedding(inverse, diff.merged_rows(weight, step, rows, leaves))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, inverse, *leaves = ctx.saved_tensors
+        width = grad_out.shape[-1]
+        row_grads = grad_out.new_zeros(len(rows), width).index_add_(0, inverse.reshape(-1), grad_out.reshape(-1, width))
+        if ctx.padding_idx is not None:  # as F.embedding: the padding row gets no gradient
+            row_grads[rows == ctx.padding_idx] = 0
+        grads = ctx.diff.backward_rows(ctx.step, rows, leaves, ctx.needs_input_grad[5:], row_grads)
+        return None, None, None, None, None, *grads
+
+
+def _embedding_ok(module: nn.Module) -> bool:
+    """Plain lookups take the row path; max_norm (renormalises θ in place), scale_grad_by_freq and
+    sparse gradients take the generic one."""
+    return (
+        type(module) is nn.Embedding and module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+    )
+
+
 def _linear_kind(module: nn.Module) -> bool | None:
     """Fast path for the weight of a plain linear layer: transposed flag, or None for no fast path."""
     kind = type(module)
@@ -414,23 +488,26 @@ def _linear_kind(module: nn.Module) -> bool | None:
 
 
 def _phase_one_forward(self: nn.Module, *args, **kwargs):
-    bound = self._diffprune_bindings
     sampled = self.training
-    swapped, linear = [], None
-    transposed = _linear_kind(self) if self._diffprune_own_forward else None
+    own = self._diffprune_own_forward
+    transposed = _linear_kind(self) if own else None
+    embedding = own and _embedding_ok(self)
+    swapped, fast = [], None
     try:
-        for pname, diff in bound:
+        for pname, diff in self._diffprune_bindings:
             step = diff.advance() if sampled else None
-            if pname == "weight" and transposed is not None:
-                linear = (diff, step)
+            if pname == "weight" and (transposed is not None or embedding):
+                fast = (diff, step)
                 continue
             original = self._parameters[pname]
             self._parameters[pname] = DiffWeight.apply(original, diff, step, *diff.leaves())
             swapped.append((pname, original))
-        if linear is None:
+        if fast is None:
             return self._diffprune_inner_forward(*args, **kwargs)
-        diff, step = linear
+        diff, step = fast
         x = args[0] if args else kwargs["input"]
+        if embedding:
+            return DiffEmbedding.apply(x, self.weight, self.padding_idx, diff, step, *diff.leaves())
         return DiffLinear.apply(x, self.weight, self.bias, diff, step, transposed, *diff.leaves())
     finally:
         for pname, original in swapped:
@@ -497,7 +574,7 @@ def start(model: nn.Module, config: DiffPruningConfig) -> nn.Module:
         p.requires_grad_(False)
     diffs, owners = {}, {}
     for stream, (path, target) in enumerate(targets.items()):
-        diff = DiffVector(target.param, config, stream)
+        diff = DiffVector(target.param, config, stream, row_blocks=target.kind == "embedding")
         owner, pname = target.owners[0]
         if CONTAINER not in owner._modules:
             owner.add_module(CONTAINER, nn.ModuleDict())
@@ -542,6 +619,8 @@ def penalty(model: nn.Module) -> torch.Tensor:
     """λ·E[‖δ‖₀] over every targeted tensor (structured: the paper's product form); add it to the loss.
     Each tensor's term is recomputed in backward instead of keeping its σ(α − c) across the step."""
     state = phase_one(model)
+    if state.config.l0_penalty == 0:
+        return torch.zeros((), device=next(iter(state.diffs.values())).w.device)
     total = sum(_checkpointed(d.penalty_term) for d in state.diffs.values())
     return state.config.l0_penalty * total
 
