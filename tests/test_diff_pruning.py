@@ -227,6 +227,42 @@ def test_structured_group_mask_switches_whole_groups_off(monkeypatch):
         assert torch.all(d[24:32] == 0) and torch.any(d[32:40] != 0)
 
 
+def test_autocast_bfloat16_gives_float32_gradients_close_to_exact():
+    model, _ = started_tiny(penalty=0.0)
+    model = model.float()
+    ids = torch.randint(1, 50, (2, 6))
+    leaves = all_leaves(model)
+    with dp.fixed_noise(model):
+        lm_loss(ids)(model).backward()
+        exact = {k: p.grad.clone() for k, p in leaves.items()}
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm_loss(ids)(model)
+        loss.backward()
+    for name, p in leaves.items():
+        assert p.grad.dtype == torch.float32, name
+        if exact[name].abs().sum() > 0:
+            assert torch.nn.functional.cosine_similarity(p.grad.reshape(-1), exact[name].reshape(-1), dim=0) > 0.98, (
+                name
+            )
+
+
+def test_zero_penalty_and_sampled_evaluation_mask():
+    model, _ = started_tiny(penalty=0.0)
+    assert float(dp.penalty(model)) == 0.0
+    torch.manual_seed(0)
+    sampled = TinyNet()
+    dp.start(sampled, dp.DiffPruningConfig(eval_mask="sampled", alpha_init=1.0))
+    with torch.no_grad():
+        for d in dp.phase_one(sampled).diffs.values():
+            d.w.fill_(1.0)
+    once, again = dp.eval_deltas(sampled), dp.eval_deltas(sampled)
+    z = torch.cat([v.reshape(-1) for v in once.values()])
+    assert all(torch.equal(once[k], again[k]) for k in once)  # one fixed sampled mask
+    assert (z == 0).any() and (z == 1).any()  # a sample, not the deterministic clamp(σ(1)·3 − 1.5) ≈ 0.69
+    dp.discard(sampled)
+
+
 # -- noise per optimizer step ------------------------------------------------------------------------
 def test_fresh_noise_per_optimizer_step_shared_by_micro_batches():
     model, _ = started_tiny()
@@ -339,6 +375,16 @@ def test_projection_to_a_count_keeps_the_largest_diffs(init_from):
     assert torch.count_nonzero(torch.cat([d.values for d in adapter.deltas.values()])) == 37
 
 
+def test_per_tensor_projection_on_a_model():
+    model, _ = trained_tiny()
+    sizes = {n: d.numel for n, d in dp.phase_one(model).diffs.items()}
+    dp.project(model, density=0.1, per_tensor=True)
+    adapter = state_of(model).adapters["default"]
+    assert adapter.config.per_tensor and adapter.config.density == 0.1
+    for name, n in sizes.items():
+        assert len(adapter.deltas[name].indices) == max(1, round(0.1 * n)), name
+
+
 def test_discard_gives_back_the_base_model():
     torch.manual_seed(0)
     model = TinyNet()
@@ -374,6 +420,11 @@ def test_bad_inputs_give_clear_errors():
         dp.DiffPruningConfig(group_size=8)
     with pytest.raises(ValueError, match="count is one global budget"):
         dp.DiffPruningConfig(count=10, per_tensor=True)
+    for count in (0, 2.5, True):
+        with pytest.raises(ValueError, match="count must be a positive"):
+            dp.DiffPruningConfig(count=count)
+    with pytest.raises(TypeError, match="DiffPruningConfig"):
+        dp.start(TinyNet(), sd.RandomConfig())
 
     model = TinyNet()
     with pytest.raises(ValueError, match="no Diff Pruning phase 1.*start"):

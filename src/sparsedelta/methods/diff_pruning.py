@@ -36,12 +36,13 @@ Choices, and why:
   the deterministic z = min(1, max(0, σ(α)(r−l)+l)); `eval_mask="sampled"` takes the paper's one
   sampled mask (fixed by `eval_seed`). The projection uses the evaluation mask, and the choice is
   saved with the delta's config.
-- Memory: θ stays in the module's own weight (no copy). A layer's θ + δ is a per-layer
+- Memory and time: θ stays in the module's own weight (no copy). A layer's θ + δ is a per-layer
   temporary: the forward computes it and lets it go (linear layers keep only their input; a
   layer whose own backward needs its weight, e.g. a LayerNorm, keeps θ + δ until then); the
-  backward recomputes the mask (elementwise, in slices of CHUNK entries) and differentiates it by
-  autograd. So a step holds w, α, their gradients and optimizer state, never every layer's mask
-  intermediates at once. Measured on MiniLM-L6 (bench/diff_pruning_memory.py): see the report.
+  backward recomputes the mask (elementwise, in slices of about CHUNK entries) and differentiates
+  it by autograd. An embedding computes θ + δ only for the rows its batch looks up. So a step
+  holds w, α, their gradients and optimizer state, never every layer's mask intermediates at once.
+  Measured against full fine-tuning by bench/diff_pruning_memory.py.
 - Call `start` before wrapping the model in DDP, and wrap it anew after `project` (the trainable
   tensors change).
 - Phase-2 values start from z⊙w, the diff phase 1 actually applied (`init_from="delta"`), so
@@ -174,7 +175,7 @@ class DiffPruningConfig(DeltaConfig):
                 f"right (r) must be > 1, got {self.right}: the stretch (l, r) must reach above 1 (paper: 1.5)"
             )
         check_density(self.density)
-        if self.count is not None and (isinstance(self.count, bool) or not self.count >= 1):
+        if self.count is not None and (type(self.count) is not int or self.count < 1):
             raise ValueError(f"count must be a positive number of entries, got {self.count!r}")
         if self.count is not None and self.per_tensor:
             raise ValueError("count is one global budget; use density with per_tensor=True for a per-tensor budget")
