@@ -18,13 +18,14 @@ from .adapters import (
 from .config import DeltaConfig, SelectionReport
 from .delta import SparseDelta
 from .io import DeltaFileError, load, read, save
-from .methods import MagnitudeConfig, RandomConfig, SaRAConfig
+from .methods import DiffPruningConfig, MagnitudeConfig, RandomConfig, SaRAConfig, diff_pruning
 
 prepare = add_delta  # prepare(model, config): select positions by the config's rule and attach
 
 __all__ = [
     "DeltaConfig",
     "DeltaFileError",
+    "DiffPruningConfig",
     "MagnitudeConfig",
     "RandomConfig",
     "SaRAConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "add_delta",
     "count_parameters",
     "delete_adapter",
+    "diff_pruning",
     "disabled",
     "load",
     "merge",
