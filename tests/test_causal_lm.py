@@ -342,6 +342,8 @@ def test_merged_checkpoint_reproduces_logits_and_greedy_tokens(tmp_path, tiny, t
     assert merged.lm_head.weight is merged.model.embed_tokens.weight
     torch.testing.assert_close(merged(input_ids=ids).logits, logits, rtol=0, atol=0)
     assert greedy_tokens(merged, tokenizer, "And God said", 20) == tokens
+    reloaded = load_causal_lm(tmp_path / "merged")  # a tied head is not reported as missing
+    assert torch.equal(reloaded.model(input_ids=ids).logits, logits)
     assert generate_sample(merged, tokenizer, "And God said", 20) == tokenizer.decode(tokens, skip_special_tokens=True)
 
 

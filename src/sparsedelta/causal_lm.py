@@ -81,7 +81,7 @@ def load_causal_lm(
         folder = gguf_cache_folder(gguf, cache_dir)
         if not (folder / "config.json").is_file():  # first use: dequantize, keep the result in memory
             loaded, tokenizer = _convert(gguf, folder)
-            return CausalLM(loaded.eval(), _with_pad(tokenizer), name, str(folder))
+            return CausalLM(loaded.to(dtype).eval(), _with_pad(tokenizer), name, str(folder))
         folder = str(folder)
     else:
         folder = _resolve(str(model))
