@@ -133,7 +133,7 @@ def _jsonl_texts(path: Path, column: str) -> list[str]:
             if not isinstance(record, dict) or column not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise UsageError(f"{path}:{number} has no field {column!r} (it has {keys}); choose it with --text-column")
-            texts.append(str(record[column]))
+            texts.append("" if record[column] is None else str(record[column]))  # empty records are skipped
     return texts
 
 
