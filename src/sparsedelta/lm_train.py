@@ -244,6 +244,23 @@ def evaluate_run(
     return {"split": split, "blocks": len(blocks), "perplexity": tuned, "base_perplexity": base}
 
 
+def merge_run(
+    run_dir: str | os.PathLike, out_dir: str | os.PathLike, model: str | None = None, lm: CausalLM | None = None
+) -> Path:
+    """Write base + the run's delta as a plain checkpoint (with its tokenizer) that
+    AutoModelForCausalLM.from_pretrained loads; tied weights stay tied."""
+    run, out = Path(run_dir), Path(out_dir)
+    if (out / "config.json").exists():
+        raise UsageError(f"{out} already holds a model; choose another output folder")
+    if lm is None:
+        settings = json.loads((run / "config.json").read_text())["train"] if (run / "config.json").exists() else {}
+        lm = load_causal_lm(model or settings.get("model"))
+    io.load(lm.model, run)
+    adapters.merge_and_unload(lm.model).save_pretrained(out)
+    lm.tokenizer.save_pretrained(out)
+    return out
+
+
 def _warmup_cosine(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
