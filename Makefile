@@ -8,7 +8,7 @@ STAMP := .venv/.installed
 setup: $(STAMP)
 
 # torch==2.13.0 first: the CPU wheel that lies on disk; a bare `torch` would pull a CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0

@@ -103,9 +103,17 @@ def setup(method: str, model, args):
 
 
 def diff_pruning_setup(method, model):
-    from sparsedelta.methods import diff_pruning as dp  # lands with the Diff Pruning issue
+    """Phase 1: w and α on every targeted weight plus the L0 penalty; phase 2: the projected 0.5% delta."""
+    import sparsedelta as sd
+    from sparsedelta.methods import diff_pruning as dp
 
-    return dp.benchmark_setup(method, model)
+    config = dp.DiffPruningConfig(density=0.005, modules_to_save=["classifier"])
+    dp.start(model, config)
+    if method.endswith("phase1"):
+        groups = dp.param_groups(model)
+        return [p for g in groups for p in g["params"]], lambda m: dp.penalty(m), None
+    dp.project(model)
+    return sd.trainable_parameters(model), None, None
 
 
 def file_size(method: str, model, tmp: Path) -> dict:
