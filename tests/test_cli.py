@@ -181,6 +181,23 @@ def test_sara_options_reach_the_config(tiny_bert, topic_files, tmp_path):
     assert "extra_loss" not in metrics["steps"][0]
 
 
+@pytest.mark.parametrize("structured", [False, True])
+def test_diff_pruning_runs_both_phases_and_saves_the_projected_delta(tiny_bert, topic_files, tmp_path, capsys, structured):
+    out = tmp_path / "dp"
+    extra = ["--method", "diff-pruning", "--density", 0.01, "--max-steps", 6, "--eval-every", 6]
+    assert main(tiny_args(tiny_bert, topic_files, out, *extra, *(["--structured"] if structured else []))) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["events"]] == [3] and "Diff Pruning" in metrics["events"][0]["event"]
+    assert "extra_loss" in metrics["steps"][0] and "extra_loss" not in metrics["steps"][-1]
+    meta, tensors = read(out)
+    assert meta["config"]["method"] == "diff-pruning" and meta["config"]["structured"] is structured
+    selected = sum(f["entries"] for f in meta["fingerprint"].values())
+    assert selected == metrics["budget"]["selected"] == round(0.01 * metrics["budget"]["eligible"])
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0  # the saved delta reproduces the run's test metrics
+    assert json.loads(capsys.readouterr().out) == pytest.approx(metrics["test"])
+
+
 def test_sst2_files_train(tiny_bert, tmp_path):
     folder = SHARED_DATA / "sst2"
     if not (folder / "train.tsv").exists():
@@ -213,8 +230,8 @@ def test_bad_data_input_gives_one_clear_line(tmp_path, capsys):
 def test_bad_method_model_and_hub_access(tmp_path, capsys):
     base = ["train", "--output-dir", tmp_path / "out"]
     err = cli_error(capsys, *base, "--method", "sarah")
-    assert "unknown method 'sarah'; choose one of: sara, random, magnitude, full, lora" in err
-    assert "issue 4" in cli_error(capsys, *base, "--method", "diff-pruning")
+    assert "unknown method 'sarah'; choose one of: sara, diff-pruning, random, magnitude, full, lora" in err
+    assert "not --threshold" in cli_error(capsys, *base, "--method", "diff-pruning", "--threshold", 1e-3)
     assert "the model path does not exist" in cli_error(capsys, *base, "--model", tmp_path / "no-model")
     assert "not a model folder" in cli_error(capsys, *base, "--model", tmp_path)
     offline = cli_error(capsys, *base, "--dataset", "stanfordnlp/sst2")

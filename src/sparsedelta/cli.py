@@ -54,6 +54,7 @@ def add_train(sub) -> None:
     m.add_argument("--exclude-modules", nargs="+", metavar="NAME")
     m.add_argument("--parameter-kinds", nargs="+", metavar="KIND", help="weight bias embedding norm (default: weight)")
     m.add_argument("--modules-to-save", nargs="+", metavar="NAME", help="trained densely (default: the new head)")
+    m.add_argument("--structured", action="store_true", help="diff-pruning: the structured variant (a group logit per tensor)")
     m.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method setting, e.g. rank_penalty=5e-3, reselect_step=100 (sara); r=16 (lora)")  # fmt: skip
 
@@ -107,7 +108,7 @@ def train_config(args):
         max_eval_samples=args.max_eval_samples, model=args.model, max_length=args.max_length, method=args.method,
         threshold=args.threshold, density=args.density, target_modules=args.target_regex or args.target_modules,
         exclude_modules=args.exclude_modules, parameter_kinds=args.parameter_kinds,
-        modules_to_save=args.modules_to_save, options=parse_options(args.option), epochs=args.epochs,
+        modules_to_save=args.modules_to_save, options=parse_options(args.option + (["structured=true"] if args.structured else [])), epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
         head_lr=args.head_lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed, output_dir=args.output_dir,
