@@ -16,7 +16,6 @@ method costs one class and one line in RUNNERS.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
@@ -243,8 +242,7 @@ class SaRARunner(DeltaRunner):
     def extra_loss(self, model, step):
         if self.config.rank_penalty == 0:
             return None
-        with one_thread():
-            return rank_penalty(model, self.config.rank_penalty, self.config.rank_penalty_scope, self.rng)
+        return rank_penalty(model, self.config.rank_penalty, self.config.rank_penalty_scope, self.rng)
 
     def on_step(self, model, step, optimizer):
         if self.config.reselect_step is None or step != self.config.reselect_step:
@@ -254,21 +252,6 @@ class SaRARunner(DeltaRunner):
             threshold = max(float(d.base.abs().max()) for d in _adapter(model).deltas.values() if len(d.base))
             threshold = math.nextafter(threshold, math.inf)
         return str(reselect(model, threshold, optimizer))
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run the penalty's SVD on one CPU thread. Measured on a busy 2-core CPU for MiniLM's 1536x384
-    matrices: ~0.1 s on one thread, 0.2-7 s on two (LAPACK's threads wait on each other)."""
-    threads = torch.get_num_threads()
-    if torch.cuda.is_available() or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _BaselineRunner(DeltaRunner):
