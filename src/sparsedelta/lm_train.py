@@ -9,7 +9,7 @@ measure again, and write the run folder:
     delta.safetensors  the delta (+ delta_config.json), loadable with sparsedelta.load
     training.png       training loss and held-out perplexity before/after
 
-The defaults fit the 2-core CPU in a few minutes; `python -m sparsedelta.causal_lm` runs them.
+The defaults take 4-6 minutes on the shared 2-core CPU; `python -m sparsedelta.causal_lm` runs them.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ class LMTrainConfig:
     # optimisation
     steps: int = 40
     batch_size: int = 4
-    lr: float | None = 2e-3  # None: the method's default (SaRA: 1e-3·exp(−350·threshold))
+    # 40 steps want a large lr; validation perplexity 30.9 before, after 40 steps: 25.1 at lr 2e-3,
+    # 23.2 at 4e-3, 21.8 at 8e-3, 21.3 at 1.6e-2. None: the method's default (SaRA: 1e-3·exp(−350·threshold))
+    lr: float | None = 1e-2
     warmup_steps: int = 4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
