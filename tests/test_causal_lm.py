@@ -447,3 +447,35 @@ def test_smollm2_tied_delta_train_save_load_merge(tmp_path, smollm2_cache, kjv):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids[:1]).logits, logits, rtol=0, atol=0)
     assert greedy_tokens(merged, tok, prompt, 12) == tokens
+
+
+def test_cli_train_eval_merge_causal_lm(tmp_path, tiny, tokenizer, kjv, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from sparsedelta.cli import main
+
+    model_dir = tmp_path / "tiny"
+    tiny.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(u.text for u in kjv[:40]))
+    out = tmp_path / "run"
+    args = ["train", "--task", "causal-lm", "--model", model_dir, "--train-file", text, "--max-length", 32,
+            "--max-steps", 4, "--batch-size", 4, "--lr", 2e-2, "--output-dir", out, "--threads", 1, "--no-progress"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["block_size"] == 32 and len(metrics["steps"]) == 4
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["perplexity"] == pytest.approx(metrics["after"]["test_perplexity"], rel=1e-6)
+    assert result["base_perplexity"] == pytest.approx(metrics["before"]["test_perplexity"], rel=1e-6)
+    assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    tuned = load_causal_lm(model_dir).model
+    sd.load(tuned, out)
+    ids = torch.tensor([tokenizer.encode(kjv[50].text[:200])])
+    with torch.no_grad():
+        assert torch.equal(merged(ids).logits, tuned(ids).logits)
+    assert main(["train", "--task", "causal-lm", "--epochs", "2", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "--task causal-lm does not take --epochs" in capsys.readouterr().err

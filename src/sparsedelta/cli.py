@@ -42,6 +42,8 @@ def add_train(sub) -> None:
     d.add_argument("--max-eval-samples", type=int, help="use a seeded subset of validation and test")
 
     m = p.add_argument_group("model and method")
+    m.add_argument("--task", default="classification", choices=["classification", "causal-lm"],
+                   help="causal-lm: SmolLM2-135M + the KJV text by default (see README)")  # fmt: skip
     m.add_argument("--model", help="local folder or hub id (default: the embedded MiniLM-L6)")
     m.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
     m.add_argument("--method", default="sara", help="sara | diff-pruning | random | magnitude | full | lora")
@@ -120,6 +122,8 @@ def run_train(args) -> int:
     from .runfolder import RunFolder
     from .training import TrainConfig, train
 
+    if args.task == "causal-lm":
+        return run_train_causal_lm(args)
     if args.resume:
         given = [a for a in _explicit(args) if a not in ("resume", "no_progress", "threads", "device")]
         if given:
@@ -135,6 +139,46 @@ def run_train(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(report(result))
     return 0
+
+
+# flags of `train` that the causal-LM job understands, and the LMTrainConfig field each one sets
+CAUSAL_LM_FLAGS = {
+    "model": "model", "train_file": "train_file", "validation_file": "validation_file", "test_file": "test_file",
+    "text_columns": "text_column", "threshold": "threshold", "density": "density", "max_steps": "steps",
+    "batch_size": "batch_size", "lr": "lr", "max_length": "block_size", "seed": "seed", "output_dir": "output_dir",
+    "threads": "threads", "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm",
+}  # fmt: skip
+
+
+def run_train_causal_lm(args) -> int:
+    from .lm_train import LMTrainConfig, _summary, train_causal_lm
+
+    given = [a for a in _explicit(args) if a not in ("task", "no_progress", "method")]
+    unsupported = [a for a in given if a not in CAUSAL_LM_FLAGS]
+    if unsupported:
+        flags = ", ".join("--" + a.replace("_", "-") for a in unsupported)
+        raise UsageError(f"--task causal-lm does not take {flags}; it takes --" + ", --".join(
+            f.replace("_", "-") for f in CAUSAL_LM_FLAGS))  # fmt: skip
+    if args.method != "sara":
+        raise UsageError(f"--task causal-lm trains SaRA deltas for now, not --method {args.method}")
+    fields = {CAUSAL_LM_FLAGS[a]: getattr(args, a) for a in given}
+    if "text_column" in fields:
+        if len(fields["text_column"]) != 1:
+            raise UsageError("--task causal-lm takes one --text-column")
+        fields["text_column"] = fields["text_column"][0]
+    if "density" in fields:
+        fields["threshold"] = None
+    metrics = train_causal_lm(LMTrainConfig(**fields), progress=not args.no_progress)
+    for key, value in _summary(metrics).items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _causal_lm_run(path) -> bool:
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("task") == "causal-lm"
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def _explicit(args) -> list[str]:
@@ -193,6 +237,16 @@ def run_eval(args) -> int:
     from .runfolder import RunFolder
     from .training import TrainConfig, evaluate
 
+    if _causal_lm_run(args.run):
+        from .lm_train import evaluate_run
+
+        result = evaluate_run(args.run, "test", args.model)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"test perplexity {result['perplexity']:.3f} (base model {result['base_perplexity']:.3f}) "
+                  f"on {result['blocks']} blocks")  # fmt: skip
+        return 0
     folder = RunFolder.existing(args.run)
     config = folder.config
     cfg = TrainConfig.from_dict(config["train"])
@@ -257,6 +311,12 @@ def run_merge(args) -> int:
     from .models import load_run_model
     from .runfolder import RunFolder
 
+    if _causal_lm_run(args.run):
+        from .lm_train import merge_run
+
+        out = merge_run(args.run, args.output, args.model)
+        print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+        return 0
     folder = RunFolder.existing(args.run)
     config = folder.config
     method = config["method"]["method"]

@@ -211,7 +211,7 @@ def train_causal_lm(
         "steps": steps,
         "timings": timings,
     }
-    _write_json(out / "config.json", {"train": dataclasses.asdict(config), "method": method.to_dict()})
+    _write_json(out / "config.json", {"task": "causal-lm", "train": dataclasses.asdict(config), "method": method.to_dict()})
     _write_json(out / "metrics.json", metrics)
     training_plot(metrics, out / "training.png")
     return metrics
