@@ -274,6 +274,10 @@ def test_fresh_noise_per_optimizer_step_shared_by_micro_batches():
     lm_loss(ids)(model).backward()  # a second micro-batch of the same step
     steps = {d.noise_step.item() for d in dp.phase_one(model).diffs.values()}
     assert steps == {0}
+    assert not any(d._kept for d in dp.phase_one(model).diffs.values())  # backward took the kept noise
+    with torch.no_grad():
+        model(ids)
+    assert not any(d._kept for d in dp.phase_one(model).diffs.values())  # no backward coming: nothing kept
     opt.step()
     after = model(ids).detach()
     assert {d.noise_step.item() for d in dp.phase_one(model).diffs.values()} == {1}

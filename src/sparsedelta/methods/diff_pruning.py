@@ -40,8 +40,10 @@ Choices, and why:
   temporary: the forward computes it and lets it go (linear layers keep only their input; a
   layer whose own backward needs its weight, e.g. a LayerNorm, keeps θ + δ until then); the
   backward recomputes the mask (elementwise, in slices of about CHUNK entries) and differentiates
-  it by autograd. An embedding computes θ + δ only for the rows its batch looks up. So a step
-  holds w, α, their gradients and optimizer state, never every layer's mask intermediates at once.
+  it by autograd, from the noise its forward kept (drawing it again would cost more time than the
+  4 bytes per entry; embeddings redraw theirs). An embedding computes θ + δ only for the rows its
+  batch looks up. So a step holds w, α, their gradients and optimizer state, and never every
+  layer's mask intermediates at once.
   Measured against full fine-tuning by bench/diff_pruning_memory.py.
 - Call `start` before wrapping the model in DDP, and wrap it anew after `project` (the trainable
   tensors change).
@@ -231,6 +233,7 @@ class DiffVector(nn.Module):
         self.eval_sampled = config.eval_mask == "sampled"
         self.pinned = False
         self._seen_versions = None
+        self._kept = {}  # (step, slice start) -> noise drawn by a training forward, taken by its backward
 
     def leaves(self) -> list[torch.Tensor]:
         return [p for p in (self.w, self.log_alpha, self.group_log_alpha) if p is not None]
@@ -265,10 +268,10 @@ class DiffVector(nn.Module):
         noise = self.noise(step, [GROUPS], len(group_log_alpha))
         return hard_concrete(group_log_alpha, noise, self.left, self.right)
 
-    def entry_mask(self, step, blocks, log_alpha, group_z, flat_index) -> torch.Tensor:
-        """z (⊙ z_g) of whole noise blocks, from their entries' α (flat) and the whole group mask;
-        flat_index() gives those entries' flat positions (only needed for chunked groups)."""
-        z = hard_concrete(log_alpha, self.noise(step, blocks, len(log_alpha)), self.left, self.right)
+    def entry_mask(self, noise, log_alpha, group_z, flat_index) -> torch.Tensor:
+        """z (⊙ z_g) of whole noise blocks, from their noise, their entries' α (flat) and the whole
+        group mask; flat_index() gives those entries' flat positions (only needed for chunked groups)."""
+        z = hard_concrete(log_alpha, noise, self.left, self.right)
         if group_z is not None:
             z = z * (group_z.reshape(()) if self.group_size is None else group_z[flat_index() // self.group_size])
         return z
@@ -280,18 +283,28 @@ class DiffVector(nn.Module):
             start, stop = first * self.block, min((first + per) * self.block, self.numel)
             yield start, stop, range(first, math.ceil(stop / self.block))
 
-    def slice_mask(self, step, start, stop, blocks, log_alpha, group_z) -> torch.Tensor:
+    def slice_mask(self, step, start, stop, blocks, log_alpha, group_z, keep: bool = False) -> torch.Tensor:
+        """z of the slice [start, stop). keep: a training forward keeps the noise for its backward."""
+        noise = self._kept.get((step, start)) if keep else self._kept.pop((step, start), None)
+        if noise is None:
+            noise = self.noise(step, blocks, stop - start)
+            if keep and noise is not None:
+                if self._kept and next(iter(self._kept))[0] != step:
+                    self._kept.clear()  # a forward without backward: drop the old step's noise
+                self._kept[(step, start)] = noise
         index = lambda: torch.arange(start, stop, device=log_alpha.device)  # noqa: E731
-        return self.entry_mask(step, blocks, log_alpha, group_z, index)
+        return self.entry_mask(noise, log_alpha, group_z, index)
 
     def row_mask(self, step, rows: torch.Tensor, log_alpha_rows: torch.Tensor, group_z) -> torch.Tensor:
         """z of whole rows (row blocks only), shaped like log_alpha_rows (len(rows), row length)."""
         width = self.block
         index = lambda: (rows[:, None] * width + torch.arange(width, device=rows.device)).reshape(-1)  # noqa: E731
-        return self.entry_mask(step, rows.tolist(), log_alpha_rows.reshape(-1), group_z, index).view(-1, width)
+        noise = self.noise(step, rows.tolist(), log_alpha_rows.numel())
+        return self.entry_mask(noise, log_alpha_rows.reshape(-1), group_z, index).view(-1, width)
 
-    def merged(self, weight: torch.Tensor | None, step: int | None, leaves=None) -> torch.Tensor:
-        """θ + z ⊙ w (or δ = z ⊙ w alone for weight None), without autograd: one new tensor."""
+    def merged(self, weight: torch.Tensor | None, step: int | None, leaves=None, keep: bool = False) -> torch.Tensor:
+        """θ + z ⊙ w (or δ = z ⊙ w alone for weight None), without autograd: one new tensor.
+        keep: keep the noise for the backward of this step (see slice_mask)."""
         w, log_alpha, *group = leaves or self.leaves()
         with torch.no_grad():
             group_z = self.group_mask(step, group[0] if group else None)
@@ -299,7 +312,7 @@ class DiffVector(nn.Module):
             out = torch.empty(self.shape, dtype=w.dtype if weight is None else weight.dtype, device=w.device)
             flat_out, base = out.view(-1), None if weight is None else weight.reshape(-1)
             for a, b, blocks in self.slices():
-                z = self.slice_mask(step, a, b, blocks, log_alpha[a:b], group_z)
+                z = self.slice_mask(step, a, b, blocks, log_alpha[a:b], group_z, keep)
                 if base is None:
                     torch.mul(z, w[a:b], out=flat_out[a:b])
                 else:
@@ -402,16 +415,16 @@ class DiffWeight(Function):
     """Any parameter: returns θ + δ (a temporary); backward gives ∂L/∂w, ∂L/∂α through δ."""
 
     @staticmethod
-    def forward(ctx, weight, diff, step, *leaves):
+    def forward(ctx, weight, diff, step, keep, *leaves):
         ctx.diff, ctx.step = diff, step
         ctx.save_for_backward(*leaves)
-        return diff.merged(weight, step, leaves)
+        return diff.merged(weight, step, leaves, keep)
 
     @staticmethod
     def backward(ctx, grad):
-        needs = ctx.needs_input_grad[3:]
+        needs = ctx.needs_input_grad[4:]
         grads, _ = ctx.diff.backward(ctx.step, ctx.saved_tensors, needs, grad)
-        return None, None, None, *grads
+        return None, None, None, None, *grads
 
 
 class DiffLinear(Function):
@@ -419,11 +432,11 @@ class DiffLinear(Function):
     Only x is kept for backward; θ + δ is recomputed there instead of held across the step."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, diff, step, transposed, *leaves):
+    def forward(ctx, x, weight, bias, diff, step, keep, transposed, *leaves):
         ctx.diff, ctx.step, ctx.transposed = diff, step, transposed
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(x, weight, *leaves)
-        merged = diff.merged(weight, step, leaves)
+        merged = diff.merged(weight, step, leaves, keep)
         w = merged if transposed else merged.t()
         if autocast_dtype := _autocast_dtype(x):
             x, w = x.to(autocast_dtype), w.to(autocast_dtype)
@@ -434,7 +447,7 @@ class DiffLinear(Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, *leaves = ctx.saved_tensors
-        needs = ctx.needs_input_grad[6:]
+        needs = ctx.needs_input_grad[7:]
         g = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1]).to(g.dtype)
         dense = x2.t().matmul(g) if ctx.transposed else g.t().matmul(x2)  # ∂L/∂(θ + δ), this layer only
@@ -446,7 +459,7 @@ class DiffLinear(Function):
             grad_x = grad_out.matmul(w.to(g.dtype).t()).to(x.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_bias, None, None, None, *leaf_grads
+        return grad_x, None, grad_bias, None, None, None, None, *leaf_grads
 
 
 class DiffEmbedding(Function):
@@ -490,6 +503,7 @@ def _linear_kind(module: nn.Module) -> bool | None:
 
 def _phase_one_forward(self: nn.Module, *args, **kwargs):
     sampled = self.training
+    keep = sampled and torch.is_grad_enabled()  # this forward's noise is kept for its backward
     own = self._diffprune_own_forward
     transposed = _linear_kind(self) if own else None
     embedding = own and _embedding_ok(self)
@@ -501,7 +515,7 @@ def _phase_one_forward(self: nn.Module, *args, **kwargs):
                 fast = (diff, step)
                 continue
             original = self._parameters[pname]
-            self._parameters[pname] = DiffWeight.apply(original, diff, step, *diff.leaves())
+            self._parameters[pname] = DiffWeight.apply(original, diff, step, keep, *diff.leaves())
             swapped.append((pname, original))
         if fast is None:
             return self._diffprune_inner_forward(*args, **kwargs)
@@ -509,7 +523,7 @@ def _phase_one_forward(self: nn.Module, *args, **kwargs):
         x = args[0] if args else kwargs["input"]
         if embedding:
             return DiffEmbedding.apply(x, self.weight, self.padding_idx, diff, step, *diff.leaves())
-        return DiffLinear.apply(x, self.weight, self.bias, diff, step, transposed, *diff.leaves())
+        return DiffLinear.apply(x, self.weight, self.bias, diff, step, keep, transposed, *diff.leaves())
     finally:
         for pname, original in swapped:
             self._parameters[pname] = original
