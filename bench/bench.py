@@ -104,6 +104,8 @@ def setup(method: str, model, args):
 
 def diff_pruning_setup(method, model):
     """Phase 1: w and α on every targeted weight plus the L0 penalty; phase 2: the projected 0.5% delta."""
+    import torch
+
     import sparsedelta as sd
     from sparsedelta.methods import diff_pruning as dp
 
@@ -112,6 +114,9 @@ def diff_pruning_setup(method, model):
     if method.endswith("phase1"):
         groups = dp.param_groups(model)
         return [p for g in groups for p in g["params"]], lambda m: dp.penalty(m), None
+    with torch.no_grad():  # stand-in for a trained phase 1: projection needs a non-zero diff
+        for diff in dp.phase_one(model).diffs.values():
+            diff.w.normal_(0, 1e-3)
     dp.project(model)
     return sd.trainable_parameters(model), None, None
 
