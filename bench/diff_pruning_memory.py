@@ -6,6 +6,17 @@ Each method runs in its own process (peak RSS is per process), rounds interleave
 a step is forward + backward + optimizer step on MiniLM-L6 (the embedded model) with a 5-way head.
 Wall time is the target's measure; CPU time (all threads) is printed beside it because on a shared
 machine it is the steadier of the two.
+
+Measured 2026-11-29, 2-core AMD EPYC VM, torch 2.13.0+cpu, batch 8x128, 5 steps x 2 rounds, on a
+quiet machine (with other jobs running, 2-thread timings of every method varied by 2-10x):
+
+    threads  method          step x full  peak RSS x full
+    2        dp1-all            1.45         1.44      (full: 0.50 s, 1180 MiB)
+    2        dp1-structured     1.51         1.44
+    2        dp1-weights        1.08         1.05
+    2        dp2                0.89         0.91
+    1        dp1-all            1.34         1.45      (full: 0.90 s, 1162 MiB)
+    1        dp1-structured     1.40         1.45
 """
 
 from __future__ import annotations
