@@ -356,14 +356,17 @@ class LoRARunner(MethodRunner):
 class DiffPruningRunner(DeltaRunner):
     """Diff Pruning: the dense Hard-Concrete L0 phase for the first `phase1_fraction` of the steps, then
     projection to the budget (--density, default 0.5%) and fixed-mask fine-tuning as an ordinary delta.
-    Learning rates: w and the phase-2 values at --lr (default 1e-3: the paper's 1e-5 barely moves w in
-    a few hundred CPU steps), α at 0.1 (paper), the new head at --head-lr. Options: every field of
+    Learning rates: w at --lr (default 1e-4: the paper's 1e-5 barely moves w in a few hundred CPU
+    steps), the phase-2 values at 5 × that (the paper's 1e-5 -> 5e-5 ratio), α at 0.1 (paper), the new
+    head at --head-lr. Measured on BBC News, 60 + 60 steps of 8 articles: w 1e-4, head 1e-3, phase 2
+    5e-4 gave 93.7% on 300 held-out articles; the paper's rates gave 63%. Options: every field of
     DiffPruningConfig (e.g. --option structured=true, l0_penalty=1.25e-7) and phase1_fraction."""
 
     name = "diff-pruning"
     config_class = DiffPruningConfig
     config: DiffPruningConfig
-    default_lr = 1e-3
+    default_lr = 1e-4
+    phase2_lr_factor = 5
     alpha_lr = dp.PAPER_LR_ALPHA
 
     def targeting(self, head_modules):
@@ -396,7 +399,9 @@ class DiffPruningRunner(DeltaRunner):
     def param_groups(self, model):
         if self.in_phase_one(model):
             return dp.param_groups(model, lr_w=self.lr, lr_alpha=self.alpha_lr, lr_head=self.head_lr)
-        return super().param_groups(model)
+        groups = super().param_groups(model)
+        groups[0]["lr"] = self.phase2_lr_factor * self.lr
+        return groups
 
     def extra_loss(self, model, step):
         return dp.penalty(model) if self.in_phase_one(model) else None
