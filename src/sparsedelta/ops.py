@@ -30,12 +30,7 @@ class LinearDelta(Function):
         ctx.transposed = transposed
         ctx.values_dtype = values.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        w = weight if transposed else weight.t()
-        if autocast_dtype := _autocast_dtype(x):
-            x, w = x.to(autocast_dtype), w.to(autocast_dtype)
-            bias = bias.to(autocast_dtype) if bias is not None else None
-        y = x.matmul(w)
-        return y + bias if bias is not None else y
+        return linear(x, weight if transposed else weight.t(), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -98,6 +93,15 @@ class AddDelta(Function):
     def backward(ctx, grad):
         (indices,) = ctx.saved_tensors
         return None, _gather(grad, indices, ctx.values_dtype), None
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x w + b with w of shape (in, out), in the autocast dtype when autocast is on (as F.linear)."""
+    if autocast_dtype := _autocast_dtype(x):
+        x, w = x.to(autocast_dtype), w.to(autocast_dtype)
+        bias = bias.to(autocast_dtype) if bias is not None else None
+    y = x.matmul(w)
+    return y + bias if bias is not None else y
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

@@ -68,7 +68,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..adapters import add_delta, state_of
 from ..config import PARAMETER_KINDS, DeltaConfig, SelectionReport
-from ..ops import _autocast_dtype
+from ..ops import linear
 from ..selection import budget, check_density, smallest_k
 from ..targeting import find_targets
 
@@ -437,12 +437,7 @@ class DiffLinear(Function):
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(x, weight, *leaves)
         merged = diff.merged(weight, step, leaves, keep)
-        w = merged if transposed else merged.t()
-        if autocast_dtype := _autocast_dtype(x):
-            x, w = x.to(autocast_dtype), w.to(autocast_dtype)
-            bias = bias.to(autocast_dtype) if bias is not None else None
-        y = x.matmul(w)
-        return y + bias if bias is not None else y
+        return linear(x, merged if transposed else merged.t(), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
