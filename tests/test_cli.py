@@ -189,6 +189,8 @@ def test_diff_pruning_runs_both_phases_and_saves_the_projected_delta(tiny_bert, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["step"] for e in metrics["events"]] == [3] and "Diff Pruning" in metrics["events"][0]["event"]
     assert "extra_loss" in metrics["steps"][0] and "extra_loss" not in metrics["steps"][-1]
+    # phase 2 starts its own schedule at 5 × the w learning rate (3 + 3 steps: no warm-up, cosine each)
+    assert [s["lr"] for s in metrics["steps"]] == pytest.approx([1e-4, 7.5e-5, 2.5e-5, 5e-4, 3.75e-4, 1.25e-4])
     meta, tensors = read(out)
     assert meta["config"]["method"] == "diff-pruning" and meta["config"]["structured"] is structured
     selected = sum(f["entries"] for f in meta["fingerprint"].values())
@@ -230,7 +232,7 @@ def test_bad_data_input_gives_one_clear_line(tmp_path, capsys):
 def test_bad_method_model_and_hub_access(tmp_path, capsys):
     base = ["train", "--output-dir", tmp_path / "out"]
     err = cli_error(capsys, *base, "--method", "sarah")
-    assert "unknown method 'sarah'; choose one of: sara, diff-pruning, random, magnitude, full, lora" in err
+    assert "unknown method 'sarah'; choose one of: sara, diff-pruning, random, magnitude, full, lora, shira" in err
     assert "not --threshold" in cli_error(capsys, *base, "--method", "diff-pruning", "--threshold", 1e-3)
     assert "the model path does not exist" in cli_error(capsys, *base, "--model", tmp_path / "no-model")
     assert "not a model folder" in cli_error(capsys, *base, "--model", tmp_path)
@@ -256,3 +258,22 @@ def test_user_errors_print_no_traceback_in_a_real_process(tmp_path):
     result = run_cli("train", "--train-file", tmp_path / "missing.tsv", "--output-dir", tmp_path / "o", timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "missing.tsv does not exist" in result.stderr
+
+
+def test_shira_trains_r_times_in_plus_out_entries_per_linear_layer_and_eval_reproduces(tiny_bert, topic_files, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    run = tmp_path / "shira"
+    args = ["--method", "shira", "--option", "r=2", "--max-steps", 2, "--max-validation-samples", 5]
+    assert main(tiny_args(tiny_bert, topic_files, run, *args)) == 0
+    sizes = json.loads((run / "config.json").read_text())["data"]["sizes"]
+    assert sizes["validation"] == 5 and sizes["test"] > 5  # a cheaper validation, the whole test set
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    linear = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "classifier" not in n]
+    head = sum(p.numel() for p in model.classifier.parameters())
+    budget = json.loads((run / "metrics.json").read_text())["budget"]
+    assert budget["trainable"] == sum(2 * (m.in_features + m.out_features) for m in linear) + head
+    assert (run / "adapter" / "adapter_config.json").exists()
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == pytest.approx(json.loads((run / "metrics.json").read_text())["test"])

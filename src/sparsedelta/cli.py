@@ -40,13 +40,14 @@ def add_train(sub) -> None:
     d.add_argument("--test-fraction", type=float, default=0.2)
     d.add_argument("--max-train-samples", type=int, help="use a seeded subset of the training data")
     d.add_argument("--max-eval-samples", type=int, help="use a seeded subset of validation and test")
+    d.add_argument("--max-validation-samples", type=int, help="a seeded subset of validation alone (overrides the above)")
 
     m = p.add_argument_group("model and method")
     m.add_argument("--task", default="classification", choices=["classification", "causal-lm"],
                    help="causal-lm: SmolLM2-135M + the KJV text by default (see README)")  # fmt: skip
     m.add_argument("--model", help="local folder or hub id (default: the embedded MiniLM-L6)")
     m.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
-    m.add_argument("--method", default="sara", help="sara | diff-pruning | random | magnitude | full | lora")
+    m.add_argument("--method", default="sara", help="sara | diff-pruning | random | magnitude | full | lora | shira")
     budget = m.add_mutually_exclusive_group()
     budget.add_argument("--threshold", type=float, help="train entries with |θ| below it (SaRA default 1e-3)")
     budget.add_argument("--density", type=float, help="train this fraction of the targeted entries instead")
@@ -107,7 +108,8 @@ def train_config(args):
         dataset=args.dataset, dataset_config=args.dataset_config, text_columns=args.text_columns,
         label_column=args.label_column, split_seed=args.split_seed, validation_fraction=args.validation_fraction,
         test_fraction=args.test_fraction, max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples, model=args.model, max_length=args.max_length, method=args.method,
+        max_eval_samples=args.max_eval_samples,
+        max_validation_samples=args.max_validation_samples, model=args.model, max_length=args.max_length, method=args.method,
         threshold=args.threshold, density=args.density, target_modules=args.target_regex or args.target_modules,
         exclude_modules=args.exclude_modules, parameter_kinds=args.parameter_kinds,
         modules_to_save=args.modules_to_save, options=parse_options(args.option + (["structured=true"] if args.structured else [])), epochs=args.epochs,
@@ -308,7 +310,7 @@ def add_merge(sub) -> None:
 
 def run_merge(args) -> int:
     from .adapters import merge_and_unload
-    from .models import load_run_model
+    from .models import PEFT_METHODS, load_run_model
     from .runfolder import RunFolder
 
     if _causal_lm_run(args.run):
@@ -326,7 +328,7 @@ def run_merge(args) -> int:
     if output.exists() and any(output.iterdir()):
         raise UsageError(f"--output {output} exists and is not empty; choose a new folder")
     loaded = load_run_model(config, folder.path, args.model)
-    model = loaded.model.merge_and_unload() if method == "lora" else merge_and_unload(loaded.model)
+    model = loaded.model.merge_and_unload() if method in PEFT_METHODS else merge_and_unload(loaded.model)
     model.save_pretrained(output)
     loaded.tokenizer.save_pretrained(output)
     print(f"merged model written to {output} (load it with AutoModelForSequenceClassification.from_pretrained)")

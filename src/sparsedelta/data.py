@@ -324,8 +324,11 @@ def load_data(
     test_fraction: float = 0.2,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    max_validation_samples: int | None = None,
 ) -> TextData:
-    """Load local files, a hub dataset, or (neither given) the embedded BBC News."""
+    """Load local files, a hub dataset, or (neither given) the embedded BBC News. `max_eval_samples`
+    limits validation and test; `max_validation_samples` limits validation alone (a cheaper model
+    selection with the whole test set)."""
     if dataset and train_file:
         raise UsageError("give either --dataset (a hub dataset) or --train-file (local files), not both")
     if (validation_file or test_file) and not (train_file or dataset):
@@ -379,7 +382,7 @@ def load_data(
             notes.append(f"{role}: {fractions[role]:.0%} of the training data, stratified, split seed {split_seed}")
     return TextData(
         train=_limit(splits["train"], max_train_samples, split_seed),
-        validation=_limit(splits["validation"], max_eval_samples, split_seed),
+        validation=_limit(splits["validation"], max_validation_samples or max_eval_samples, split_seed),
         test=_limit(splits["test"], max_eval_samples, split_seed),
         label_names=list(label_names),
         text_columns=list(text_columns),

