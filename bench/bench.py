@@ -407,7 +407,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {SPEED_METHODS + SWEEP}")
+    known = " ".join(dict.fromkeys(SPEED_METHODS + SWEEP + ["diff-pruning-phase1", "diff-pruning-phase2"]))
+    # argparse %-formats help texts
+    parser.add_argument("--methods", nargs="*", default=None, help="subset of " + known.replace("%", "%%"))
     parser.add_argument("--no-sweep", action="store_true", help="skip the density sweep")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 4 x 32, 1 round, 2 steps")
     parser.add_argument(
