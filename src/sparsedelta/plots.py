@@ -140,6 +140,7 @@ def _perplexity_panel(ax, thresholds: list[float], rows: list[dict], reference: 
     ax.plot(thresholds, [r["perplexity"] for r in rows], "o-", color="C3", label="perplexity")
     ax.axhline(reference["perplexity"], color="C3", ls=":", label=f"unmodified {reference['perplexity']:.3f}")
     ax.set(ylabel="held-out perplexity", title="Perplexity after zeroing")
+    _span_at_least(ax, reference["perplexity"] * 0.98, reference["perplexity"] * 1.02)
     return []
 
 
@@ -154,4 +155,13 @@ def _embedding_panel(ax, thresholds: list[float], rows: list[dict], reference: d
     unmodified = f"unmodified accuracy {reference['accuracy']:.4f}"
     lines.append(right.axhline(reference["accuracy"], color="C2", ls=":", label=unmodified))
     right.set_ylabel("probe accuracy", color="C2")
+    _span_at_least(ax, 0.99, 1.0)
+    _span_at_least(right, reference["accuracy"] - 0.02, reference["accuracy"] + 0.02)
     return lines
+
+
+def _span_at_least(ax, low: float, high: float) -> None:
+    """Widen the y axis to cover [low, high], so that a change of one test example or a fraction of a
+    percent of perplexity does not look like a cliff."""
+    bottom, top = ax.get_ylim()
+    ax.set_ylim(min(bottom, low), max(top, high))
