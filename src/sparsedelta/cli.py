@@ -1,4 +1,4 @@
-"""`sparsedelta train | eval | inspect | merge`: a thin argparse layer over the public API.
+"""`sparsedelta train | eval | inspect | merge | analyze`: a thin argparse layer over the public API.
 
 Mistakes a user can fix are printed as one line naming the problem and the fix (exit status 2);
 SPARSEDELTA_DEBUG=1 shows the traceback instead.
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import UsageError
@@ -335,6 +337,174 @@ def run_merge(args) -> int:
     return 0
 
 
+# -- analyze ---------------------------------------------------------------------------------------
+def add_analyze(sub) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="zero the weights with |θ| below each threshold and measure how much the model changes",
+        description="Ineffective-parameter analysis: for each threshold, zero every targeted weight with |θ| below "
+        "it, measure the model, restore it. An encoder (default: the embedded MiniLM-L6 on BBC News) is measured by "
+        "the cosine similarity of its sentence embeddings to the unmodified ones and the accuracy of a fixed "
+        "logistic-regression probe; a causal LM (--task causal-lm, default SmolLM2-135M on the KJV) by held-out "
+        "perplexity. Writes analysis.json and analysis.png.",
+    )
+    p.add_argument("--task", default="classification", choices=["classification", "causal-lm"],
+                   help="classification: an encoder's sentence embeddings; causal-lm: perplexity")  # fmt: skip
+    p.add_argument("--model", help="local folder, hub id or (causal-lm) .gguf file (default: MiniLM-L6; SmolLM2-135M)")
+    p.add_argument("--thresholds", nargs="+", type=float, metavar="T",
+                   help="positive thresholds on |θ| (default: 1e-5 2e-5 5e-5 1e-4 2e-4 5e-4 1e-3 2e-3 5e-3 1e-2)")  # fmt: skip
+
+    d = p.add_argument_group("data (default: BBC News for classification, the KJV for causal-lm)")
+    d.add_argument("--train-file", help="csv, tsv, json, jsonl or parquet (causal-lm: txt, jsonl or csv)")
+    d.add_argument("--validation-file", help="(default: carved from the training file)")
+    d.add_argument("--test-file", help="the texts measured (default: carved from the training file)")
+    d.add_argument("--text-column", action="append", dest="text_columns", metavar="NAME",
+                   help="the text column (default: guessed); twice for sentence pairs (classification)")  # fmt: skip
+    d.add_argument("--split-seed", type=int, default=0, help="seed of the split (default 0)")
+    c = p.add_argument_group("classification only")
+    c.add_argument("--dataset", help="a Hugging Face Hub dataset id (needs the internet or its cache)")
+    c.add_argument("--dataset-config", help="the hub dataset's configuration name")
+    c.add_argument("--label-column", help="string or integer labels (default: label, labels, class, ...)")
+    c.add_argument("--max-train-samples", type=int, help="training texts the probe is fitted on (default 2000)")
+    c.add_argument("--max-eval-samples", type=int, help="use a seeded subset of the test texts")
+    c.add_argument("--max-length", type=int, help="tokens per text (default 128)")
+    lm = p.add_argument_group("causal-lm only")
+    lm.add_argument("--block-size", type=int, help="tokens per held-out block (default 256)")
+    lm.add_argument("--eval-blocks", type=int, help="evenly spaced blocks of the test text (default 16)")
+
+    r = p.add_argument_group("run")
+    r.add_argument("--batch-size", type=int, help="(default 64; 8 for causal-lm)")
+    r.add_argument("--output-dir", help="where analysis.json and analysis.png go (default: runs/<time>-analyze)")
+    r.add_argument("--threads", type=int, help="CPU threads (default: one per idle core)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    p.set_defaults(func=run_analyze)
+
+
+# flags that only one task takes
+ANALYZE_TASK_FLAGS = {
+    "classification": ("dataset", "dataset_config", "label_column", "max_train_samples", "max_eval_samples", "max_length"),
+    "causal-lm": ("block_size", "eval_blocks"),
+}  # fmt: skip
+ANALYZE_COUNTS = ("batch_size", "max_train_samples", "max_eval_samples", "max_length", "block_size", "eval_blocks")
+
+
+def run_analyze(args) -> int:
+    import torch
+
+    from .analysis import CLAIMED_RANGE, format_table
+    from .lm_train import pick_threads
+    from .plots import analysis_plot
+    from .runfolder import RunFolder, new_run_path
+
+    thresholds = analysis_thresholds(args.thresholds)
+    check_analyze_flags(args)
+    out = Path(args.output_dir) if args.output_dir else new_run_path("analyze")
+    if (out / "analysis.json").exists():
+        raise UsageError(f"{out} already holds an analysis; choose another --output-dir")
+    torch.set_num_threads(pick_threads(args.threads))
+    start = time.perf_counter()
+    analyze = analyze_causal_lm if args.task == "causal-lm" else analyze_encoder
+    result = {**analyze(args, thresholds), "threads": torch.get_num_threads()}
+    result["seconds"] = time.perf_counter() - start
+    RunFolder(out).write_json("analysis.json", result)
+    analysis_plot(result, out / "analysis.png", CLAIMED_RANGE)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['model']} on {result['data']}: {result['targets']['entries']:,} targeted entries in "
+              f"{result['targets']['tensors']} tensors, {result['model_parameters']:,} parameters\n")  # fmt: skip
+        print(format_table(result))
+        print(f"\nwritten: {out / 'analysis.json'}, {out / 'analysis.png'} ({_duration(result['seconds'])})")
+    return 0
+
+
+def analysis_thresholds(values: list[float] | None) -> list[float]:
+    from .analysis import DEFAULT_THRESHOLDS
+
+    if values is None:
+        return list(DEFAULT_THRESHOLDS)
+    bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise UsageError(f"--thresholds: {bad[0]:g} is not a positive threshold on |θ|; give numbers such as 1e-4 1e-3")
+    return sorted(set(values))
+
+
+def check_analyze_flags(args) -> None:
+    other = "causal-lm" if args.task == "classification" else "classification"
+    given = [f for f in ANALYZE_TASK_FLAGS[other] if getattr(args, f) is not None]
+    if given:
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise UsageError(f"{flags}: only for --task {other}, not --task {args.task}")
+    if args.task == "causal-lm" and args.text_columns and len(args.text_columns) > 1:
+        raise UsageError("--task causal-lm takes one --text-column")
+    for name in (*ANALYZE_COUNTS, "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def analyze_encoder(args, thresholds: list[float]) -> dict:
+    from .analysis import analyze_encoder as sweep
+    from .data import load_data
+    from .models import load_encoder
+
+    loaded = load_encoder(args.model)
+    max_train = args.max_train_samples or 2000
+    data = load_data(
+        args.train_file, args.validation_file, args.test_file, args.dataset, args.dataset_config, args.text_columns,
+        args.label_column, args.split_seed, max_train_samples=max_train, max_eval_samples=args.max_eval_samples,
+    )  # fmt: skip
+    max_length, batch_size = args.max_length or 128, args.batch_size or 64
+    result = sweep(loaded.model, loaded.tokenizer, data, thresholds, max_length, batch_size, not args.no_progress)
+    return {
+        "task": "classification",
+        "model": args.model or "MiniLM-L6 (embedded)",
+        "model_folder": loaded.name,
+        "data": data.source,
+        "settings": {
+            "max_train_samples": max_train,
+            "max_eval_samples": args.max_eval_samples,
+            "max_length": max_length,
+            "batch_size": batch_size,
+            "split_seed": args.split_seed,
+        },
+        **result,
+    }
+
+
+def analyze_causal_lm(args, thresholds: list[float]) -> dict:
+    from .analysis import analyze_causal_lm as sweep
+    from .causal_lm import load_causal_lm
+    from .lm_data import evenly_spaced, pack_blocks
+    from .lm_train import LMTrainConfig, load_splits
+
+    lm = load_causal_lm(args.model)
+    text_column = args.text_columns[0] if args.text_columns else None
+    splits = load_splits(LMTrainConfig(
+        model=args.model, train_file=args.train_file, validation_file=args.validation_file, test_file=args.test_file,
+        text_column=text_column, seed=args.split_seed,
+    ))  # fmt: skip
+    if not splits.test:
+        raise UsageError("no test text to measure; give --test-file or let the training text be split")
+    block_size, eval_blocks, batch_size = args.block_size or 256, args.eval_blocks or 16, args.batch_size or 8
+    blocks = evenly_spaced(pack_blocks(lm.tokenizer, splits.test, block_size), eval_blocks)
+    result = sweep(lm.model, blocks, thresholds, batch_size, not args.no_progress)
+    return {
+        "task": "causal-lm",
+        "model": lm.name,
+        "model_folder": lm.folder,
+        "data": f"{splits.source} (test split)",
+        "settings": {
+            "block_size": block_size,
+            "eval_blocks": eval_blocks,
+            "batch_size": batch_size,
+            "split_seed": args.split_seed,
+        },
+        **result,
+    }
+
+
 # -- entry point -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -344,8 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Selective fine-tuning by unstructured masking: each task is a sparse delta over a frozen model.",
     )
     parser.add_argument("--version", action="version", version=f"sparsedelta {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,inspect,merge}")
-    for add in (add_train, add_eval, add_inspect, add_merge):
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,inspect,merge,analyze}")
+    for add in (add_train, add_eval, add_inspect, add_merge, add_analyze):
         add(sub)
     return parser
 

@@ -1,4 +1,4 @@
-"""Loading a sequence classifier and its tokenizer: a local folder or a hub id, with clear errors.
+"""Loading a sequence classifier (or a bare encoder) and its tokenizer: a local folder or a hub id, with clear errors.
 
 The default targets need no table per architecture: every weight matrix outside the newly created
 classification head gets a delta, and the head itself (whatever the architecture calls it: the
@@ -99,6 +99,20 @@ def load_classifier(name: str | None, label_names: list[str], seed: int = 0) -> 
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
     return Loaded(model, tokenizer, head_modules(model, info), ref)
+
+
+def load_encoder(name: str | None) -> Loaded:
+    """The bare model (AutoModel, no task head) and its tokenizer, in eval mode."""
+    transformers = quiet_transformers()
+    ref = resolve_model(name)
+    try:
+        model = transformers.AutoModel.from_pretrained(ref)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--model {name or ref}: cannot load it with AutoModel ({_first_line(e)})") from e
+    tokenizer = load_tokenizer(ref)
+    if tokenizer.pad_token is None:  # decoder-only models ship without one; padding is masked out
+        tokenizer.pad_token = tokenizer.eos_token
+    return Loaded(model.eval(), tokenizer, [], ref)
 
 
 def head_modules(model: nn.Module, info: dict) -> list[str]:

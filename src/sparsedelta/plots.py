@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -100,3 +101,67 @@ def delta_plot(summary: dict, values: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def analysis_plot(result: dict, path: Path, claimed: tuple[float, float]) -> Path:
+    """For `sparsedelta analyze`: the fraction zeroed (left) and the model's quality (right) against
+    the threshold, the unmodified model as a dotted line, the `claimed` harmless range marked."""
+    rows = result["rows"]
+    thresholds = [r["threshold"] for r in rows]
+    fig, (ax_frac, ax_quality) = plt.subplots(1, 2, figsize=(12, 4.8))
+    ax_frac.plot(thresholds, [r["fraction_of_targets"] for r in rows], "o-", label="of the targeted entries")
+    ax_frac.plot(thresholds, [r["fraction_of_model"] for r in rows], "s--", label="of all parameters")
+    ax_frac.set_yscale("log")
+    ax_frac.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{100 * y:g}%"))
+    ax_frac.set(ylabel="entries zeroed", title="Entries with |θ| < threshold")
+    if "perplexity" in result["reference"]:
+        extra = _perplexity_panel(ax_quality, thresholds, rows, result["reference"])
+    else:
+        extra = _embedding_panel(ax_quality, thresholds, rows, result["reference"])
+    for ax in (ax_frac, ax_quality):
+        ax.set_xscale("log")
+        ax.set_xlabel("threshold on |θ|")
+        for x in claimed:
+            ax.axvline(x, color="grey", ls="--", lw=1)
+        ax.axvspan(*claimed, color="grey", alpha=0.12, label=f"claimed harmless: {claimed[0]:g} … {claimed[1]:g}")
+        ax.grid(alpha=0.3, which="both")
+    ax_frac.legend(fontsize=8)
+    handles, labels = ax_quality.get_legend_handles_labels()
+    ax_quality.legend(handles + extra, labels + [h.get_label() for h in extra], fontsize=8, loc="lower left")
+    title = f"{result['model']} on {result['data']}: targeted weights with |θ| < threshold set to 0"
+    fig.suptitle(textwrap.fill(title, 130), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _perplexity_panel(ax, thresholds: list[float], rows: list[dict], reference: dict) -> list:
+    ax.plot(thresholds, [r["perplexity"] for r in rows], "o-", color="C3", label="perplexity")
+    ax.axhline(reference["perplexity"], color="C3", ls=":", label=f"unmodified {reference['perplexity']:.3f}")
+    ax.set(ylabel="held-out perplexity", title="Perplexity after zeroing")
+    _span_at_least(ax, reference["perplexity"] * 0.98, reference["perplexity"] * 1.02)
+    return []
+
+
+def _embedding_panel(ax, thresholds: list[float], rows: list[dict], reference: dict) -> list:
+    """Cosine similarity on the left axis, probe accuracy on a right axis of its own (their scales
+    differ); returns the right axis's lines for the shared legend."""
+    ax.plot(thresholds, [r["cosine_mean"] for r in rows], "o-", color="C0", label="cosine to unmodified (mean)")
+    ax.plot(thresholds, [r["cosine_min"] for r in rows], "v-", color="C1", label="cosine to unmodified (min)")
+    ax.set(ylabel="cosine similarity of sentence embeddings", title="Embeddings and fixed probe after zeroing")
+    right = ax.twinx()
+    lines = right.plot(thresholds, [r["accuracy"] for r in rows], "s-", color="C2", label="probe accuracy (right)")
+    unmodified = f"unmodified accuracy {reference['accuracy']:.4f}"
+    lines.append(right.axhline(reference["accuracy"], color="C2", ls=":", label=unmodified))
+    right.set_ylabel("probe accuracy", color="C2")
+    _span_at_least(ax, 0.99, 1.0)
+    _span_at_least(right, reference["accuracy"] - 0.02, reference["accuracy"] + 0.02)
+    return lines
+
+
+def _span_at_least(ax, low: float, high: float) -> None:
+    """Widen the y axis to cover [low, high], so that a change of one test example or a fraction of a
+    percent of perplexity does not look like a cliff."""
+    bottom, top = ax.get_ylim()
+    ax.set_ylim(min(bottom, low), max(top, high))
