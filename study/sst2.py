@@ -31,7 +31,7 @@ DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "sst2"
 
 # name -> (train flags, centre of the learning-rate grid). The grid is centre × --lr-multipliers.
 METHODS: dict[str, tuple[list[str], float]] = {
-    "full": (["--method", "full"], 5e-5),
+    "full": (["--method", "full"], 1e-4),
     "lora": (["--method", "lora", "--target-modules", "all-linear"], 1e-3),
     "shira": (["--method", "shira"], 1e-3),
     "sara-0.5%": (["--method", "sara", "--density", "0.005"], 1e-3),
