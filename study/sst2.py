@@ -37,8 +37,8 @@ METHODS: dict[str, tuple[list[str], float]] = {
     "sara-0.5%": (["--method", "sara", "--density", "0.005"], 1e-3),
     "sara-1%": (["--method", "sara", "--density", "0.01"], 1e-3),
     "sara-2%": (["--method", "sara", "--density", "0.02"], 1e-3),
-    "diff-pruning-0.5%": (["--method", "diff-pruning", "--density", "0.005"], 1e-4),
-    "diff-pruning-structured-0.5%": (["--method", "diff-pruning", "--density", "0.005", "--structured"], 1e-4),
+    "diff-pruning-0.5%": (["--method", "diff-pruning", "--density", "0.005"], 2e-4),
+    "diff-pruning-structured-0.5%": (["--method", "diff-pruning", "--density", "0.005", "--structured"], 2e-4),
     "random-1%": (["--method", "random", "--density", "0.01"], 1e-3),
     "magnitude-1%": (["--method", "magnitude", "--density", "0.01"], 1e-3),
 }

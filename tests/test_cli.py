@@ -1,6 +1,7 @@
 """The command line: the default pipeline end to end, every method, eval/inspect/merge, bad input."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -187,10 +188,12 @@ def test_diff_pruning_runs_both_phases_and_saves_the_projected_delta(tiny_bert, 
     extra = ["--method", "diff-pruning", "--density", 0.01, "--max-steps", 6, "--eval-every", 6]
     assert main(tiny_args(tiny_bert, topic_files, out, *extra, *(["--structured"] if structured else []))) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [e["step"] for e in metrics["events"]] == [3] and "Diff Pruning" in metrics["events"][0]["event"]
+    assert [e["step"] for e in metrics["events"]] == [2] and "Diff Pruning" in metrics["events"][0]["event"]
     assert "extra_loss" in metrics["steps"][0] and "extra_loss" not in metrics["steps"][-1]
-    # phase 2 starts its own schedule at 5 × the w learning rate (3 + 3 steps: no warm-up, cosine each)
-    assert [s["lr"] for s in metrics["steps"]] == pytest.approx([1e-4, 7.5e-5, 2.5e-5, 5e-4, 3.75e-4, 1.25e-4])
+    # phase 1 for 30% of the steps, then phase 2 on a schedule of its own at 5 × w's learning rate
+    # (2 + 4 steps, no warm-up at this length, cosine decay in each)
+    phase2 = [1e-3 * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    assert [s["lr"] for s in metrics["steps"]] == pytest.approx([2e-4, 1e-4, *phase2])
     meta, tensors = read(out)
     assert meta["config"]["method"] == "diff-pruning" and meta["config"]["structured"] is structured
     selected = sum(f["entries"] for f in meta["fingerprint"].values())
