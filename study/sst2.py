@@ -3,8 +3,9 @@
     python study/sst2.py                      # the whole study (about two hours on 2 CPU cores)
     python study/sst2.py --report-only        # tables and plot from the runs already finished
 
-Stage 1 trains every method at each learning rate of its grid with seed 0 and keeps the rate with the
-best validation accuracy; stage 2 trains the other seeds at that rate. Each run is an ordinary
+Stage 1 trains every method at each learning rate of its grid with seed 0 (and once more at twice the
+top rate when the top wins) and keeps the rate with the best validation accuracy; stage 2 trains the
+other seeds at that rate. Each run is an ordinary
 `sparsedelta train` run folder under --work-dir; a finished run (its metrics.json has test metrics)
 is skipped and a stopped one resumed from its checkpoint, so an interrupted study continues where it
 stopped. Test accuracy (the 872 GLUE dev sentences) is read only for the report, never for choices.
@@ -29,18 +30,19 @@ from tqdm import tqdm
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "sst2"
 
-# name -> (train flags, centre of the learning-rate grid). The grid is centre × --lr-multipliers.
+# name -> (train flags, centre of the learning-rate grid). The grid is centre × --lr-multipliers, widened
+# once by ×2 at the top when the top rate wins (200 steps favour large rates; an edge is not a tuned rate).
 METHODS: dict[str, tuple[list[str], float]] = {
     "full": (["--method", "full"], 1e-4),
     "lora": (["--method", "lora", "--target-modules", "all-linear"], 1e-3),
     "shira": (["--method", "shira"], 1e-3),
-    "sara-0.5%": (["--method", "sara", "--density", "0.005"], 1e-3),
-    "sara-1%": (["--method", "sara", "--density", "0.01"], 1e-3),
-    "sara-2%": (["--method", "sara", "--density", "0.02"], 1e-3),
+    "sara-0.5%": (["--method", "sara", "--density", "0.005"], 2e-3),
+    "sara-1%": (["--method", "sara", "--density", "0.01"], 2e-3),
+    "sara-2%": (["--method", "sara", "--density", "0.02"], 2e-3),
     "diff-pruning-0.5%": (["--method", "diff-pruning", "--density", "0.005"], 2e-4),
     "diff-pruning-structured-0.5%": (["--method", "diff-pruning", "--density", "0.005", "--structured"], 2e-4),
-    "random-1%": (["--method", "random", "--density", "0.01"], 1e-3),
-    "magnitude-1%": (["--method", "magnitude", "--density", "0.01"], 1e-3),
+    "random-1%": (["--method", "random", "--density", "0.01"], 2e-3),
+    "magnitude-1%": (["--method", "magnitude", "--density", "0.01"], 2e-3),
 }
 PRODUCTS = ("delta.safetensors", "adapter/adapter_model.safetensors", "model/model.safetensors")
 
@@ -148,20 +150,32 @@ def grid(method: str, args) -> list[float]:
 
 
 def best_lrs(tuned: dict[Run, dict], args) -> dict[str, float]:
-    """Per method, the grid's learning rate with the best validation accuracy (seed 0 runs)."""
-    seed = args.seeds[0]
-    return {
-        m: max(grid(m, args), key=lambda lr, m=m: validation_accuracy(tuned[Run(m, lr, seed)])) for m in args.methods
-    }
+    """Per method, the tried learning rate with the best validation accuracy (seed 0 runs)."""
+    best = {}
+    for method in args.methods:
+        tried = {r.lr: m for r, m in tuned.items() if r.method == method and r.seed == args.seeds[0]}
+        best[method] = max(sorted(tried), key=lambda lr, tried=tried: validation_accuracy(tried[lr]))
+    return best
+
+
+def tune(args, fetch) -> dict[Run, dict | None]:
+    """Seed-0 runs over each grid, then one step past the top where the top won; `fetch(runs, label)`
+    trains them (or only looks them up) and returns their metrics (None: not finished)."""
+    first = args.seeds[0]
+    tuned = fetch([Run(m, lr, first) for m in args.methods for lr in grid(m, args)], f"stage 1: lr grid, seed {first}")
+    if None in tuned.values():
+        return tuned
+    top = {m: max(grid(m, args)) for m in args.methods}
+    widened = [Run(m, 2 * top[m], first) for m, lr in best_lrs(tuned, args).items() if lr == top[m]]
+    return tuned | fetch(widened, "stage 1b: one step past the top of the grid")
 
 
 def study(args: argparse.Namespace) -> dict:
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    first, *others = args.seeds
-    tuning = [Run(m, lr, first) for m in args.methods for lr in grid(m, args)]
-    tuned = execute_all(tuning, args, f"stage 1: lr grid, seed {first}")
+    tuned = tune(args, lambda runs, label: execute_all(runs, args, label))
     best = best_lrs(tuned, args)
-    execute_all([Run(m, best[m], s) for m in args.methods for s in others], args, "stage 2: other seeds")
+    others = [Run(m, best[m], s) for m in args.methods for s in args.seeds[1:]]
+    execute_all(others, args, "stage 2: the other seeds at the picked rate")
     return summarize(args, tuned, best)
 
 
@@ -243,8 +257,7 @@ def main(argv=None) -> int:
         )
         return 2
     if args.report_only:
-        tuning = [Run(m, lr, args.seeds[0]) for m in args.methods for lr in grid(m, args)]
-        tuned = {r: finished(args.work_dir / r.name) for r in tuning}
+        tuned = tune(args, lambda runs, label: {r: finished(args.work_dir / r.name) for r in runs})
         best = best_lrs(tuned, args) if None not in tuned.values() else None
         if best is None or any(
             finished(args.work_dir / Run(m, best[m], s).name) is None for m in best for s in args.seeds

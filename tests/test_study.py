@@ -47,7 +47,9 @@ def test_every_method_runs_and_the_report_picks_the_best_validation_lr(study, ti
     assert set(summary["methods"]) == set(study.METHODS)
     for method, result in summary["methods"].items():
         by_lr = result["validation_by_lr"]
-        assert len(by_lr) == 2 and by_lr[f"{result['lr']:g}"] == max(by_lr.values())
+        assert len(by_lr) in (2, 3) and by_lr[f"{result['lr']:g}"] == max(by_lr.values())
+        top = 4 * study.METHODS[method][1]  # widened to 8 × the centre exactly when 4 × beat 1 ×
+        assert (len(by_lr) == 3) == (by_lr[f"{top:g}"] > by_lr[f"{top / 4:g}"])
         runs = [tmp_path / "work" / study.Run(method, result["lr"], s).name for s in (0, 1)]
         tests = [json.loads((r / "metrics.json").read_text())["test"]["accuracy"] for r in runs]
         assert result["test_accuracy"] == tests
@@ -65,7 +67,7 @@ def test_an_interrupted_study_reruns_only_what_is_missing(study, tiny_bert, tiny
                      "--lr-multipliers", "1")  # fmt: skip
     assert study.main(args) == 0
     work = tmp_path / "work"
-    kept, lost = (work / study.Run(m, 1e-3, 0).name for m in ("sara-1%", "random-1%"))
+    kept, lost = (work / study.Run(m, study.METHODS[m][1], 0).name for m in ("sara-1%", "random-1%"))
     before = (kept / "metrics.json").stat().st_mtime_ns
     (lost / "metrics.json").unlink()  # as if killed before the end
     assert study.main([*args, "--report-only"]) == 2  # unfinished: no report
