@@ -174,7 +174,8 @@ def study(args: argparse.Namespace) -> dict:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     tuned = tune(args, lambda runs, label: execute_all(runs, args, label))
     best = best_lrs(tuned, args)
-    others = [Run(m, best[m], s) for m in args.methods for s in args.seeds[1:]]
+    # seed-major, so that a study cut short still has whole seeds
+    others = [Run(m, best[m], s) for s in args.seeds[1:] for m in args.methods]
     execute_all(others, args, "stage 2: the other seeds at the picked rate")
     return summarize(args, tuned, best)
 
