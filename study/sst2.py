@@ -216,12 +216,15 @@ def report(summary: dict, results: Path) -> None:
 
 def table(summary: dict) -> str:
     rows = [
-        "| method | lr (picked on validation) | test accuracy, mean ± std | trainable entries | stored bytes per task |",
-        "|---|---|---|---|---|",
+        "| method | test accuracy, mean ± std | trainable entries | stored bytes per task | lr picked | validation accuracy by lr (seed 0) |",
+        "|---|---|---:|---:|---:|---|",
     ]
     for method, r in summary["methods"].items():
+        by_lr = ", ".join(
+            f"{lr}: {acc:.3f}" for lr, acc in sorted(r["validation_by_lr"].items(), key=lambda x: float(x[0]))
+        )
         rows.append(
-            f"| {method} | {r['lr']:g} | {r['mean']:.4f} ± {r['std']:.4f} | {r['trainable']:,} | {r['stored_bytes']:,} |"
+            f"| {method} | {r['mean']:.4f} ± {r['std']:.4f} | {r['trainable']:,} | {r['stored_bytes']:,} | {r['lr']:g} | {by_lr} |"
         )
     return "\n".join(rows) + "\n"
 
