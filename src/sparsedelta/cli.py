@@ -245,12 +245,8 @@ def run_eval(args) -> int:
         from .lm_train import evaluate_run
 
         result = evaluate_run(args.run, "test", args.model)
-        if args.json:
-            print(json.dumps(result))
-        else:
-            print(f"test perplexity {result['perplexity']:.3f} (base model {result['base_perplexity']:.3f}) "
-                  f"on {result['blocks']} blocks")  # fmt: skip
-        return 0
+        return _print_result(result, args.json, f"test perplexity {result['perplexity']:.3f} "
+                             f"(base model {result['base_perplexity']:.3f}) on {result['blocks']} blocks")  # fmt: skip
     folder = RunFolder.existing(args.run)
     config = folder.config
     cfg = TrainConfig.from_dict(config["train"])
@@ -268,11 +264,12 @@ def run_eval(args) -> int:
         split, source = data.test, f"the run's test split ({data.source})"
     encoded = encode(loaded.tokenizer, split, args.max_length or cfg.max_length)
     result = evaluate(loaded.model, encoded, loaded.tokenizer, len(config["labels"]), args.batch_size)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{source}: accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}, "
-              f"loss {result['loss']:.4f} on {result['examples']} examples")  # fmt: skip
+    return _print_result(result, args.json, f"{source}: accuracy {result['accuracy']:.4f}, macro-F1 "
+                         f"{result['macro_f1']:.4f}, loss {result['loss']:.4f} on {result['examples']} examples")  # fmt: skip
+
+
+def _print_result(result: dict, as_json: bool, line: str) -> int:
+    print(json.dumps(result) if as_json else line)
     return 0
 
 
