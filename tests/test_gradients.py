@@ -7,9 +7,21 @@ import torch
 from torch import nn
 
 import sparsedelta as sd
+from sparsedelta import ops
 from sparsedelta.adapters import state_of
 
 ALL_KINDS = ("weight", "bias", "embedding", "norm")
+
+
+@pytest.fixture(params=["dense", "sampled"])
+def weight_grad_path(request, monkeypatch):
+    """Run a test through both ways of taking a linear layer's values gradient, counting the sampled ones."""
+    monkeypatch.setattr(ops, "SAMPLED_MAX_DENSITY", 1.0 if request.param == "sampled" else 0.0)
+    calls = []
+    sampled = ops._sampled_weight_grad
+    monkeypatch.setattr(ops, "_sampled_weight_grad", lambda *a: calls.append(1) or sampled(*a))
+    yield calls
+    assert bool(calls) == (request.param == "sampled")
 
 
 def dense_reference_grads(model, loss_fn):
@@ -37,7 +49,7 @@ def lm_loss(ids):
     return lambda m: torch.nn.functional.cross_entropy(m(ids).flatten(0, 1), ids.flatten())
 
 
-def test_values_gradient_matches_dense_autograd_float64(tiny):
+def test_values_gradient_matches_dense_autograd_float64(tiny, weight_grad_path):
     tiny = tiny.double()
     ids = torch.randint(0, 50, (3, 7))
     ids[0, :2] = 0  # padding rows get no gradient, as in F.embedding
@@ -59,7 +71,7 @@ def test_tied_weights_receive_gradient_from_both_uses():
     assert "embed.weight" in deltas and "head.weight" not in deltas  # one delta for the shared tensor
 
 
-def test_transformers_conv1d_fast_path_float64():
+def test_transformers_conv1d_fast_path_float64(weight_grad_path):
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
@@ -68,6 +80,34 @@ def test_transformers_conv1d_fast_path_float64():
     check_values_grads(
         model, sd.RandomConfig(density=0.4, parameter_kinds=("weight", "bias")), lambda m: m(x).pow(2).sum()
     )
+
+
+def test_sampled_product_is_the_default_at_low_density_on_cpu(minilm, minilm_batch):
+    calls = []
+    sampled = ops._sampled_weight_grad
+    ops._sampled_weight_grad = lambda *a: calls.append(1) or sampled(*a)
+    try:
+        sd.prepare(minilm, sd.SaRAConfig(density=0.01, modules_to_save=["classifier"]))
+        minilm(**minilm_batch).loss.backward()
+    finally:
+        ops._sampled_weight_grad = sampled
+    assert len(calls) == 37  # every targeted linear layer: 6 × (q, k, v, o, up, down) + the pooler
+
+
+def test_sampled_gradient_follows_reselection_float64(minilm, minilm_batch, weight_grad_path):
+    """Freezing entries changes the positions; the cached CSR pattern must follow."""
+    model = minilm.double()
+    sd.prepare(model, sd.RandomConfig(density=0.05, modules_to_save=["classifier"]))
+    model(**minilm_batch).loss.backward()
+    deltas = state_of(model).adapters["default"].deltas
+    for delta in deltas.values():
+        delta.freeze_entries(torch.rand(len(delta.indices)) < 0.5)
+        delta.values.grad = None
+    reference = dense_reference_grads(sd.merge_and_unload(copy.deepcopy(model)), lambda m: m(**minilm_batch).loss)
+    model(**minilm_batch).loss.backward()
+    for name, delta in deltas.items():
+        expected = reference[name].grad.reshape(-1)[delta.indices]
+        torch.testing.assert_close(delta.values.grad, expected, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_input_gradient_unchanged_by_delta_path(tiny):
@@ -96,14 +136,14 @@ def test_frozen_weights_keep_no_gradient(minilm, minilm_batch):
             assert not p.requires_grad, name
 
 
-def test_minilm_values_gradient_float64(minilm, minilm_batch):
+def test_minilm_values_gradient_float64(minilm, minilm_batch, weight_grad_path):
     """Linear, Embedding and the fallback (LayerNorm, biases) on the embedded model."""
     model = minilm.double()
     config = sd.RandomConfig(density=0.02, parameter_kinds=ALL_KINDS, modules_to_save=["classifier"])
     check_values_grads(model, config, lambda m: m(**minilm_batch).loss)
 
 
-def test_gradient_accumulation_and_clipping_behave_like_parameters(tiny):
+def test_gradient_accumulation_and_clipping_behave_like_parameters(tiny, weight_grad_path):
     ids = torch.randint(1, 50, (2, 6))
     loss = lm_loss(ids)
     sd.prepare(tiny, sd.RandomConfig(density=0.3))

@@ -20,7 +20,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import DeltaConfig, SelectionReport
 from .delta import SparseDelta
-from .ops import AddDelta, EmbeddingDelta, LinearDelta
+from .ops import AddDelta, EmbeddingDelta, LinearDelta, sampled_pays
 from .targeting import CONTAINER, Target, find_targets
 
 
@@ -70,12 +70,13 @@ def state_of(model: nn.Module) -> DeltaState:
 
 
 # -- fast gradient paths, by module type ------------------------------------------------------------
-def _linear(module, delta, x):
-    return LinearDelta.apply(x, module.weight, module.bias, delta.values, delta.indices, False)
+def _linear(module, delta, x, transposed=False):
+    pattern = delta.csr() if sampled_pays(module.weight, len(delta.indices)) else None
+    return LinearDelta.apply(x, module.weight, module.bias, delta.values, delta.indices, transposed, pattern)
 
 
 def _conv1d(module, delta, x):  # transformers' Conv1D: y = x W + b with W of shape (in, out)
-    return LinearDelta.apply(x, module.weight, module.bias, delta.values, delta.indices, True)
+    return _linear(module, delta, x, transposed=True)
 
 
 def _embedding(module, delta, ids):

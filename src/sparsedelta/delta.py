@@ -78,6 +78,19 @@ class SparseDelta(nn.Module):
             self._write(self.indices, self._merged_values(self.base, self.values))
             self._synced_version = version
 
+    def csr(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable positions as the CSR pattern (crow, col) of the 2-D weight, for sampled
+        products; cached until the positions change."""
+        cached = getattr(self, "_csr_cache", None)
+        if cached is None or cached[0] is not self.indices or cached[1] != self.indices._version:
+            rows, cols = self.shape
+            index_dtype = torch.int32 if max(rows, cols, len(self.indices)) < 2**31 else torch.long
+            crow = torch.zeros(rows + 1, dtype=index_dtype, device=self.indices.device)
+            crow[1:] = torch.bincount(self.indices // cols, minlength=rows).cumsum(0)
+            cached = (self.indices, self.indices._version, (crow, (self.indices % cols).to(index_dtype)))
+            self._csr_cache = cached
+        return cached[2]
+
     # -- views for saving and analysis ------------------------------------------------------------
     @property
     def num_entries(self) -> int:
