@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 SPEED_METHODS = ["floor", "full", "lora", "shira", "sara@shira-k", "sara@0.5%", "sara@1%", "sara@5%"]
 SWEEP = ["sara@0.1%", "sara@0.5%", "sara@1%", "sara@2%", "sara@5%", "sara@10%"]
 LORA_RANK = 8  # LoRA's and SHiRA's r; SHiRA trains r·(in + out) entries per layer
+SWITCH_DENSITIES = {"1%": 0.01, "0.1%": 0.001}  # task switching is also timed at these (besides SHiRA's k)
 
 
 @dataclass(frozen=True)
@@ -243,21 +244,14 @@ def worker(args) -> dict:
 
 def switch_worker(args) -> dict:
     """Time to switch a loaded model between two tasks: sparsedelta set_adapter vs PEFT LoRA
-    set_adapter with merge/unmerge (both leave merged weights for fast inference)."""
+    set_adapter with merge/unmerge (both leave merged weights for fast inference). Ours at SHiRA's k
+    and at the sweep's lower densities: its cost is the scatter of the two deltas, linear in k."""
     import torch
 
     import sparsedelta as sd
 
     torch.set_num_threads(args.threads)
     model = load_model(args)
-    k_density = shira_k_density(model, args.task)
-    for name, seed in (("a", 1), ("b", 2)):
-        config = sd.RandomConfig(density=k_density, seed=seed, **delta_targets(model, args.task))
-        sd.prepare(model, config, adapter_name=name)
-        with torch.no_grad():
-            for p in sd.trainable_parameters(model):
-                p.normal_(0, 1e-3)
-        sd.sync(model)
 
     def timed(fn, n=20):
         out = []
@@ -267,7 +261,21 @@ def switch_worker(args) -> dict:
             out.append(time.perf_counter() - start)
         return statistics.median(out)
 
-    ours = timed(lambda i: sd.set_adapter(model, "ab"[i % 2]))
+    result = {"method": "switch"}
+    for i, (label, density) in enumerate([("", shira_k_density(model, args.task)), *SWITCH_DENSITIES.items()]):
+        names = [f"a{i}", f"b{i}"]
+        for name, seed in zip(names, (1, 2), strict=True):
+            config = sd.RandomConfig(density=density, seed=seed, **delta_targets(model, args.task))
+            sd.prepare(model, config, adapter_name=name)
+            with torch.no_grad():
+                for p in sd.trainable_parameters(model):
+                    p.normal_(0, 1e-3)
+            sd.sync(model)
+        key = f"sparsedelta{'_' + label if label else ''}"
+        result[key + "_s"] = timed(lambda i: sd.set_adapter(model, names[i % 2]))  # noqa: B023
+        result[key + "_k"] = sum(len(d.indices) for d in sd.state_of(model).adapters[names[0]].deltas.values())
+        for name in names:
+            sd.delete_adapter(model, name)
 
     from peft import LoraConfig, get_peft_model
 
@@ -283,8 +291,8 @@ def switch_worker(args) -> dict:
         peft_model.set_adapter(new)
         peft_model.base_model.merge_adapter([new])
 
-    theirs = timed(lora_switch)
-    return {"method": "switch", "sparsedelta_s": ours, "peft_lora_s": theirs}
+    result["peft_lora_s"] = timed(lora_switch)
+    return result
 
 
 # -- orchestrator side ------------------------------------------------------------------------------
@@ -364,9 +372,15 @@ def print_table(summary: dict[str, dict], title: str) -> None:
         print(f"  PEFT LoRA adapter: {summary['lora']['file_bytes'] / 1024:.0f} KiB")
     if "switch" in summary:
         s = summary["switch"]
-        print(
-            f"\ntask switch: sparsedelta {s['sparsedelta_s'] * 1e3:.2f} ms, PEFT LoRA unmerge+set+merge {s['peft_lora_s'] * 1e3:.2f} ms ({s['peft_lora_s'] / s['sparsedelta_s']:.0f}× faster)"
-        )
+        lora = s["peft_lora_s"]
+        print(f"\ntask switch (merged weights): PEFT LoRA unmerge + set_adapter + merge {lora * 1e3:.2f} ms")
+        for label in ["", *SWITCH_DENSITIES]:
+            key = f"sparsedelta{'_' + label if label else ''}"
+            what = label or "SHiRA's k"
+            print(
+                f"  sparsedelta set_adapter at {what:<10} k = {int(s[key + '_k']):>9,}: "
+                f"{s[key + '_s'] * 1e3:6.2f} ms ({lora / s[key + '_s']:.0f}× faster)"
+            )
 
 
 def plot(summary: dict[str, dict], path: Path, title: str) -> None:

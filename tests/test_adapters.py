@@ -98,6 +98,21 @@ def test_switching_between_named_deltas_reproduces_logits(tiny):
     assert {p.requires_grad for p in sd.trainable_parameters(tiny)} == set()
 
 
+def test_switching_back_after_more_training_writes_the_new_values(tiny):
+    """Switching writes cached θ + delta per tensor; an optimizer step must not leave it stale."""
+    ids = torch.randint(1, 50, (2, 6))
+    for name, seed in (("a", 1), ("b", 2)):
+        sd.prepare(tiny, sd.RandomConfig(density=0.2, seed=seed), adapter_name=name)
+    deltas = state_of(tiny).adapters["a"].deltas
+    for _ in range(2):
+        sd.set_adapter(tiny, "a")
+        train_steps(tiny, tiny_loss(ids))
+        sd.set_adapter(tiny, "b")
+        sd.set_adapter(tiny, "a")
+        for delta in deltas.values():
+            assert torch.equal(delta.weight.reshape(-1)[delta.indices], delta.base + delta.values.detach())
+
+
 def test_merge_and_unload_and_unload(tiny):
     ids = torch.randint(1, 50, (2, 6))
     base = snapshot(tiny)

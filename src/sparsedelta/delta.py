@@ -9,8 +9,21 @@ merged and are saved, but are no longer trained.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+
+@dataclass(slots=True)
+class _MergeState:
+    """Bookkeeping of the merged weight, kept off nn.Module's slow __setattr__: switching tasks
+    updates it for every tensor."""
+
+    merged: bool = False
+    synced_version: int = -1
+    cache_key: tuple | None = None  # (values' storage, version) the cached merged values belong to
+    cache: torch.Tensor | None = None
 
 
 def replace_data(param: torch.Tensor, data: torch.Tensor) -> None:
@@ -49,34 +62,46 @@ class SparseDelta(nn.Module):
         self.register_buffer("frozen_indices", empty.clone())
         self.register_buffer("frozen_base", self.base[:0].clone())
         self.register_buffer("frozen_values", self.values.detach()[:0].clone())
-        self.merged = False
-        self._synced_version = -1
+        self._merge = _MergeState()
 
     # -- keeping the weight up to date ------------------------------------------------------------
+    # Switching tasks calls merge/unmerge for every tensor, so they stay lean: put_ on the flat
+    # view (about twice as fast as index_copy_ here), numel() rather than len().
     def _write(self, indices: torch.Tensor, new: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.weight.view(-1).index_copy_(0, indices, new.to(self.weight.dtype))
+        if indices.numel():
+            with torch.no_grad():
+                self.weight.view(-1).put_(indices, new.to(self.weight.dtype))
 
     def _merged_values(self, base: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return base.to(values.dtype) + values.detach()
 
+    def _merged_trained(self) -> torch.Tensor:
+        """θ + delta at the trainable positions in the weight's dtype, kept until the values change,
+        so switching back to this delta is a single write per tensor."""
+        state, key = self._merge, (self.values.data_ptr(), self.values._version)
+        if state.cache_key != key:
+            state.cache = self._merged_values(self.base, self.values).to(self.weight.dtype)
+            state.cache_key = key
+        return state.cache
+
     def merge(self) -> None:
-        self._write(self.frozen_indices, self._merged_values(self.frozen_base, self.frozen_values))
-        self.merged = True
-        self._synced_version = -1
+        if self.frozen_indices.numel():
+            self._write(self.frozen_indices, self._merged_values(self.frozen_base, self.frozen_values))
+        self._merge.merged = True
+        self._merge.synced_version = -1
         self.sync()
 
     def unmerge(self) -> None:
         self._write(self.indices, self.base)
         self._write(self.frozen_indices, self.frozen_base)
-        self.merged = False
+        self._merge.merged = False
 
     def sync(self) -> None:
         """Bring the merged weight up to date after the values changed (e.g. an optimizer step)."""
-        version = self.values._version
-        if self.merged and version != self._synced_version:
-            self._write(self.indices, self._merged_values(self.base, self.values))
-            self._synced_version = version
+        state, version = self._merge, self.values._version
+        if state.merged and version != state.synced_version:
+            self._write(self.indices, self._merged_trained())
+            state.synced_version = version
 
     def csr(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The trainable positions as the CSR pattern (crow, col) of the 2-D weight, for sampled
@@ -125,7 +150,8 @@ class SparseDelta(nn.Module):
             replace_data(self.values, self.values.data[keep])
             if self.values.grad is not None:
                 self.values.grad = self.values.grad[keep]
-        self._synced_version = -1
+        self._merge.synced_version = -1
+        self._merge.cache_key = self._merge.cache = None
         return keep
 
     def extra_repr(self) -> str:
