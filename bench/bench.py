@@ -432,14 +432,19 @@ def plot(summary: dict[str, dict], path: Path, title: str) -> None:
     axes[1].barh([r + 0.2 for r in rows], tensors, 0.4, label="peak live tensors")
     axes[1].set_yticks(list(rows), methods)
     axes[1].set_xlabel("memory while training (MiB)")
-    axes[1].legend(loc="upper right")
+    axes[1].legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     sweep = [m for m in summary if m.startswith("sara@") and m.endswith("%")]
     floor = summary.get("floor", {}).get("step_s", 0)
     sweep.sort(key=lambda m: summary[m]["trainable"])
-    axes[2].plot([summary[m]["trainable"] for m in sweep], [summary[m]["step_s"] - floor for m in sweep], "o-")
+    axes[2].plot([summary[m]["trainable"] for m in sweep], [summary[m]["step_s"] - floor for m in sweep], "o-", label="SaRA")
+    for method, style in (("full", "--"), ("lora", ":"), ("shira", "-.")):
+        if method in summary:
+            axes[2].axhline(summary[method]["step_s"] - floor, color="grey", linestyle=style, label=method)
     axes[2].set_xlabel("trainable entries k")
     axes[2].set_ylabel("step time over the frozen floor (s)")
     axes[2].set_xscale("log")
+    axes[2].set_ylim(bottom=0)
+    axes[2].legend(fontsize="small")
     for ax in axes[:2]:
         ax.invert_yaxis()
     fig.suptitle(f"sparsedelta vs full fine-tuning, PEFT LoRA and PEFT SHiRA: {title}")
