@@ -204,10 +204,10 @@ def file_size(method: str, model, tmp: Path) -> dict:
 
 
 def peak_tensor_mib(step) -> float | None:
-    """Peak bytes held by live tensors during one call of `step`, parameters and optimizer state
-    included: exact, unlike peak RSS, which also counts what the C allocator keeps after a free
-    (±70 MiB between identical runs here). From the profiler's memory timeline (a private API:
-    None where it is missing)."""
+    """Peak bytes held by live tensors during one call of `step`, counting the tensors it touches
+    that existed before (parameters, optimizer state). Exact, unlike peak RSS, which also counts what
+    the C allocator keeps after a free (±70 MiB between identical runs here). From the profiler's
+    memory timeline (a private API: None where it is missing)."""
     from torch.profiler import ProfilerActivity, profile
 
     try:

@@ -1,0 +1,64 @@
+"""The benchmark's measuring code, run in-process on a tiny batch (the timings themselves are not checked)."""
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["bench"]
+
+
+def worker_args(minilm_path, method):
+    return types.SimpleNamespace(
+        task="classification", model=minilm_path, batch=2, seq=16, steps=1, warmup=1, threads=1, worker=method
+    )
+
+
+def test_peak_tensor_memory_counts_what_a_step_holds(bench):
+    weight = torch.zeros(1024, 1024)  # 4 MiB held throughout
+
+    def step():
+        first = torch.ones(2048, 1024)  # 8 MiB
+        total = first.sum() + weight.sum()
+        del first
+        second = torch.ones(1024, 1024)  # 4 MiB, after the first was freed
+        return total + second.sum()
+
+    peak = bench.peak_tensor_mib(step)
+    assert peak is not None
+    assert 12 <= peak < 12.1, peak
+
+
+def test_sara_worker_reports_its_k_and_files_and_less_memory_than_full(bench, minilm_path):
+    sara = bench.worker(worker_args(minilm_path, "sara@1%"))
+    full = bench.worker(worker_args(minilm_path, "full"))
+    args = worker_args(minilm_path, "full")
+    model = bench.load_model(args)
+    assert full["trainable"] == sum(p.numel() for p in model.parameters())
+    adapted = sum(m.weight.numel() for m in bench.adapted_linears(model, args.task))
+    head = sum(p.numel() for p in model.classifier.parameters())  # trained densely
+    assert 0.0099 < (sara["trainable"] - head) / adapted < 0.0101
+    assert sara["peak_tensor_mib"] < full["peak_tensor_mib"]  # no dense gradient or AdamW moments
+    assert sara["file_bytes_ef"] < sara["file_bytes"]
+    assert sara["index_ef_bytes"] < 1.25 * sara["index_floor_bytes"]
+    assert sara["step_s"] > 0 and sara["peak_rss_mib"] > 0
+
+
+def test_switch_worker_times_every_density_against_lora(bench, minilm_path):
+    result = bench.switch_worker(worker_args(minilm_path, "switch"))
+    ks = [result["sparsedelta_k"]] + [result[f"sparsedelta_{label}_k"] for label in bench.SWITCH_DENSITIES]
+    assert ks == sorted(ks, reverse=True) and ks[-1] > 0  # SHiRA's k, then 1%, then 0.1%
+    assert all(result[key] > 0 for key in result if key.endswith("_s"))
