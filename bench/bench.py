@@ -11,7 +11,7 @@ fine-tuning measured in the same run, and each method's distance to the floor (a
 every weight frozen: input gradients only).
 
     .venv/bin/python bench/bench.py                 # the default: MiniLM-L6, batch 32 x 128, 2 rounds
-    .venv/bin/python bench/bench.py --quick         # a smoke run (tiny batch, one round)
+    .venv/bin/python bench/bench.py --quick         # a smoke run (tiny batch, one round; results: minilm-quick.*)
     .venv/bin/python bench/bench.py --task causal-lm  # SmolLM2-135M, batch 8 x 256 (results: smollm2.*)
 
 Writes bench/results/<name>.json and a PNG chart beside it.
@@ -477,7 +477,8 @@ def main(argv=None) -> None:
     task = TASKS[args.task]
     model_name = args.model.name if args.model else task.model_name
     args.model = args.model or default_model(args.task)
-    args.batch, args.seq, args.name = args.batch or task.batch, args.seq or task.seq, args.name or task.results_name
+    args.batch, args.seq = args.batch or task.batch, args.seq or task.seq
+    args.name = args.name or task.results_name + ("-quick" if args.quick else "")  # a smoke run keeps the real results
     if args.quick:
         args.batch, args.seq, args.rounds, args.steps, args.warmup = 4, 32, 1, 2, 1
     if args.worker:
