@@ -39,6 +39,11 @@ LORA_RANK = 8  # LoRA's and SHiRA's r; SHiRA trains r·(in + out) entries per la
 SWITCH_DENSITIES = {"1%": 0.01, "0.1%": 0.001}  # task switching is also timed at these (besides SHiRA's k)
 
 
+def switch_key(label: str) -> str:
+    """Result-key prefix of the switching time at a density label ("" for SHiRA's k)."""
+    return "sparsedelta" + (f"_{label}" if label else "")
+
+
 @dataclass(frozen=True)
 class Task:
     head: str  # the output layer's module name, left out of the adapted linear layers
@@ -300,7 +305,7 @@ def switch_worker(args) -> dict:
                 for p in sd.trainable_parameters(model):
                     p.normal_(0, 1e-3)
             sd.sync(model)
-        key = f"sparsedelta{'_' + label if label else ''}"
+        key = switch_key(label)
         result[key + "_s"] = timed(lambda i: sd.set_adapter(model, names[i % 2]))  # noqa: B023
         result[key + "_k"] = sum(len(d.indices) for d in sd.state_of(model).adapters[names[0]].deltas.values())
         for name in names:
@@ -408,7 +413,7 @@ def print_table(summary: dict[str, dict], title: str) -> None:
         lora = s["peft_lora_s"]
         print(f"\ntask switch (merged weights): PEFT LoRA unmerge + set_adapter + merge {lora * 1e3:.2f} ms")
         for label in ["", *SWITCH_DENSITIES]:
-            key = f"sparsedelta{'_' + label if label else ''}"
+            key = switch_key(label)
             what = label or "SHiRA's k"
             print(
                 f"  sparsedelta set_adapter at {what:<10} k = {int(s[key + '_k']):>9,}: "
