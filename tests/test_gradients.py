@@ -13,15 +13,21 @@ from sparsedelta.adapters import state_of
 ALL_KINDS = ("weight", "bias", "embedding", "norm")
 
 
-@pytest.fixture(params=["dense", "sampled"])
-def weight_grad_path(request, monkeypatch):
-    """Run a test through both ways of taking a linear layer's values gradient, counting the sampled ones."""
-    monkeypatch.setattr(ops, "SAMPLED_MAX_DENSITY", 1.0 if request.param == "sampled" else 0.0)
+@pytest.fixture
+def sampled_calls(monkeypatch):
+    """A list that grows by one per sampled weight-gradient product."""
     calls = []
     sampled = ops._sampled_weight_grad
     monkeypatch.setattr(ops, "_sampled_weight_grad", lambda *a: calls.append(1) or sampled(*a))
-    yield calls
-    assert bool(calls) == (request.param == "sampled")
+    return calls
+
+
+@pytest.fixture(params=["dense", "sampled"])
+def weight_grad_path(request, monkeypatch, sampled_calls):
+    """Run a test through both ways of taking a linear layer's values gradient."""
+    monkeypatch.setattr(ops, "SAMPLED_MAX_DENSITY", 1.0 if request.param == "sampled" else 0.0)
+    yield
+    assert bool(sampled_calls) == (request.param == "sampled")
 
 
 def dense_reference_grads(model, loss_fn):
@@ -82,16 +88,10 @@ def test_transformers_conv1d_fast_path_float64(weight_grad_path):
     )
 
 
-def test_sampled_product_is_the_default_at_low_density_on_cpu(minilm, minilm_batch):
-    calls = []
-    sampled = ops._sampled_weight_grad
-    ops._sampled_weight_grad = lambda *a: calls.append(1) or sampled(*a)
-    try:
-        sd.prepare(minilm, sd.SaRAConfig(density=0.01, modules_to_save=["classifier"]))
-        minilm(**minilm_batch).loss.backward()
-    finally:
-        ops._sampled_weight_grad = sampled
-    assert len(calls) == 37  # every targeted linear layer: 6 × (q, k, v, o, up, down) + the pooler
+def test_sampled_product_is_the_default_at_low_density_on_cpu(minilm, minilm_batch, sampled_calls):
+    sd.prepare(minilm, sd.SaRAConfig(density=0.01, modules_to_save=["classifier"]))
+    minilm(**minilm_batch).loss.backward()
+    assert len(sampled_calls) == 37  # every targeted linear layer: 6 × (q, k, v, o, up, down) + the pooler
 
 
 def test_sampled_gradient_follows_reselection_float64(minilm, minilm_batch, weight_grad_path):
