@@ -75,7 +75,7 @@ def load_model(args):
 
     torch.manual_seed(0)  # the classifier's new head
     if args.task == "causal-lm":
-        from sparsedelta.causal_lm import load_causal_lm
+        from sparsedelta.models.causal_lm import load_causal_lm
 
         return load_causal_lm(args.model).model  # float32
     from transformers import AutoModelForSequenceClassification
@@ -115,7 +115,7 @@ def delta_targets(model, task: str) -> dict:
     """sparsedelta's targeting for the task: a classifier's new head is trained densely; an LM gets
     deltas on its linear layers' weights only (default_targets: the head is tied to the frozen embedding)."""
     if task == "causal-lm":
-        from sparsedelta.causal_lm import default_targets
+        from sparsedelta.models.causal_lm import default_targets
 
         return default_targets(model)
     return {"modules_to_save": ["classifier"]}
@@ -186,7 +186,7 @@ def file_size(method: str, model, tmp: Path) -> dict:
         model.peft_model.save_pretrained(tmp)
         return {"file_bytes": (tmp / "adapter_model.safetensors").stat().st_size}
     if method.startswith("sara@"):
-        from sparsedelta.encoding import information_floor_bits
+        from sparsedelta.core.encoding import information_floor_bits
 
         sizes = {}
         for name, kwargs in {
@@ -354,7 +354,7 @@ def run_worker(method: str, args) -> dict:
 
 def default_model(task: str) -> Path:
     if task == "causal-lm":  # converted from the embedded GGUF once, here: every worker loads the same folder
-        from sparsedelta.causal_lm import convert_gguf, default_gguf_path
+        from sparsedelta.models.causal_lm import convert_gguf, default_gguf_path
 
         return convert_gguf(default_gguf_path())
     import importlib.util

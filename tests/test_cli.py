@@ -14,7 +14,7 @@ import sparsedelta as sd
 from conftest import SHARED_DATA
 from fixtures_cli import make_rows, tiny_bert_fixture, topic_files_fixture, write_csv  # noqa: F401
 from sparsedelta.cli import main
-from sparsedelta.io import read
+from sparsedelta.core.io import read
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -161,8 +161,8 @@ def test_baselines_match_saras_budget_and_full_and_lora_write_their_products(tin
     assert main(["merge", str(tmp_path / "lora"), "--output", str(tmp_path / "lora-merged")]) == 0
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from sparsedelta.data import encode, load_labelled_file
-    from sparsedelta.training import evaluate
+    from sparsedelta.data.tables import encode, load_labelled_file
+    from sparsedelta.train.loop import evaluate
 
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora-merged")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "lora-merged")

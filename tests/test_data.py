@@ -6,7 +6,7 @@ import pytest
 
 from conftest import SHARED_DATA, package_dir
 from fixtures_cli import make_rows, write_csv, write_jsonl
-from sparsedelta.data import LabelMap, load_data, load_labelled_file, stratified_split
+from sparsedelta.data.tables import LabelMap, load_data, load_labelled_file, stratified_split
 from sparsedelta.errors import UsageError
 
 ROWS = [

@@ -12,7 +12,7 @@ from torch.func import functional_call
 import sparsedelta as sd
 from conftest import TinyNet, package_dir
 from sparsedelta import diff_pruning as dp
-from sparsedelta.adapters import state_of
+from sparsedelta.core.adapters import state_of
 
 ALL_KINDS = ("weight", "bias", "embedding", "norm")
 

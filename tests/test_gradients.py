@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import sparsedelta as sd
-from sparsedelta import ops
-from sparsedelta.adapters import state_of
+from sparsedelta.core import ops
+from sparsedelta.core.adapters import state_of
 
 ALL_KINDS = ("weight", "bias", "embedding", "norm")
 

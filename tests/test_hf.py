@@ -6,11 +6,11 @@ import torch
 import sparsedelta as sd
 from conftest import package_dir
 from fixtures_cli import tiny_bert_fixture  # noqa: F401
-from sparsedelta.adapters import state_of
-from sparsedelta.data import encode, load_data
-from sparsedelta.hf import SparseDeltaCallback
-from sparsedelta.runners import make_runner
-from sparsedelta.training import TrainConfig
+from sparsedelta.core.adapters import state_of
+from sparsedelta.data.tables import encode, load_data
+from sparsedelta.train.hf import SparseDeltaCallback
+from sparsedelta.train.loop import TrainConfig
+from sparsedelta.train.runners import make_runner
 
 
 class Spy(SparseDeltaCallback):

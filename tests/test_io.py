@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import sparsedelta as sd
-from sparsedelta.io import CONFIG_FILE, DELTA_FILE
+from sparsedelta.core.io import CONFIG_FILE, DELTA_FILE
 
 
 def trained(model, batch, steps=2):
@@ -152,7 +152,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
             f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr("sparsedelta.io.save_file", broken_save)
+    monkeypatch.setattr("sparsedelta.core.io.save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         sd.save(model, tmp_path)
     assert file.read_bytes() == good
@@ -181,7 +181,7 @@ def test_load_while_another_adapter_is_active(tmp_path):
 
 
 def test_elias_fano_indices_round_trip_near_the_information_floor(saved_minilm, minilm_path, minilm_batch, tmp_path):
-    from sparsedelta.encoding import information_floor_bits
+    from sparsedelta.core.encoding import information_floor_bits
 
     folder, logits = saved_minilm
     model = sd.load(fresh_minilm(minilm_path), folder)

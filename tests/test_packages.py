@@ -1,7 +1,7 @@
 import pytest
 
+from sparsedelta.data.packages import package_dir
 from sparsedelta.errors import UsageError
-from sparsedelta.packages import package_dir
 
 
 def test_missing_embedded_package_names_the_install_command():
@@ -11,4 +11,4 @@ def test_missing_embedded_package_names_the_install_command():
 
 
 def test_installed_package_folder():
-    assert (package_dir("sparsedelta", "sparsedelta", "x", "y") / "packages.py").exists()
+    assert (package_dir("sparsedelta", "sparsedelta", "x", "y") / "data" / "packages.py").exists()

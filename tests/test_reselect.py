@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import sparsedelta as sd
-from sparsedelta.adapters import state_of
+from sparsedelta.core.adapters import state_of
 from sparsedelta.methods.sara import reselect
 
 

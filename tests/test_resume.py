@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fixtures_cli import tiny_bert_fixture, topic_files_fixture  # noqa: F401
-from sparsedelta.io import read
+from sparsedelta.core.io import read
 from test_cli import SRC, run_cli, tiny_args
 
 STEPS = 120

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sparsedelta as sd
-from sparsedelta.adapters import state_of
+from sparsedelta.core.adapters import state_of
 from sparsedelta.methods import sara
 
 

@@ -1,6 +1,6 @@
 """sparsedelta: selective fine-tuning that stores each task as a sparse delta over a frozen model."""
 
-from .adapters import (
+from .core.adapters import (
     add_delta,
     count_parameters,
     delete_adapter,
@@ -15,9 +15,9 @@ from .adapters import (
     unload,
     unmerge,
 )
-from .config import DeltaConfig, SelectionReport
-from .delta import SparseDelta
-from .io import DeltaFileError, load, read, save
+from .core.config import DeltaConfig, SelectionReport
+from .core.delta import SparseDelta
+from .core.io import DeltaFileError, load, read, save
 from .methods import DiffPruningConfig, MagnitudeConfig, RandomConfig, SaRAConfig, diff_pruning
 
 prepare = add_delta  # prepare(model, config): select positions by the config's rule and attach

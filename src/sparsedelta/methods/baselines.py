@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import DeltaConfig, SelectionReport
-from ..selection import smallest_fraction
+from ..core.config import DeltaConfig, SelectionReport
+from ..core.selection import smallest_fraction
 
 
 @dataclass

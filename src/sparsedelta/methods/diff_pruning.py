@@ -66,11 +66,11 @@ from torch import nn
 from torch.autograd import Function
 from torch.utils.checkpoint import checkpoint
 
-from ..adapters import add_delta, state_of
-from ..config import PARAMETER_KINDS, DeltaConfig, SelectionReport
-from ..ops import linear
-from ..selection import budget, check_density, smallest_k
-from ..targeting import find_targets
+from ..core.adapters import add_delta, state_of
+from ..core.config import PARAMETER_KINDS, DeltaConfig, SelectionReport
+from ..core.ops import linear
+from ..core.selection import budget, check_density, smallest_k
+from ..core.targeting import find_targets
 
 PAPER_LR_W = 1e-5  # AdamW on w (paper, linear decay)
 PAPER_LR_ALPHA = 0.1  # AdamW on α (constant in the official code)

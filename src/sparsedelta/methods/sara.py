@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import state_of
-from ..config import DeltaConfig, SelectionReport
-from ..delta import SparseDelta
-from ..selection import below, check_density, smallest_fraction
+from ..core.adapters import state_of
+from ..core.config import DeltaConfig, SelectionReport
+from ..core.delta import SparseDelta
+from ..core.selection import below, check_density, smallest_fraction
 
 MIN_SIDE = 64  # matrices whose smaller side is at most this get no low-rank penalty (paper)
 

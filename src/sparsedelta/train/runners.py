@@ -27,18 +27,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import io
-from .adapters import add_delta, count_parameters, state_of, trainable_parameters
-from .config import DeltaConfig
-from .delta import replace_data
-from .errors import UsageError
-from .methods import DiffPruningConfig, MagnitudeConfig, RandomConfig, SaRAConfig
-from .methods import diff_pruning as dp
-from .methods.sara import rank_penalty, reselect
-from .targeting import find_targets
+from ..core import io
+from ..core.adapters import add_delta, count_parameters, state_of, trainable_parameters
+from ..core.config import DeltaConfig
+from ..core.delta import replace_data
+from ..core.targeting import find_targets
+from ..errors import UsageError
+from ..methods import DiffPruningConfig, MagnitudeConfig, RandomConfig, SaRAConfig
+from ..methods import diff_pruning as dp
+from ..methods.sara import rank_penalty, reselect
 
 if TYPE_CHECKING:
-    from .training import TrainConfig
+    from .loop import TrainConfig
 
 DEFAULT_THRESHOLD = 1e-3  # SaRA's threshold when no budget is given; also sets the baselines' budget
 DEFAULT_HEAD_LR = 5e-3  # learning rate of a densely trained new head next to a sparse delta

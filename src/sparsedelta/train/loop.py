@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import __version__, distributed, plots
-from .data import Encoded, TextData, batches, encode, load_data
-from .errors import UsageError
-from .models import load_classifier
+from .. import __version__
+from ..data.tables import Encoded, TextData, batches, encode, load_data
+from ..errors import UsageError
+from ..models.classifier import load_classifier
+from ..report import plots
+from . import distributed
 from .runfolder import CONFIG, METRICS, RunFolder, new_run_path, peak_memory_mib
 from .runners import Budget, MethodRunner, make_runner, trainable
 

@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UsageError
-from .io import DeltaFileError
+from ..core.io import DeltaFileError
+from ..errors import UsageError
 
 ERRORS = (UsageError, DeltaFileError, FileNotFoundError, ValueError, KeyError)
 
@@ -101,7 +101,7 @@ def parse_options(items: list[str]) -> dict:
 
 
 def train_config(args):
-    from .training import TrainConfig
+    from ..train.loop import TrainConfig
 
     if args.target_regex and args.target_modules:
         raise UsageError("give --target-modules or --target-regex, not both")
@@ -123,8 +123,8 @@ def train_config(args):
 
 
 def run_train(args) -> int:
-    from .runfolder import RunFolder
-    from .training import TrainConfig, train
+    from ..train.loop import TrainConfig, train
+    from ..train.runfolder import RunFolder
 
     if args.task == "causal-lm":
         return run_train_causal_lm(args)
@@ -155,7 +155,7 @@ CAUSAL_LM_FLAGS = {
 
 
 def run_train_causal_lm(args) -> int:
-    from .lm_train import LMTrainConfig, _summary, train_causal_lm
+    from ..train.lm_train import LMTrainConfig, _summary, train_causal_lm
 
     given = [a for a in _explicit(args) if a not in ("task", "no_progress", "method")]
     unsupported = [a for a in given if a not in CAUSAL_LM_FLAGS]
@@ -236,13 +236,13 @@ def add_eval(sub) -> None:
 
 
 def run_eval(args) -> int:
-    from .data import encode, load_data, load_labelled_file
-    from .models import load_run_model
-    from .runfolder import RunFolder
-    from .training import TrainConfig, evaluate
+    from ..data.tables import encode, load_data, load_labelled_file
+    from ..models.classifier import load_run_model
+    from ..train.loop import TrainConfig, evaluate
+    from ..train.runfolder import RunFolder
 
     if _causal_lm_run(args.run):
-        from .lm_train import evaluate_run
+        from ..train.lm_train import evaluate_run
 
         result = evaluate_run(args.run, "test", args.model)
         return _print_result(result, args.json, f"test perplexity {result['perplexity']:.3f} "
@@ -284,12 +284,12 @@ def add_inspect(sub) -> None:
 
 
 def run_inspect(args) -> int:
-    from .inspection import delta_file, format_summary, summarize
+    from ..report.inspection import delta_file, format_summary, summarize
 
     summary, values = summarize(args.path)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     if not args.no_png:
-        from .plots import delta_plot
+        from ..report.plots import delta_plot
 
         png = Path(args.png) if args.png else delta_file(args.path).with_name("inspect.png")
         delta_plot(summary, values, png)
@@ -308,12 +308,12 @@ def add_merge(sub) -> None:
 
 
 def run_merge(args) -> int:
-    from .adapters import merge_and_unload
-    from .models import PEFT_METHODS, load_run_model
-    from .runfolder import RunFolder
+    from ..core.adapters import merge_and_unload
+    from ..models.classifier import PEFT_METHODS, load_run_model
+    from ..train.runfolder import RunFolder
 
     if _causal_lm_run(args.run):
-        from .lm_train import merge_run
+        from ..train.lm_train import merge_run
 
         out = merge_run(args.run, args.output, args.model)
         print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
@@ -389,10 +389,10 @@ ANALYZE_COUNTS = ("batch_size", "max_train_samples", "max_eval_samples", "max_le
 def run_analyze(args) -> int:
     import torch
 
-    from .analysis import CLAIMED_RANGE, format_table
-    from .lm_train import pick_threads
-    from .plots import analysis_plot
-    from .runfolder import RunFolder, new_run_path
+    from ..report.analysis import CLAIMED_RANGE, format_table
+    from ..report.plots import analysis_plot
+    from ..train.lm_train import pick_threads
+    from ..train.runfolder import RunFolder, new_run_path
 
     thresholds = analysis_thresholds(args.thresholds)
     check_analyze_flags(args)
@@ -417,7 +417,7 @@ def run_analyze(args) -> int:
 
 
 def analysis_thresholds(values: list[float] | None) -> list[float]:
-    from .analysis import DEFAULT_THRESHOLDS
+    from ..report.analysis import DEFAULT_THRESHOLDS
 
     if values is None:
         return list(DEFAULT_THRESHOLDS)
@@ -442,9 +442,9 @@ def check_analyze_flags(args) -> None:
 
 
 def analyze_encoder(args, thresholds: list[float]) -> dict:
-    from .analysis import analyze_encoder as sweep
-    from .data import load_data
-    from .models import load_encoder
+    from ..data.tables import load_data
+    from ..models.classifier import load_encoder
+    from ..report.analysis import analyze_encoder as sweep
 
     loaded = load_encoder(args.model)
     max_train = args.max_train_samples or 2000
@@ -471,10 +471,10 @@ def analyze_encoder(args, thresholds: list[float]) -> dict:
 
 
 def analyze_causal_lm(args, thresholds: list[float]) -> dict:
-    from .analysis import analyze_causal_lm as sweep
-    from .causal_lm import load_causal_lm
-    from .lm_data import evenly_spaced, pack_blocks
-    from .lm_train import LMTrainConfig, load_splits
+    from ..data.text import evenly_spaced, pack_blocks
+    from ..models.causal_lm import load_causal_lm
+    from ..report.analysis import analyze_causal_lm as sweep
+    from ..train.lm_train import LMTrainConfig, load_splits
 
     lm = load_causal_lm(args.model)
     text_column = args.text_columns[0] if args.text_columns else None
@@ -504,7 +504,7 @@ def analyze_causal_lm(args, thresholds: list[float]) -> dict:
 
 # -- entry point -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="sparsedelta",

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DeltaConfig
-from .data import Encoded, TextData, batches, encode
-from .targeting import find_targets
+from ..core.config import DeltaConfig
+from ..core.targeting import find_targets
+from ..data.tables import Encoded, TextData, batches, encode
 
 DEFAULT_THRESHOLDS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
 CLAIMED_RANGE = (5e-4, 1e-3)  # "zeroing below 5e-4 … 1e-3 barely changes the model"
@@ -188,7 +188,7 @@ def analyze_encoder(
 
 # -- a causal LM: perplexity -------------------------------------------------------------------------
 def perplexity_measure(blocks: torch.Tensor, batch_size: int = 8) -> Measure:
-    from .causal_lm import perplexity
+    from ..models.causal_lm import perplexity
 
     return lambda model: {"perplexity": perplexity(model, blocks, batch_size)}
 
@@ -201,7 +201,7 @@ def analyze_causal_lm(
     progress: bool = False,
 ) -> dict:
     """Held-out perplexity per threshold, with the targets training uses (`causal_lm.default_targets`)."""
-    from .causal_lm import default_targets
+    from ..models.causal_lm import default_targets
 
     config = DeltaConfig(**default_targets(model))
     report = sweep_report(model, thresholds, perplexity_measure(blocks, batch_size), config, progress)

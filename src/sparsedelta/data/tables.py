@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 from .hub import offline_mode, require_hub
 from .packages import package_dir
 

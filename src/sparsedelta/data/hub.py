@@ -8,7 +8,7 @@ import os
 import socket
 from urllib.parse import urlparse
 
-from .errors import UsageError
+from ..errors import UsageError
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def package_dir(module: str, pip_name: str, needed_for: str, instead: str) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .io import DELTA_FILE, read
+from ..core.io import DELTA_FILE, read
 
 
 def delta_file(path: str | os.PathLike) -> Path:
