@@ -83,7 +83,7 @@ def test_eval_mask_is_the_clamped_stretched_sigmoid():
 
 def test_masks_drawn_in_a_model_follow_the_distribution(monkeypatch):
     """The per-slice noise of a real tensor: uniform, independent across slices, one u per entry."""
-    monkeypatch.setattr(dp, "CHUNK", 4096)
+    monkeypatch.setattr(dp.diff_vector, "CHUNK", 4096)
     model = torch.nn.Linear(300, 400, bias=False)
     dp.start(model, dp.DiffPruningConfig(alpha_init=0.5))
     diff = dp.phase_one(model).diffs["weight"]
@@ -137,7 +137,7 @@ def all_leaves(model):
 
 @pytest.mark.parametrize("structured,group_size", [(False, None), (True, None), (True, 7)])
 def test_gradients_match_finite_differences_float64(structured, group_size, monkeypatch):
-    monkeypatch.setattr(dp, "CHUNK", 50)  # several slices per tensor, slices crossing groups
+    monkeypatch.setattr(dp.diff_vector, "CHUNK", 50)  # several slices per tensor, slices crossing groups
     model, _ = started_tiny(structured, group_size)
     # no padding id: F.embedding defines the padding row's gradient as 0, which finite differences do not see
     ids = torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(4))
@@ -190,7 +190,7 @@ def reference_grads(model, base, ids):
 def test_gradients_match_plain_autograd_everywhere(structured, group_size, tied, monkeypatch):
     """Every entry, every path (linear fast path, embedding, norm, conv, tied weights): the
     recomputed, sliced mask gives the gradient a naive autograd graph gives."""
-    monkeypatch.setattr(dp, "CHUNK", 64)
+    monkeypatch.setattr(dp.diff_vector, "CHUNK", 64)
     model, base = started_tiny(structured, group_size, tied, penalty=0.0)
     ids = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(6))
     lm_loss(ids)(model).backward()
@@ -216,7 +216,7 @@ def test_penalty_is_lambda_times_expected_l0_and_structured_product():
 
 
 def test_structured_group_mask_switches_whole_groups_off(monkeypatch):
-    monkeypatch.setattr(dp, "CHUNK", 10)
+    monkeypatch.setattr(dp.diff_vector, "CHUNK", 10)
     model, _ = started_tiny(structured=True, group_size=8)
     diff = dp.phase_one(model).diffs["proj.weight"]
     with torch.no_grad():

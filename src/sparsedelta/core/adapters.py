@@ -10,7 +10,6 @@ costs O(k).
 from __future__ import annotations
 
 import contextlib
-import types
 import weakref
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import patching
 from .config import DeltaConfig, SelectionReport
 from .delta import SparseDelta
 from .ops import AddDelta, EmbeddingDelta, LinearDelta, sampled_pays
@@ -69,80 +69,64 @@ def state_of(model: nn.Module) -> DeltaState:
     return state
 
 
-# -- fast gradient paths, by module type ------------------------------------------------------------
-def _linear(module, delta, x, transposed=False):
+# -- the forward layer ---------------------------------------------------------------------------------
+LAYER_KEY = "sparsedelta"
+
+
+def _linear(module, delta, path, x):
     pattern = delta.csr() if sampled_pays(module.weight, len(delta.indices)) else None
-    return LinearDelta.apply(x, module.weight, module.bias, delta.values, delta.indices, transposed, pattern)
+    return LinearDelta.apply(x, module.weight, module.bias, delta.values, delta.indices, path.transposed, pattern)
 
 
-def _conv1d(module, delta, x):  # transformers' Conv1D: y = x W + b with W of shape (in, out)
-    return _linear(module, delta, x, transposed=True)
-
-
-def _embedding(module, delta, ids):
+def _embedding(module, delta, path, ids):
     return EmbeddingDelta.apply(ids, module.weight, delta.values, delta.indices, module.padding_idx)
 
 
-def _fast_path(module: nn.Module):
-    kind = type(module)
-    if kind is nn.Linear:
-        return _linear
-    if kind is nn.Embedding and module.max_norm is None and not module.scale_grad_by_freq and not module.sparse:
-        return _embedding
-    if kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers"):
-        return _conv1d
-    return None
+FAST = {"linear": _linear, "embedding": _embedding}
 
 
-def _delta_forward(self: nn.Module, *args, **kwargs):
-    bound = self._sparsedelta_bindings.get(self._sparsedelta_active, ())
-    inner = self._sparsedelta_inner_forward
-    for _, delta in bound:
-        delta.sync()
-    if not bound or not torch.is_grad_enabled() or not any(d.values.requires_grad for _, d in bound):
-        return inner(*args, **kwargs)  # weights are merged: the ordinary forward is exact
-    fast = _fast_path(self) if self._sparsedelta_own_forward else None
-    fast_delta = next((d for p, d in bound if p == "weight"), None) if fast else None
-    swapped = []
-    try:
-        for pname, delta in bound:
-            if delta is fast_delta:
-                continue
-            original = self._parameters[pname]
-            self._parameters[pname] = AddDelta.apply(original, delta.values, delta.indices)
-            swapped.append((pname, original))
-        if fast_delta is not None:
-            return fast(self, fast_delta, *args, **kwargs)
-        return inner(*args, **kwargs)
-    finally:
-        for pname, original in swapped:
-            self._parameters[pname] = original
+class DeltaLayer:
+    """A module's patching layer: keeps the active adapter's merged weights current and routes the
+    gradient to its values (the fast path of the module's type, else through `AddDelta`)."""
+
+    __slots__ = ("bindings", "active")
+
+    def __init__(self):
+        self.bindings: dict[str, list[tuple[str, SparseDelta]]] = {}  # adapter -> (parameter name, delta)
+        self.active: str | None = None
+
+    def __call__(self, module: nn.Module, inner, *args, **kwargs):
+        bound = self.bindings.get(self.active, ())
+        for _, delta in bound:
+            delta.sync()
+        if not bound or not torch.is_grad_enabled() or not any(d.values.requires_grad for _, d in bound):
+            return inner(*args, **kwargs)  # weights are merged: the ordinary forward is exact
+        path = patching.fast_path(module) if inner.plain else None
+        fast_delta = next((d for p, d in bound if p == "weight"), None) if path else None
+        swapped = []
+        try:
+            for pname, delta in bound:
+                if delta is fast_delta:
+                    continue
+                original = module._parameters[pname]
+                module._parameters[pname] = AddDelta.apply(original, delta.values, delta.indices)
+                swapped.append((pname, original))
+            if fast_delta is not None:
+                x = args[0] if args else next(iter(kwargs.values()))
+                return FAST[path.kind](module, fast_delta, path, x)
+            return inner(*args, **kwargs)
+        finally:
+            for pname, original in swapped:
+                module._parameters[pname] = original
 
 
-def _wrap_forward(module: nn.Module) -> None:
-    if "_sparsedelta_bindings" in module.__dict__:
-        return
-    module._sparsedelta_own_forward = "forward" not in module.__dict__
-    module._sparsedelta_inner_forward = module.forward
-    module._sparsedelta_bindings = {}
-    module._sparsedelta_active = None
-    module.forward = types.MethodType(_delta_forward, module)
-
-
-def _unwrap_forward(module: nn.Module) -> None:
-    if "_sparsedelta_bindings" not in module.__dict__:
-        return
-    if module._sparsedelta_own_forward:
-        del module.forward
-    else:
-        module.forward = module._sparsedelta_inner_forward
-    for attr in (
-        "_sparsedelta_own_forward",
-        "_sparsedelta_inner_forward",
-        "_sparsedelta_bindings",
-        "_sparsedelta_active",
-    ):
-        delattr(module, attr)
+def delta_layer(module: nn.Module) -> DeltaLayer:
+    """The module's DeltaLayer, added on first use."""
+    layer = patching.layer_of(module, LAYER_KEY)
+    if layer is None:
+        layer = DeltaLayer()
+        patching.wrap(module, LAYER_KEY, layer)
+    return layer
 
 
 # -- attaching -------------------------------------------------------------------------------------
@@ -193,8 +177,7 @@ def add_delta(
                 container[adapter_name] = nn.ModuleDict()
             container[adapter_name][pname] = delta
             for module, owned_name in target.owners:
-                _wrap_forward(module)
-                module._sparsedelta_bindings.setdefault(adapter_name, []).append((owned_name, delta))
+                delta_layer(module).bindings.setdefault(adapter_name, []).append((owned_name, delta))
             state.owners[name] = target.owners
             deltas[name] = delta
     saved = _make_saved(model, state, saved_modules)
@@ -204,21 +187,29 @@ def add_delta(
 
 
 def _make_saved(model: nn.Module, state: DeltaState, module_names: list[str]) -> dict[str, nn.Parameter]:
-    saved = {}
-    for module_name in module_names:
-        module = model.get_submodule(module_name)
-        for pname, param in list(module.named_parameters(recurse=False)):
-            path = f"{module_name}.{pname}"
-            base = state.base_saved.setdefault(path, param)
-            saved[path] = nn.Parameter(base.detach().clone())
-    return saved
+    originals = {path: state.base_saved.setdefault(path, p) for path, p in module_parameters(model, module_names).items()}
+    return dense_copies(originals)
 
 
-def _install_saved(model: nn.Module, tensors: dict[str, nn.Parameter]) -> None:
+def module_parameters(model: nn.Module, module_names: list[str]) -> dict[str, nn.Parameter]:
+    """The current parameters of the named modules (modules_to_save), by parameter path."""
+    return {
+        f"{name}.{pname}": param
+        for name in module_names
+        for pname, param in model.get_submodule(name).named_parameters(recurse=False)
+    }
+
+
+def dense_copies(tensors: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """Trainable copies: a densely trained module is trained on a copy, so the base stays intact."""
+    return {path: nn.Parameter(t.detach().clone()) for path, t in tensors.items()}
+
+
+def install_tensors(model: nn.Module, tensors: dict[str, nn.Parameter]) -> None:
+    """Put these parameters in place (by parameter path) in their modules."""
     for path, param in tensors.items():
         module_name, _, pname = path.rpartition(".")
-        module = model.get_submodule(module_name)
-        module._parameters[pname] = param
+        model.get_submodule(module_name)._parameters[pname] = param
 
 
 # -- switching -------------------------------------------------------------------------------------
@@ -238,15 +229,15 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
             delta.values.requires_grad_(on and adapter.trainable)
         for p in adapter.saved.values():
             p.requires_grad_(on and adapter.trainable)
-    _install_saved(model, state.base_saved)
+    install_tensors(model, state.base_saved)
     new = state.adapters.get(adapter_name)
     if new is not None and state.merged:
         for delta in new.deltas.values():
             delta.merge()
-        _install_saved(model, new.saved)
+        install_tensors(model, new.saved)
     for owners in state.owners.values():
         for module, _ in owners:
-            module._sparsedelta_active = adapter_name if state.merged else None
+            delta_layer(module).active = adapter_name if state.merged else None
 
 
 def unmerge(model: nn.Module) -> None:
@@ -306,7 +297,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     adapter = state.adapters.pop(adapter_name)
     for path in adapter.deltas:
         for module, _ in state.owners[path]:
-            module._sparsedelta_bindings.pop(adapter_name, None)
+            delta_layer(module).bindings.pop(adapter_name, None)
         container = getattr(state.owners[path][0][0], CONTAINER)
         if adapter_name in container:
             del container[adapter_name]
@@ -316,7 +307,7 @@ def _remove_all(model: nn.Module) -> None:
     state = state_of(model)
     for owners in state.owners.values():
         for module, _ in owners:
-            _unwrap_forward(module)
+            patching.unwrap(module, LAYER_KEY)
             if CONTAINER in module._modules:
                 del module._modules[CONTAINER]
     del model._sparsedelta
