@@ -148,7 +148,7 @@ def test_cli_causal_lm(tiny_bert, tmp_path, capsys):
     tiny_llama(len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "analysis"
-    args = ["analyze", "--task", "causal-lm", "--model", model_dir, "--train-file", text, "--block-size", 32,
+    args = ["analyze", "--task", "causal-lm", "--model", model_dir, "--train-file", text, "--max-length", 32,
             "--eval-blocks", 4, "--thresholds", 1e-3, 5e-2, "--output-dir", out, "--threads", 1, "--no-progress", "--json"]  # fmt: skip
     assert main([str(a) for a in args]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -164,7 +164,7 @@ def test_cli_causal_lm(tiny_bert, tmp_path, capsys):
         (["--thresholds", "0"], "--thresholds: 0 is not a positive threshold"),
         (["--thresholds", "1e-3", "-0.001"], "--thresholds: -0.001 is not a positive threshold"),
         (["--thresholds", "nan"], "--thresholds: nan is not a positive threshold"),
-        (["--block-size", "32"], "--block-size: only for --task causal-lm"),
+        (["--eval-blocks", "32"], "--eval-blocks: only for --task causal-lm"),
         (["--task", "causal-lm", "--max-train-samples", "5"], "--max-train-samples: only for --task classification"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
     ],

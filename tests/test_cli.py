@@ -162,14 +162,14 @@ def test_baselines_match_saras_budget_and_full_and_lora_write_their_products(tin
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from sparsedelta.data.tables import encode, load_labelled_file
-    from sparsedelta.train.loop import evaluate
+    from sparsedelta.train.tasks.classification import evaluate_classifier
 
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora-merged")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "lora-merged")
     labels = json.loads((tmp_path / "lora" / "config.json").read_text())["labels"]
     encoded = encode(tokenizer, load_labelled_file(topic_files["test"], labels, None, None), max_length=16)
     test = json.loads((tmp_path / "lora" / "metrics.json").read_text())["test"]
-    assert evaluate(merged, encoded, tokenizer, len(labels), 64) == pytest.approx(test)
+    assert evaluate_classifier(merged, encoded, tokenizer, len(labels), 64) == pytest.approx(test)
 
 
 def test_sara_options_reach_the_config(tiny_bert, topic_files, tmp_path):

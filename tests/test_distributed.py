@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from fixtures_cli import tiny_bert_fixture, topic_files_fixture  # noqa: F401
+from fixtures_lm import kjv_text_fixture, lm_args, tiny_llama_dir_fixture  # noqa: F401
 from sparsedelta.core.io import read
+from test_causal_lm import kjv, tokenizer  # noqa: F401  (fixtures)
 from test_cli import SRC, run_cli, tiny_args
 
 
@@ -41,3 +43,29 @@ def test_two_processes_agree_and_match_one_process_with_the_global_batch(tiny_be
     torch.testing.assert_close([s["loss"] for s in metrics["steps"]], [s["loss"] for s in reference["steps"]],
                                rtol=1e-4, atol=1e-6)  # fmt: skip
     assert metrics["test"]["examples"] == reference["test"]["examples"] == 18
+
+
+@pytest.mark.slow
+def test_causal_lm_two_processes_match_one_process_with_the_global_batch(tiny_llama_dir, kjv_text, tmp_path):
+    common = ["--max-steps", 5, "--eval-every", 5, "--threshold", 2e-3, "--lr", 1e-2, "--seed", 2]
+    ddp_out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sparsedelta",
+           *lm_args(tiny_llama_dir, kjv_text, ddp_out, "--batch-size", 2, *common)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("test perplexity:") == 1
+    metrics = json.loads((ddp_out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(set(metrics["rank_fingerprints"])) == 1
+
+    single = run_cli(*lm_args(tiny_llama_dir, kjv_text, tmp_path / "single", "--batch-size", 4, *common, "--threads", 1))
+    assert single.returncode == 0, single.stderr[-3000:]
+    (_, a), (_, b) = read(ddp_out), read(tmp_path / "single")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    reference = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    torch.testing.assert_close([s["loss"] for s in metrics["steps"]], [s["loss"] for s in reference["steps"]],
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    # ranks split the held-out blocks and add up: the same perplexity as one process
+    assert metrics["test"]["perplexity"] == pytest.approx(reference["test"]["perplexity"], rel=1e-5)
+    assert metrics["test"]["tokens"] == reference["test"]["tokens"]

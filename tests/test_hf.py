@@ -8,9 +8,9 @@ from conftest import package_dir
 from fixtures_cli import tiny_bert_fixture  # noqa: F401
 from sparsedelta.core.adapters import state_of
 from sparsedelta.data.tables import encode, load_data
+from sparsedelta.errors import UsageError
+from sparsedelta.methods import MethodSettings, make_runner
 from sparsedelta.train.hf import SparseDeltaCallback
-from sparsedelta.train.loop import TrainConfig
-from sparsedelta.train.runners import make_runner
 
 
 class Spy(SparseDeltaCallback):
@@ -46,7 +46,7 @@ def test_trainer_trains_a_sara_delta_with_penalty_reselection_and_checkpoints(ti
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=5)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    runner = make_runner(TrainConfig(method="sara", threshold=1e-3, options={"reselect_step": 2}))
+    runner = make_runner(MethodSettings(method="sara", threshold=1e-3, options={"reselect_step": 2}))
     model = runner.prepare(model, head_modules=["classifier"], total_steps=4)
     trained_before = sum(len(v) for v in sd.trainable_parameters(model))
     callback = Spy(runner)
@@ -83,3 +83,11 @@ def test_trainer_trains_a_sara_delta_with_penalty_reselection_and_checkpoints(ti
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits)
+
+
+def test_trainer_refuses_a_method_that_swaps_its_tensors():
+    """Diff Pruning's projection replaces w and α by the delta's values, which the Trainer's optimizer
+    would never see: refused with the way out, not trained silently wrong."""
+    runner = make_runner(MethodSettings(method="diff-pruning"))
+    with pytest.raises(UsageError, match="swaps its trainable tensors mid-run.*separate Trainer runs"):
+        SparseDeltaCallback(runner)

@@ -234,10 +234,10 @@ def default_targets(model: nn.Module, embeddings: bool = False) -> dict:
 
 # -- evaluation --------------------------------------------------------------------------------------
 @torch.no_grad()
-def mean_nll(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
-    """Mean next-token negative log-likelihood (nats) over every predicted token of the blocks."""
+def nll_total(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> tuple[float, int]:
+    """(summed next-token negative log-likelihood in nats, predicted tokens) over the blocks."""
     require_causal_lm(model)
-    if blocks.dim() != 2 or blocks.shape[1] < 2 or len(blocks) == 0:
+    if blocks.dim() != 2 or blocks.shape[1] < 2:
         raise ValueError(f"expected (n, block_size >= 2) token blocks, got shape {tuple(blocks.shape)}")
     was_training = model.training
     model.eval()
@@ -257,6 +257,14 @@ def mean_nll(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progre
             count += ids[:, 1:].numel()
     finally:
         model.train(was_training)
+    return total, count
+
+
+def mean_nll(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
+    """Mean next-token negative log-likelihood (nats) over every predicted token of the blocks."""
+    if len(blocks) == 0:
+        raise ValueError("no token blocks to measure")
+    total, count = nll_total(model, blocks, batch_size, progress)
     return total / count
 
 

@@ -2,11 +2,10 @@
 
     import torch, sparsedelta
     from transformers import Trainer, TrainingArguments
-    from sparsedelta.hf import SparseDeltaCallback
-    from sparsedelta.runners import make_runner
-    from sparsedelta.training import TrainConfig
+    from sparsedelta.methods import MethodSettings, make_runner
+    from sparsedelta.train.hf import SparseDeltaCallback
 
-    runner = make_runner(TrainConfig(method="sara", threshold=1e-3, options={"reselect_step": 100}))
+    runner = make_runner(MethodSettings(method="sara", threshold=1e-3, options={"reselect_step": 100}))
     model = runner.prepare(model, head_modules=["classifier"], total_steps=200)
     optimizer = torch.optim.AdamW(runner.param_groups(model))     # delta values and head, each its lr
     trainer = Trainer(model=model, args=TrainingArguments(..., max_steps=200), train_dataset=...,
@@ -20,6 +19,12 @@ and the head), with one learning rate for both. The callback adds the runner's e
 gradient clipping (so the penalty is not clipped) and once per optimizer step whatever the gradient
 accumulation; it runs the runner's schedule (SaRA's re-selection) after each step, and writes the
 delta into each checkpoint folder the Trainer saves.
+
+A method that swaps its trainable tensors mid-run (Diff Pruning's projection) is refused: the
+Trainer's optimizer and scheduler keep the tensors they were built with, so the second phase would
+silently train nothing. Run it as two Trainer runs instead (phase 1 on `diff_pruning.param_groups`,
+`diff_pruning.project(model)`, then phase 2 on `sparsedelta.trainable_parameters(model)`), or with
+`sparsedelta train`.
 """
 
 from __future__ import annotations
@@ -29,13 +34,20 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ..core.io import save
-from .runners import DeltaRunner, MethodRunner
+from ..errors import UsageError
+from ..methods import DeltaRunner, MethodRunner
 
 PREFIX_CHECKPOINT = "checkpoint"
 
 
 class SparseDeltaCallback(TrainerCallback):
     def __init__(self, runner: MethodRunner, save_delta: bool = True):
+        if runner.swaps_parameters:
+            raise UsageError(
+                f"method {runner.name!r} swaps its trainable tensors mid-run, which transformers.Trainer's optimizer "
+                "cannot follow (the later phase would train nothing); run its phases as separate Trainer runs "
+                "(see sparsedelta.train.hf) or use `sparsedelta train`"
+            )
         self.runner = runner
         self.save_delta = save_delta
         self.events: list[tuple[int, str]] = []

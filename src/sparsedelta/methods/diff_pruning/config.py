@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...core.config import PARAMETER_KINDS, DeltaConfig
 from ...core.selection import check_density
@@ -11,35 +11,26 @@ from ...core.selection import check_density
 @dataclass
 class DiffPruningConfig(DeltaConfig):
     """Diff Pruning. Targets every parameter kind by default, as the paper (the new classifier head
-    belongs in modules_to_save, where it gets a dense, unpenalised diff).
-
-    density / count: phase-2 budget, the k largest |δ| (count overrides density); per_tensor keeps
-        round(density·n) in each tensor instead of one global budget.
-    l0_penalty: λ of λ·E[‖δ‖₀] (paper 1.25e-7; the sum over entries, not a mean).
-    alpha_init: initial logit α (paper 5: P(z ≠ 0) ≈ 0.993).
-    left, right: the stretch interval (l, r) of the Hard-Concrete, l < 0 < 1 < r (paper −1.5, 1.5).
-    eval_mask: "deterministic" (clamp(σ(α)(r−l)+l, 0, 1)) or "sampled" (one mask drawn with eval_seed).
-    structured: add a group logit α_g per group; δᵢ = zᵢ·z_g·wᵢ. group_size: None = one group per
-        tensor (the paper's choice), else consecutive chunks of that many entries.
-    init_from: phase-2 values start from "delta" (z⊙w, see the module docs) or "w" (official code).
-    seed: the noise stream of phase 1.
-    """
+    belongs in modules_to_save, where it gets a dense, unpenalised diff)."""
 
     method = "diff-pruning"
     parameter_kinds: tuple[str, ...] = PARAMETER_KINDS
-    density: float = 0.005
-    count: int | None = None
-    per_tensor: bool = False
-    l0_penalty: float = 1.25e-7
-    alpha_init: float = 5.0
-    left: float = -1.5
-    right: float = 1.5
-    eval_mask: str = "deterministic"
-    eval_seed: int = 0
-    structured: bool = False
-    group_size: int | None = None
-    init_from: str = "delta"
-    seed: int = 0
+    density: float = field(default=0.005, metadata={"help": "phase-2 budget: the k largest |δ| as a fraction (paper 0.5%)"})  # fmt: skip
+    count: int | None = field(default=None, metadata={"help": "instead, exactly this many entries (overrides density)"})  # fmt: skip
+    per_tensor: bool = field(default=False, metadata={"help": "keep round(density·n) in each tensor, not one global budget"})  # fmt: skip
+    l0_penalty: float = field(default=1.25e-7, metadata={"help": "λ of λ·E[‖δ‖₀], a sum over entries (paper 1.25e-7)"})  # fmt: skip
+    alpha_init: float = field(default=5.0, metadata={"help": "initial mask logit α (paper 5: P(z ≠ 0) ≈ 0.993)"})
+    left: float = field(default=-1.5, metadata={"help": "l of the Hard-Concrete stretch (l, r), l < 0 (paper -1.5)"})
+    right: float = field(default=1.5, metadata={"help": "r of the stretch, r > 1 (paper 1.5)"})
+    eval_mask: str = field(default="deterministic", metadata={
+        "help": "'deterministic': clamp(σ(α)(r−l)+l, 0, 1); 'sampled': one mask drawn with eval_seed (paper)"})  # fmt: skip
+    eval_seed: int = field(default=0, metadata={"help": "seed of the sampled evaluation mask"})
+    structured: bool = field(default=False, metadata={"help": "add a group logit α_g per group: δᵢ = zᵢ·z_g·wᵢ"})
+    group_size: int | None = field(default=None, metadata={
+        "help": "structured groups: None = one per tensor (paper), else chunks of this many entries"})  # fmt: skip
+    init_from: str = field(default="delta", metadata={
+        "help": "phase-2 values start from 'delta' (z⊙w, what phase 1 applied) or 'w' (official code)"})  # fmt: skip
+    seed: int = field(default=0, metadata={"help": "seed of phase 1's noise stream"})
 
     def __post_init__(self):
         super().__post_init__()

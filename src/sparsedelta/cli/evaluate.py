@@ -1,0 +1,40 @@
+"""`sparsedelta eval`: a finished run's test metrics, on its own test split or on other data."""
+
+from __future__ import annotations
+
+from .common import print_result
+from .flags import add_field_groups, given
+
+NAME = "eval"
+
+
+def add(sub) -> None:
+    p = sub.add_parser(NAME, help="evaluate a trained run (base model + its product) on its test split or other data")
+    p.add_argument("run", help="the run folder written by `sparsedelta train`")
+    p.set_defaults(fields=add_field_groups(p, ("data",)) | add_field_groups(p, ("model", "optimisation"),
+                   only={"model", "max_length", "eval_batch_size"}))  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..train.finished import load_run
+
+    overrides = given(args, args.fields)
+    model = overrides.pop("model", None)
+    finished = load_run(args.run, model, overrides)
+    task, runner = finished.task, finished.runner
+    result = task.evaluate(finished.model, "test")
+    base = runner.disabled(finished.model) if task.base_is_meaningful else None
+    if base is not None:
+        with base:
+            result["base"] = task.evaluate(finished.model, "test")
+    source = finished.cfg.test_file or "the run's test split"
+    if task.name == "causal-lm":
+        line = f"{source}: perplexity {result['perplexity']:.3f} on {result['tokens']:,} tokens"
+    else:
+        line = (f"{source}: accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}, "
+                f"loss {result['loss']:.4f} on {result['examples']} examples")  # fmt: skip
+    if "base" in result:
+        line += f" (base model: {task.metric} {result['base'][task.metric]:.4f})"
+    return print_result(result, args.json, line)

@@ -1,0 +1,35 @@
+"""`sparsedelta merge`: the base model with a run's product folded in, as an ordinary checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UsageError
+
+NAME = "merge"
+
+
+def add(sub) -> None:
+    p = sub.add_parser(NAME, help="write the base model with the run's product merged in (save_pretrained)")
+    p.add_argument("run", help="the run folder written by `sparsedelta train`")
+    p.add_argument("--output", required=True, help="folder for the merged model (loadable with from_pretrained)")
+    p.add_argument("--model", help="the base model (default: the one recorded in the run)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..train.finished import load_run
+    from ..train.runfolder import RunFolder
+
+    folder = RunFolder.existing(args.run)
+    if folder.config["method"]["method"] == "full":
+        raise UsageError(f"{folder.path} holds ordinary fine-tuning; its full model is already in {folder.path / 'model'}")
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()):
+        raise UsageError(f"--output {output} exists and is not empty; choose a new folder")
+    finished = load_run(args.run, args.model, splits=())
+    finished.runner.merged(finished.model).save_pretrained(output)
+    finished.task.tokenizer.save_pretrained(output)
+    kind = "AutoModelForCausalLM" if finished.task.name == "causal-lm" else "AutoModelForSequenceClassification"
+    print(f"merged model written to {output} (load it with {kind}.from_pretrained)")
+    return 0

@@ -1,0 +1,38 @@
+"""Ordinary fine-tuning of every parameter: the reference point of every comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import MethodRunner
+from .registry import register_method
+
+
+@register_method
+class FullRunner(MethodRunner):
+    name = "full"
+    summary = "reference: ordinary fine-tuning of every parameter"
+    lrs = {"default": 5e-5}
+
+    def prepare(self, model, head_modules, total_steps, default_targets=None):
+        self.head_modules = head_modules
+        model.requires_grad_(True)
+        return model
+
+    def param_groups(self, model):
+        head = [p for n, p in model.named_parameters() if any(n.startswith(h + ".") for h in self.head_modules)]
+        ids = {id(p) for p in head}
+        body = [p for p in model.parameters() if id(p) not in ids]
+        return [g for g in ({"params": body, "lr": self.lr}, {"params": head, "lr": self.head_lr}) if g["params"]]
+
+    def save(self, model, tokenizer, folder):
+        target = Path(folder) / "model"
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        return target
+
+    def load(self, model, folder):
+        return type(model).from_pretrained(Path(folder) / "model")
+
+    def merged(self, model):
+        return model
