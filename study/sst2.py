@@ -203,7 +203,9 @@ def summarize(args, tuned: dict[Run, dict], best: dict[str, float]) -> dict:
 
 def settings(args) -> dict:
     keys = ("steps", "batch_size", "max_length", "validation_samples", "seeds", "lr_multipliers")
-    return {k: getattr(args, k) for k in keys} | {"data": str(args.data), "model": args.model or "embedded MiniLM-L6"}
+    # the data as a path relative to the repository (e.g. ../shared/data/sst2), never this machine's
+    data = os.path.relpath(args.data.resolve(), HERE.parent)
+    return {k: getattr(args, k) for k in keys} | {"data": data, "model": args.model or "embedded MiniLM-L6"}
 
 
 def report(summary: dict, results: Path) -> None:

@@ -7,7 +7,8 @@ import sparsedelta as sd
 from conftest import package_dir
 from fixtures_cli import tiny_bert_fixture  # noqa: F401
 from sparsedelta.core.adapters import state_of
-from sparsedelta.data.tables import encode, load_data
+from sparsedelta.data.batches import encode
+from sparsedelta.data.tables import load_data
 from sparsedelta.errors import UsageError
 from sparsedelta.methods import MethodSettings, make_runner
 from sparsedelta.train.hf import SparseDeltaCallback

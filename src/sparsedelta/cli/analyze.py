@@ -109,7 +109,7 @@ def analyze_encoder(cfg, thresholds: list[float], batch_size: int, progress: boo
     result = sweep(loaded.model, loaded.tokenizer, data, thresholds, cfg.max_length, batch_size, progress)
     return {
         "task": "classification",
-        "model": cfg.model or "MiniLM-L6 (embedded)",
+        "model": loaded.name,
         "data": data.source,
         "settings": {
             "max_train_samples": cfg.max_train_samples,

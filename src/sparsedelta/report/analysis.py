@@ -26,7 +26,8 @@ from torch import nn
 
 from ..core.config import DeltaConfig
 from ..core.targeting import find_targets
-from ..data.tables import Encoded, TextData, batches, encode
+from ..data.batches import Encoded, batches, encode
+from ..data.tables import TextData
 
 DEFAULT_THRESHOLDS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
 CLAIMED_RANGE = (5e-4, 1e-3)  # "zeroing below 5e-4 … 1e-3 barely changes the model"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...data.tables import Encoded, TextData, batches, encode, load_data, load_labelled_file
+from ...data.batches import Encoded, batches, encode
+from ...data.tables import TextData, load_data, load_labelled_file
 from ...models.classifier import load_classifier
 from .. import distributed
 from .base import Task, to_device

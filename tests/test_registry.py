@@ -1,0 +1,81 @@
+"""Adding a method is one module: a config that chooses positions, a runner, `register_method`.
+The command line, `sparsedelta methods`, eval and the option checks then know it."""
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from fixtures_cli import tiny_bert_fixture, topic_files_fixture  # noqa: F401
+from sparsedelta.cli import main
+from sparsedelta.core.config import DeltaConfig, SelectionReport
+from sparsedelta.core.selection import smallest_fraction
+from sparsedelta.methods import DeltaRunner, method_names, register_method, registry
+from test_cli import tiny_args
+
+
+@dataclass
+class RowStartConfig(DeltaConfig):
+    """A toy rule: the first entries of every row of each matrix, up to the density."""
+
+    method = "row-start"
+    density: float = field(default=0.05, metadata={"help": "fraction of each tensor trained"})
+
+    def select(self, tensors):
+        scores = {n: torch.arange(t.shape[-1]).repeat(t.numel() // t.shape[-1]).float() for n, t in tensors.items()}
+        positions = smallest_fraction(scores, self.density, per_tensor=True)
+        per = {n: len(p) for n, p in positions.items()}
+        return positions, SelectionReport("first entries of each row", sum(per.values()), sum(t.numel() for t in tensors.values()), per)
+
+
+class RowStartRunner(DeltaRunner):
+    name = "row-start"
+    summary = "toy: the first entries of every row"
+    config_class = RowStartConfig
+    lrs = {"default": 2e-3}
+
+    def budget_fields(self, model, targeting):
+        return {"density": self.settings.density} if self.settings.density is not None else {}
+
+
+@pytest.fixture
+def row_start():
+    register_method(RowStartRunner)
+    yield
+    registry._RUNNERS.pop("row-start")
+
+
+def test_a_registered_method_is_known_everywhere(row_start, tiny_bert, topic_files, tmp_path, capsys):
+    assert method_names()[-1] == "row-start"
+    assert main(["methods", "row-start"]) == 0
+    listing = capsys.readouterr().out
+    assert "row-start: toy: the first entries of every row\n  budget: --threshold T or --density D" in listing
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_bert, topic_files, out, "--method", "row-start", "--density", 0.1, "--max-steps", 2)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["budget"]["selected"] > 0 and metrics["steps"][0]["lr"] == pytest.approx(2e-3)  # its default lr
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == pytest.approx(metrics["test"])
+    assert main(tiny_args(tiny_bert, topic_files, tmp_path / "x", "--method", "row-start", "--option", "dens=1")) == 2
+    assert "not a setting of method 'row-start'; its settings are none" in capsys.readouterr().err
+
+
+def test_option_values_are_checked_against_the_field_types(tmp_path, capsys):
+    args = ["train", "--output-dir", str(tmp_path / "o"), "--option"]
+    assert main([*args, "rank_penalty=high"]) == 2
+    assert "--option rank_penalty='high': expected float" in capsys.readouterr().err
+    assert main([*args, "reselect_step=2.5"]) == 2
+    assert "--option reselect_step=2.5: expected int or NoneType" in capsys.readouterr().err
+    assert main([*args, "rank_penalty_scope=everything"]) == 2
+    assert "rank_penalty_scope must be 'random' or 'all'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_methods_lists_every_registered_method(capsys):
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    for name in method_names():
+        assert f"\n{name}: " in "\n" + listing
+    assert "--option rank_penalty=0.0005" in listing and "--option phase1_fraction=0.3" in listing
