@@ -208,7 +208,7 @@ def header_names(rng: random.Random, data: bytes) -> bytes:
             return None
         header[a], header[b] = header[b], header[a]
     else:  # rename one
-        header[a + rng.choice(["x", ".values", ".indices", ""]) if rng.random() < 0.5 else b.upper()] = header.pop(a)
+        header[a + rng.choice(["x", ".values", ".indices"]) if rng.random() < 0.5 else b.upper()] = header.pop(a)
     return join(header, body)
 
 
@@ -358,7 +358,8 @@ def _edit_positions(rng: random.Random, data: bytes, edit) -> bytes | None:
     names = [n for n in _delta_names(meta) if len(tensors[f"{n}.values"]) >= 2]
     name = rng.choice(names)
     positions, values = _positions(meta, tensors, name).clone(), tensors[f"{name}.values"].clone()
-    if edit(rng, positions, values) is None:
+    original = positions.clone()
+    if edit(rng, positions, values) is None or torch.equal(positions, original):
         return None
     try:
         _store_positions(meta, tensors, name, positions)

@@ -8,12 +8,12 @@ import tracemalloc
 
 import pytest
 import torch
-from delta_fixtures import FIXTURES, POSITIONS, V1_FILES, FixtureNet, attach_fixture_delta
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 import sparsedelta as sd
+from delta_fixtures import FIXTURES, POSITIONS, V1_FILES, FixtureNet, attach_fixture_delta
 from sparsedelta.core import io
 from sparsedelta.core.encoding import encode
 from sparsedelta.core.fileformat import CHECKSUM_KEY, FORMAT_VERSION, checksum, tensor_hash
@@ -305,7 +305,7 @@ def test_hashing_does_not_copy_large_tensors():
     big = torch.ones(64, 1 << 18)  # 64 MiB, pages touched
     digest = tensor_hash(big)
     assert _peak_growth_mib(lambda: tensor_hash(big)) < 16  # a copy would add 64 MiB (tobytes: 128)
-    assert _peak_growth_mib(lambda: tensor_hash(big.t())) < 40  # strided: copied a chunk at a time
+    assert _peak_growth_mib(lambda: tensor_hash(big.t())) < 24  # strided: copied a chunk at a time
     import hashlib
 
     assert digest == hashlib.sha256(big.numpy().tobytes()).hexdigest()

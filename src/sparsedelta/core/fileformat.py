@@ -41,7 +41,7 @@ FILE_DTYPES = {
 BASE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 MAX_NUMEL = 2**62  # positions are int64
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_CHUNK_BYTES = 1 << 24
+_CHUNK_BYTES = 1 << 22
 
 
 class DeltaFileError(ValueError):
