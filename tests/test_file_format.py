@@ -370,3 +370,18 @@ def test_load_trainable_then_train(saved):
     with torch.no_grad():  # the weights follow the trained values
         delta = sd.state_of(model).adapters["default"].deltas["proj.weight"]
         assert torch.equal(model.proj.weight.reshape(-1)[delta.indices], delta.base + delta.values)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        sd.DeltaConfig(target_modules=["proj"], modules_to_save=["head"]),
+        sd.SaRAConfig(density=0.1, per_tensor=True, reselect_step=3, target_modules=r".*proj"),
+        sd.DiffPruningConfig(count=5, structured=True, group_size=4, left=-2),
+        sd.RandomConfig(density=1, seed=3, parameter_kinds=("bias", "norm")),
+        sd.MagnitudeConfig(exclude_modules=["embed"]),
+    ],
+)
+def test_every_method_config_round_trips_through_the_type_checks(config):
+    again = sd.DeltaConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert type(again) is type(config) and again == config

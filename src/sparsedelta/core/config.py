@@ -43,7 +43,8 @@ class DeltaConfig:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        _CONFIG_TYPES[cls.method] = cls
+        if "method" in cls.__dict__:  # a shared base (e.g. one for budgets) names no method of its own
+            _CONFIG_TYPES[cls.method] = cls
 
     def __post_init__(self):
         self.parameter_kinds = tuple(self.parameter_kinds)
@@ -76,11 +77,14 @@ class DeltaConfig:
         if not isinstance(method, str) or method not in _CONFIG_TYPES:
             raise ValueError(f"unknown method {method!r} in delta config; known: {sorted(_CONFIG_TYPES)}")
         cls = _CONFIG_TYPES[method]
-        hints = typing.get_type_hints(cls)
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # noqa: BLE001 - a method's annotations that do not resolve: its own checks apply
+            hints = {}
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.init and f.name in data:
-                if not _conforms(data[f.name], hints[f.name]):
+                if f.name in hints and not _conforms(data[f.name], hints[f.name]):
                     raise TypeError(
                         f"config field {f.name} of method {method!r} is {reprlib.repr(data[f.name])}, "
                         f"not {_describe(hints[f.name])}"

@@ -135,14 +135,16 @@ class _DeltaFile:
         self.source = str(path)
         self._handle = self._guard(lambda: safe_open(self.source, framework="pt"))
         try:
-            header = self._guard(
-                lambda: {k: (self._handle.get_slice(k).get_dtype(), self._handle.get_slice(k).get_shape())
-                         for k in self._handle.keys()}
-            )
+            header = self._guard(self._header)
             self.layout: Layout = parse_layout(self._guard(self._handle.metadata), header, self.source)
         except BaseException:
             self.close()
             raise
+
+    def _header(self) -> dict[str, tuple[str, list[int]]]:
+        """Each stored tensor's dtype and shape, without reading it."""
+        slices = {name: self._handle.get_slice(name) for name in self._handle.keys()}
+        return {name: (s.get_dtype(), s.get_shape()) for name, s in slices.items()}
 
     def _guard(self, read):
         try:
