@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import sparsedelta as sd
-from sparsedelta.core.io import CONFIG_FILE, DELTA_FILE
+from sparsedelta.core.io import CONFIG_FILE, DELTA_FILE, FORMAT_VERSION
 
 
 def trained(model, batch, steps=2):
@@ -47,7 +47,7 @@ def test_save_load_onto_fresh_base_gives_identical_logits(saved_minilm, minilm_p
     with torch.no_grad():
         assert torch.equal(model(**minilm_batch).logits, logits)
     config = json.loads((folder / CONFIG_FILE).read_text())
-    assert config["config"]["method"] == "sara" and config["format_version"] == "1"
+    assert config["config"]["method"] == "sara" and config["format_version"] == str(FORMAT_VERSION)
     with safe_open(str(folder / DELTA_FILE), "pt") as f:
         keys = set(f.keys())
         assert f.get_tensor("bert.encoder.layer.0.attention.self.query.weight.indices").dtype == torch.int32

@@ -8,6 +8,11 @@ one method = one small class with one job).
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import reprlib
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -38,13 +43,21 @@ class DeltaConfig:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        _CONFIG_TYPES[cls.method] = cls
+        if "method" in cls.__dict__:  # a shared base (e.g. one for budgets) names no method of its own
+            _CONFIG_TYPES[cls.method] = cls
 
     def __post_init__(self):
         self.parameter_kinds = tuple(self.parameter_kinds)
         unknown = set(self.parameter_kinds) - set(PARAMETER_KINDS)
         if unknown:
             raise ValueError(f"unknown parameter kinds {sorted(unknown)}; choose from {list(PARAMETER_KINDS)}")
+        for option in ("target_modules", "exclude_modules"):
+            pattern = getattr(self, option)
+            if isinstance(pattern, str):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"{option} {pattern!r} is not a valid regular expression: {e}") from e
 
     def select(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return flat positions to train for each targeted tensor (name -> int64 positions)."""
@@ -55,16 +68,59 @@ class DeltaConfig:
 
     @staticmethod
     def from_dict(data: dict) -> DeltaConfig:
+        """The config `to_dict` wrote (e.g. read from a delta file). Unknown keys are ignored; a known
+        field of the wrong type raises TypeError naming it, an unknown method ValueError."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a delta config is a JSON object, got {type(data).__name__}")
         data = dict(data)
         method = data.pop("method", "custom")
-        if method not in _CONFIG_TYPES:
+        if not isinstance(method, str) or method not in _CONFIG_TYPES:
             raise ValueError(f"unknown method {method!r} in delta config; known: {sorted(_CONFIG_TYPES)}")
         cls = _CONFIG_TYPES[method]
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # noqa: BLE001 - a method's annotations that do not resolve: its own checks apply
+            hints = {}
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.init and f.name in data:
+                if f.name in hints and not _conforms(data[f.name], hints[f.name]):
+                    raise TypeError(
+                        f"config field {f.name} of method {method!r} is {reprlib.repr(data[f.name])}, "
+                        f"not {_describe(hints[f.name])}"
+                    )
+                kwargs[f.name] = data[f.name]
+        return cls(**kwargs)
 
 
 _CONFIG_TYPES["custom"] = DeltaConfig
+
+
+def _conforms(value, hint) -> bool:
+    """Whether a JSON value fits a field's annotation (None, bool, int, float, str, lists, tuples, unions)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if origin in (list, tuple):  # JSON has no tuples: a list stands for either
+        item = args[0] if args else typing.Any
+        return isinstance(value, (list, tuple)) and all(_conforms(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # within int64: positions, counts and seeds all go to torch
+        return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    if hint is float:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return -(2**63) <= value < 2**63
+        return isinstance(value, float) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # an annotation this check does not know: the class's own checks apply
+
+
+def _describe(hint) -> str:
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
 
 
 @dataclass

@@ -37,13 +37,31 @@ def replace_data(param: torch.Tensor, data: torch.Tensor) -> None:
         param.data = data
 
 
+def _sorted_pairs(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions sorted with their values kept beside them; a repeated position is refused (which of
+    its values would be meant?)."""
+    if values.shape != indices.shape:
+        raise ValueError(f"{values.numel()} values of shape {tuple(values.shape)} for {len(indices)} positions")
+    if len(indices) > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        indices, order = torch.sort(indices, stable=True)
+        values = values[order.to(values.device)]
+        repeated = indices[1:] == indices[:-1]
+        if bool(repeated.any()):
+            position = int(indices[1:][repeated][0])
+            raise ValueError(f"position {position} is given twice with values; each position takes one value")
+    return indices, values
+
+
 class SparseDelta(nn.Module):
     def __init__(self, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor | None = None):
         super().__init__()
         if not weight.is_contiguous():
             raise ValueError("sparse deltas need a contiguous weight tensor; call .contiguous() on the parameter first")
         indices = torch.as_tensor(indices, dtype=torch.long, device=weight.device).reshape(-1)
-        indices = torch.unique(indices)  # sorted, no duplicates
+        if values is None:
+            indices = torch.unique(indices)  # sorted, no duplicates
+        else:
+            indices, values = _sorted_pairs(indices, values)
         if len(indices) and (indices[0] < 0 or indices[-1] >= weight.numel()):
             raise IndexError(
                 f"delta positions must lie in [0, {weight.numel()}) for a tensor of shape {tuple(weight.shape)}"
@@ -55,8 +73,6 @@ class SparseDelta(nn.Module):
         dtype = torch.promote_types(weight.dtype, torch.float32)  # train in ≥ float32 even over bf16 weights
         if values is None:
             values = torch.zeros(len(indices), dtype=dtype, device=weight.device)
-        elif values.shape != indices.shape:
-            raise ValueError(f"{len(values)} values for {len(indices)} positions")
         self.values = nn.Parameter(values.detach().to(device=weight.device, dtype=dtype).clone())
         empty = indices[:0]
         self.register_buffer("frozen_indices", empty.clone())

@@ -30,14 +30,22 @@ def encode(positions: torch.Tensor, n: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([np.packbits(upper), np.packbits(lower)]))
 
 
-def decode(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of `encode`: int64 positions."""
+def encoded_bytes(n: int, k: int) -> int:
+    """The size of `encode`'s output for k positions in [0, n)."""
     L = _low_bits(n, k)
-    raw = data.numpy()
+    return (k + (n >> L) + 1 + 7) // 8 + (k * L + 7) // 8
+
+
+def decode(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of `encode`: int64 positions. Raises ValueError for data that is not the code of k
+    sorted distinct positions in [0, n) (another length, another count, positions out of order,
+    repeated or outside the range), so damaged data never decodes to wrong positions."""
+    L = _low_bits(n, k)
+    raw = data.detach().cpu().reshape(-1).numpy()
+    if data.dtype != torch.uint8 or len(raw) != encoded_bytes(n, k):
+        raise ValueError(f"Elias-Fano data is {len(raw)} {data.dtype} values, expected {encoded_bytes(n, k)} uint8")
     upper_len = k + (n >> L) + 1
     upper_bytes = (upper_len + 7) // 8
-    if len(raw) != upper_bytes + (k * L + 7) // 8:
-        raise ValueError(f"Elias-Fano data has {len(raw)} bytes, expected {upper_bytes + (k * L + 7) // 8}")
     ones = np.flatnonzero(np.unpackbits(raw[:upper_bytes])[:upper_len])
     if len(ones) != k:
         raise ValueError(f"Elias-Fano data holds {len(ones)} positions, expected {k}")
@@ -46,7 +54,10 @@ def decode(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     if L:
         bits = np.unpackbits(raw[upper_bytes:])[: k * L].reshape(k, L).astype(np.int64)
         low = bits @ (1 << np.arange(L - 1, -1, -1, dtype=np.int64))
-    return torch.from_numpy((high << L) | low)
+    positions = (high << L) | low
+    if k and (positions[-1] >= n or (k > 1 and not (np.diff(positions) > 0).all())):
+        raise ValueError(f"Elias-Fano data decodes to positions that are not sorted, distinct and below {n}")
+    return torch.from_numpy(positions)
 
 
 def information_floor_bits(n: int, k: int) -> float:

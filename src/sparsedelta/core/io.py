@@ -1,18 +1,21 @@
 """Delta files: `delta.safetensors` (+ a readable `delta_config.json` beside it).
 
-Per delta tensor `<param>.indices` (int32 below 2^31 entries) and `<param>.values`; every densely
-trained tensor under its own parameter path. The safetensors metadata is self-sufficient: format
-version, the method config, the base fingerprint (shape, dtype and a hash of θ at the stored
-positions of each tensor, so a delta refuses to load onto another base) and a checksum of the
-stored bytes (so a damaged file is refused rather than half-loaded). Writes are atomic.
+Per delta tensor `<param>.indices` (int32 below 2^31 entries, or an Elias-Fano code) and
+`<param>.values`; every densely trained tensor under its own parameter path. The safetensors metadata
+is self-sufficient: format version, the method config, the base fingerprint (shape, dtype and a hash
+of θ at the stored positions of each tensor, so a delta refuses to load onto another base), the list
+of densely trained tensors, and a checksum over all metadata and every tensor's name, dtype, shape
+and bytes. Writes are atomic. Reading trusts nothing in the file: `fileformat` checks every field and
+tensor, and `load` checks the file against the model, before anything is attached
+(docs/file-format.md).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
+import stat
 from pathlib import Path
 
 import torch
@@ -20,33 +23,29 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import _all_unmerged, add_delta, state_of, sync
-from .config import DeltaConfig
-from .encoding import decode, encode
+from .adapters import add_delta, state_of, sync
+from .encoding import encode
+from .fileformat import (
+    CHECKSUM_KEY,
+    FILE_DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_ENCODINGS,
+    VALUE_DTYPES,
+    DeltaFileError,
+    Layout,
+    check_finite,
+    checksum,
+    parse_layout,
+    positions_of,
+    tensor_hash,
+    verify_checksum,
+)
+from .targeting import find_targets
 
-FORMAT = "sparsedelta"
-FORMAT_VERSION = 1
+__all__ = ["CONFIG_FILE", "DELTA_FILE", "FORMAT", "FORMAT_VERSION", "DeltaFileError", "load", "read", "save"]
 DELTA_FILE = "delta.safetensors"
 CONFIG_FILE = "delta_config.json"
-INDEX_ENCODINGS = ("int32", "elias-fano")
-VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class DeltaFileError(ValueError):
-    """A delta file that cannot be used: damaged, of another format, or for another base model."""
-
-
-def tensor_hash(t: torch.Tensor) -> str:
-    t = t.detach().contiguous().cpu()
-    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        h.update(key.encode())
-        h.update(tensor_hash(tensors[key]).encode())
-    return h.hexdigest()
 
 
 def atomic_write(path: Path, write) -> None:
@@ -109,8 +108,8 @@ def save(
         "saved_tensors": json.dumps(sorted(adapter.saved)),
         "values_dtype": dtype,
         "index_encoding": index_encoding,
-        "content_sha256": _content_hash(tensors),
     }
+    metadata[CHECKSUM_KEY] = checksum(metadata, tensors)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / DELTA_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -120,52 +119,79 @@ def save(
     return directory / DELTA_FILE
 
 
-def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and verify a delta file: (metadata with parsed JSON fields, tensors)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / DELTA_FILE
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no delta file at {path}; pass the folder written by sparsedelta.save or the .safetensors file"
-        )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise DeltaFileError(f"{path} cannot be read as a delta file (truncated or corrupted?): {e}") from e
-    if metadata.get("format") != FORMAT:
-        raise DeltaFileError(f"{path} is not a sparsedelta file (format={metadata.get('format')!r})")
-    version = metadata.get("format_version")
-    if version != str(FORMAT_VERSION):
-        raise DeltaFileError(
-            f"{path} has format version {version}, this sparsedelta reads version {FORMAT_VERSION}; "
-            "upgrade sparsedelta (or re-save the delta with this version)"
-        )
-    try:
-        meta = dict(metadata)
-        for key in ("config", "fingerprint", "saved_tensors"):
-            meta[key] = json.loads(metadata[key])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise DeltaFileError(f"{path} has damaged metadata ({e}); the file cannot be trusted") from e
-    missing = [
-        f"{n}.{part}" for n in meta["fingerprint"] for part in ("indices", "values") if f"{n}.{part}" not in tensors
-    ]
-    missing += [n for n in meta["saved_tensors"] if n not in tensors]
-    if missing:
-        raise DeltaFileError(
-            f"{path} lacks tensors {missing[:5]}{' …' if len(missing) > 5 else ''}; the file is incomplete"
-        )
-    if _content_hash(tensors) != metadata.get("content_sha256"):
-        raise DeltaFileError(f"{path} failed its checksum: the stored tensors were changed or damaged")
-    encoding = metadata.get("index_encoding", "int32")
-    if encoding not in INDEX_ENCODINGS:
-        raise DeltaFileError(f"{path} uses index encoding {encoding!r}; this sparsedelta reads {list(INDEX_ENCODINGS)}")
-    if encoding == "elias-fano":
-        for name, fp in meta["fingerprint"].items():
-            tensors[f"{name}.indices"] = decode(tensors[f"{name}.indices"], math.prod(fp["shape"]), fp["entries"])
-    return meta, tensors
+class _DeltaFile:
+    """An open delta file whose metadata and header are checked; tensors are read on request."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if path.is_dir():
+            path = path / DELTA_FILE
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no delta file at {path}; pass the folder written by sparsedelta.save or the .safetensors file"
+            )
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise DeltaFileError(f"{path} is not a regular file (a directory or a device?); pass a delta file")
+        self.source = str(path)
+        self._handle = self._guard(lambda: safe_open(self.source, framework="pt"))
+        try:
+            header = self._guard(self._header)
+            self.layout: Layout = parse_layout(self._guard(self._handle.metadata), header, self.source)
+        except BaseException:
+            self.close()
+            raise
+
+    def _header(self) -> dict[str, tuple[str, list[int]]]:
+        """Each stored tensor's dtype and shape, without reading it."""
+        slices = {name: self._handle.get_slice(name) for name in self._handle.keys()}
+        return {name: (s.get_dtype(), s.get_shape()) for name, s in slices.items()}
+
+    def _guard(self, read):
+        try:
+            return read()
+        except (SafetensorError, OSError, RuntimeError, ValueError, TypeError, OverflowError) as e:
+            raise DeltaFileError(f"{self.source} cannot be read as a delta file (truncated or corrupted?): {e}") from e
+
+    def tensors(self, allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
+        """Every tensor, verified: checksum, positions (decoded to sorted, distinct int64 in range),
+        and finite values unless allowed otherwise."""
+        layout, source = self.layout, self.source
+        stored = {name: self._guard(lambda name=name: self._handle.get_tensor(name)) for name in layout.header}
+        verify_checksum(layout, stored, source)
+        out = {}
+        for name in layout.fingerprint:
+            out[f"{name}.indices"] = positions_of(layout, name, stored.pop(f"{name}.indices"), source)
+            out[f"{name}.values"] = stored.pop(f"{name}.values")
+        out.update(stored)  # the densely trained tensors
+        if not allow_nonfinite:
+            for name, t in out.items():
+                if t.is_floating_point():
+                    check_finite(name, t, source)
+        return out
+
+    def close(self) -> None:
+        self._handle.__exit__(None, None, None)
+
+    def __enter__(self) -> _DeltaFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read(path: str | os.PathLike, allow_nonfinite: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and verify a delta file.
+
+    Args:
+        path: the delta file, or the folder `save` wrote.
+        allow_nonfinite: accept NaN or infinite values (refused by default).
+    Returns:
+        (metadata with its JSON fields parsed, tensors): `<param>.indices` as sorted int64 positions
+        whatever the file's index encoding, `<param>.values` as stored, dense tensors by parameter path.
+    Raises:
+        DeltaFileError: for any file that is not a whole, consistent delta file."""
+    with _DeltaFile(path) as file:
+        return file.layout.parsed_metadata(), file.tensors(allow_nonfinite)
 
 
 def load(
@@ -173,47 +199,132 @@ def load(
     path: str | os.PathLike,
     adapter_name: str = "default",
     trainable: bool = False,
+    allow_nonfinite: bool = False,
 ) -> nn.Module:
     """Attach a saved delta to `model` (its base) as `adapter_name` and make it active.
 
-    Refuses, before changing anything, a file for another base: a missing tensor, another shape,
-    or base values at the stored positions that differ from the ones it was trained on."""
-    meta, tensors = read(path)
-    config = DeltaConfig.from_dict(meta["config"])
-    params = dict(model.named_parameters(remove_duplicate=False))
+    Everything is checked before the model is touched: the file (see `read`), then the file against
+    the model (each tensor's name, shape and dtype; that the config targets the delta's tensors and
+    names exactly the densely trained tensors the file holds; the base values at the stored
+    positions). A refused load leaves the model as it was.
+
+    Args:
+        model: the base model the delta was trained on (another adapter may be attached and active).
+        path: the delta file, or the folder `save` wrote.
+        adapter_name: the name to attach it under.
+        trainable: keep training it (its values and dense tensors get requires_grad).
+        allow_nonfinite: accept NaN or infinite values (refused by default, as PEFT's safe_merge).
+    Returns:
+        The model, with the delta attached and active.
+    Raises:
+        DeltaFileError: a damaged or inconsistent file, or one for another base model."""
+    with _DeltaFile(path) as file:
+        layout, source = file.layout, file.source
+        targets = _check_model(model, layout, adapter_name, source)  # before reading any tensor
+        tensors = file.tensors(allow_nonfinite)
     positions, values = {}, {}
-    with _all_unmerged(model):
-        for name, fp in meta["fingerprint"].items():
-            if name not in params:
-                raise DeltaFileError(
-                    f"the delta has tensor {name!r}, which this model lacks; is this the base model it was trained on?"
-                )
-            param = params[name]
-            if list(param.shape) != fp["shape"]:
-                raise DeltaFileError(
-                    f"shape mismatch for {name}: delta was made for {tuple(fp['shape'])}, this model has {tuple(param.shape)}; "
-                    "load it onto the base model it was trained on"
-                )
-            idx = tensors[f"{name}.indices"].long().to(param.device)
-            if len(idx) and (idx.min() < 0 or idx.max() >= param.numel()):
-                raise DeltaFileError(f"positions of {name} fall outside its tensor; the file is damaged")
-            if tensor_hash(param.detach().reshape(-1)[idx]) != fp["sha256"]:
-                raise DeltaFileError(
-                    f"base fingerprint mismatch at {name}: this model's weights at the delta's positions differ from the "
-                    "base it was trained on; load it onto that base model (same checkpoint, same dtype)"
-                )
-            positions[name] = idx
-            values[name] = tensors[f"{name}.values"]
-    for name in meta["saved_tensors"]:
-        if name not in params or params[name].shape != tensors[name].shape:
-            found = tuple(params[name].shape) if name in params else "nothing"
+    for name, param in targets.items():
+        idx = tensors[f"{name}.indices"].to(param.device)
+        if tensor_hash(_base_values(model, name, param, idx)) != layout.fingerprint[name].sha256:
             raise DeltaFileError(
-                f"densely trained tensor {name} {tuple(tensors[name].shape)} has no match in this model ({found}); "
-                "build the model as for training (e.g. the same num_labels)"
+                f"base fingerprint mismatch at {name}: this model's weights at the delta's positions differ from the "
+                "base it was trained on; load it onto that base model (same checkpoint, same dtype)"
             )
-    add_delta(model, config, positions, adapter_name, values=values, trainable=trainable)
+        positions[name], values[name] = idx, tensors[f"{name}.values"]
+    add_delta(model, layout.config, positions, adapter_name, values=values, trainable=trainable)
     adapter = state_of(model).adapters[adapter_name]
     with torch.no_grad():
-        for name, param in adapter.saved.items():
-            param.copy_(tensors[name])
+        for name in layout.saved:  # the file's own list, which _check_model matched with the config
+            adapter.saved[name].copy_(tensors[name])
     return model
+
+
+def _check_model(model: nn.Module, layout: Layout, adapter_name: str, source: str) -> dict[str, nn.Parameter]:
+    """Everything `add_delta` and the head's copy need from the model, checked against the file
+    without changing the model. Returns the parameters that get entries, by path."""
+    if "." in adapter_name or not adapter_name:
+        raise ValueError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
+    state = getattr(model, "_sparsedelta", None)
+    if state is not None and adapter_name in state.adapters:
+        raise ValueError(
+            f"adapter {adapter_name!r} exists already; pick another name or call sparsedelta.delete_adapter first"
+        )
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, fp in layout.fingerprint.items():
+        if name not in params:
+            raise DeltaFileError(
+                f"the delta has tensor {name!r}, which this model lacks; is this the base model it was trained on?"
+            )
+        param = params[name]
+        if tuple(param.shape) != fp.shape:
+            raise DeltaFileError(
+                f"shape mismatch for {name}: delta was made for {fp.shape}, this model has {tuple(param.shape)}; "
+                "load it onto the base model it was trained on"
+            )
+        if str(param.dtype).removeprefix("torch.") != fp.dtype:
+            raise DeltaFileError(
+                f"dtype mismatch for {name}: the delta was made on a {fp.dtype} base, this model holds "
+                f"{str(param.dtype).removeprefix('torch.')}; load the base in {fp.dtype} (e.g. from_pretrained(..., "
+                f"torch_dtype=torch.{fp.dtype})), as it was trained"
+            )
+        if not param.is_contiguous():
+            raise ValueError(f"{name} is not contiguous; call .contiguous() on the parameter before loading a delta")
+        if state is not None and name in state.base_saved:
+            raise ValueError(
+                f"{name} is trained densely by another adapter on this model (its modules_to_save); a delta cannot "
+                "go on it as well: load onto a model without that adapter"
+            )
+    for name in layout.saved:
+        dtype, shape = layout.header[name]
+        param = params.get(name)
+        if param is None or list(param.shape) != list(shape):
+            found = tuple(param.shape) if param is not None else "nothing"
+            raise DeltaFileError(
+                f"densely trained tensor {name} {tuple(shape)} has no match in this model ({found}); "
+                "build the model as for training (e.g. the same num_labels)"
+            )
+        if FILE_DTYPES[dtype] != param.dtype:
+            raise DeltaFileError(
+                f"densely trained tensor {name} is stored as {FILE_DTYPES[dtype]}, this model's is {param.dtype}; "
+                "load the base in the dtype it was trained in"
+            )
+    try:
+        found, saved_modules = find_targets(model, layout.config)
+    except ValueError as e:
+        raise DeltaFileError(f"{source}: its config does not fit this model: {e}") from None
+    for name in layout.fingerprint:
+        if name not in found:
+            raise DeltaFileError(
+                f"{source}: tensor {name} is not one its config targets in this model "
+                f"(target_modules={layout.config.target_modules!r}, parameter_kinds={layout.config.parameter_kinds}); "
+                "the file is inconsistent"
+            )
+    expected = sorted(
+        f"{m}.{p}" for m in saved_modules for p, _ in model.get_submodule(m).named_parameters(recurse=False)
+    )
+    if expected != sorted(layout.saved):
+        raise DeltaFileError(
+            f"{source} holds the densely trained tensors {sorted(layout.saved)}, but its config's "
+            f"modules_to_save={layout.config.modules_to_save!r} names {expected} in this model; the file is inconsistent"
+        )
+    targets = {n: params[n] for n, fp in layout.fingerprint.items() if fp.entries}
+    if not targets:
+        raise DeltaFileError(f"{source} holds no delta entries: nothing to load")
+    return targets
+
+
+def _base_values(model: nn.Module, name: str, param: nn.Parameter, idx: torch.Tensor) -> torch.Tensor:
+    """θ at `idx` without unmerging anything: where the active adapter is merged, its stored base
+    values stand in for the weight's."""
+    values = param.detach().reshape(-1)[idx]
+    state = getattr(model, "_sparsedelta", None)
+    if state is None or not state.merged or state.active is None:
+        return values
+    delta = state.adapters[state.active].deltas.get(name)
+    if delta is None or not delta.num_entries:
+        return values
+    merged, base, _ = delta.all_entries()
+    at = torch.searchsorted(merged, idx).clamp_(max=len(merged) - 1)
+    hit = merged[at] == idx
+    values[hit] = base[at[hit]]
+    return values
