@@ -168,20 +168,18 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def load(
-    model: nn.Module,
-    path: str | os.PathLike,
-    adapter_name: str = "default",
-    trainable: bool = False,
-) -> nn.Module:
-    """Attach a saved delta to `model` (its base) as `adapter_name` and make it active.
+def verify_base(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Check that a delta read by `read` belongs to `model` as its base; change nothing.
 
-    Refuses, before changing anything, a file for another base: a missing tensor, another shape,
-    or base values at the stored positions that differ from the ones it was trained on."""
-    meta, tensors = read(path)
-    config = DeltaConfig.from_dict(meta["config"])
+    Refuses (DeltaFileError) a missing tensor, another shape, positions outside a tensor, base
+    values at the stored positions that differ from the ones the delta was trained on, and densely
+    saved tensors with no match of the same shape. Compares against θ even while another delta is
+    merged into the model.
+
+    Returns:
+        The delta's positions per tensor (int64, on the tensor's device)."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    positions, values = {}, {}
+    positions = {}
     with _all_unmerged(model):
         for name, fp in meta["fingerprint"].items():
             if name not in params:
@@ -203,7 +201,6 @@ def load(
                     "base it was trained on; load it onto that base model (same checkpoint, same dtype)"
                 )
             positions[name] = idx
-            values[name] = tensors[f"{name}.values"]
     for name in meta["saved_tensors"]:
         if name not in params or params[name].shape != tensors[name].shape:
             found = tuple(params[name].shape) if name in params else "nothing"
@@ -211,6 +208,24 @@ def load(
                 f"densely trained tensor {name} {tuple(tensors[name].shape)} has no match in this model ({found}); "
                 "build the model as for training (e.g. the same num_labels)"
             )
+    return positions
+
+
+def load(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    trainable: bool = False,
+) -> nn.Module:
+    """Attach a saved delta to `model` (its base) as `adapter_name` and make it active.
+
+    Refuses, before changing anything, a file for another base: a missing tensor, another shape,
+    or base values at the stored positions that differ from the ones it was trained on
+    (`verify_base`)."""
+    meta, tensors = read(path)
+    config = DeltaConfig.from_dict(meta["config"])
+    positions = verify_base(model, meta, tensors)
+    values = {name: tensors[f"{name}.values"] for name in positions}
     add_delta(model, config, positions, adapter_name, values=values, trainable=trainable)
     adapter = state_of(model).adapters[adapter_name]
     with torch.no_grad():
