@@ -1,5 +1,6 @@
 """sparsedelta: selective fine-tuning that stores each task as a sparse delta over a frozen model."""
 
+from .core import algebra
 from .core.adapters import (
     add_delta,
     count_parameters,
@@ -15,6 +16,7 @@ from .core.adapters import (
     unload,
     unmerge,
 )
+from .core.compose import ComposedConfig, compose
 from .core.config import DeltaConfig, SelectionReport
 from .core.delta import SparseDelta
 from .core.io import DeltaFileError, load, read, save
@@ -23,6 +25,7 @@ from .methods import DiffPruningConfig, MagnitudeConfig, RandomConfig, SaRAConfi
 prepare = add_delta  # prepare(model, config): select positions by the config's rule and attach
 
 __all__ = [
+    "ComposedConfig",
     "DeltaConfig",
     "DeltaFileError",
     "DiffPruningConfig",
@@ -32,6 +35,8 @@ __all__ = [
     "SelectionReport",
     "SparseDelta",
     "add_delta",
+    "algebra",
+    "compose",
     "count_parameters",
     "delete_adapter",
     "diff_pruning",

@@ -194,6 +194,40 @@ def read(path: str | os.PathLike, allow_nonfinite: bool = False) -> tuple[dict, 
         return file.layout.parsed_metadata(), file.tensors(allow_nonfinite)
 
 
+def verify_base(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, allow_nonfinite: bool = False
+) -> tuple[Layout, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Read a delta file and check it against `model` as its base, changing nothing.
+
+    Checks the file (see `read`), then the file against the model (each tensor's name, shape and
+    dtype; that the config targets the delta's tensors and names exactly the densely trained tensors
+    the file holds; the base values at the stored positions, even while another delta is merged).
+
+    Args:
+        model: the base model the delta was trained on.
+        path: the delta file, or the folder `save` wrote.
+        adapter_name: the name it would be attached under (checked to be free), or None.
+        allow_nonfinite: accept NaN or infinite values (refused by default, as PEFT's safe_merge).
+    Returns:
+        (the file's checked layout, its tensors, the positions per tensor on that tensor's device).
+    Raises:
+        DeltaFileError: a damaged or inconsistent file, or one for another base model."""
+    with _DeltaFile(path) as file:
+        layout, source = file.layout, file.source
+        targets = _check_model(model, layout, adapter_name, source)  # before reading any tensor
+        tensors = file.tensors(allow_nonfinite)
+    positions = {}
+    for name, param in targets.items():
+        idx = tensors[f"{name}.indices"].to(param.device)
+        if tensor_hash(_base_values(model, name, param, idx)) != layout.fingerprint[name].sha256:
+            raise DeltaFileError(
+                f"base fingerprint mismatch at {name}: this model's weights at the delta's positions differ from the "
+                "base it was trained on; load it onto that base model (same checkpoint, same dtype)"
+            )
+        positions[name] = idx
+    return layout, tensors, positions
+
+
 def load(
     model: nn.Module,
     path: str | os.PathLike,
@@ -203,10 +237,8 @@ def load(
 ) -> nn.Module:
     """Attach a saved delta to `model` (its base) as `adapter_name` and make it active.
 
-    Everything is checked before the model is touched: the file (see `read`), then the file against
-    the model (each tensor's name, shape and dtype; that the config targets the delta's tensors and
-    names exactly the densely trained tensors the file holds; the base values at the stored
-    positions). A refused load leaves the model as it was.
+    Everything is checked before the model is touched (`verify_base`); a refused load leaves the
+    model as it was.
 
     Args:
         model: the base model the delta was trained on (another adapter may be attached and active).
@@ -218,19 +250,8 @@ def load(
         The model, with the delta attached and active.
     Raises:
         DeltaFileError: a damaged or inconsistent file, or one for another base model."""
-    with _DeltaFile(path) as file:
-        layout, source = file.layout, file.source
-        targets = _check_model(model, layout, adapter_name, source)  # before reading any tensor
-        tensors = file.tensors(allow_nonfinite)
-    positions, values = {}, {}
-    for name, param in targets.items():
-        idx = tensors[f"{name}.indices"].to(param.device)
-        if tensor_hash(_base_values(model, name, param, idx)) != layout.fingerprint[name].sha256:
-            raise DeltaFileError(
-                f"base fingerprint mismatch at {name}: this model's weights at the delta's positions differ from the "
-                "base it was trained on; load it onto that base model (same checkpoint, same dtype)"
-            )
-        positions[name], values[name] = idx, tensors[f"{name}.values"]
+    layout, tensors, positions = verify_base(model, path, adapter_name, allow_nonfinite)
+    values = {name: tensors[f"{name}.values"] for name in positions}
     add_delta(model, layout.config, positions, adapter_name, values=values, trainable=trainable)
     adapter = state_of(model).adapters[adapter_name]
     with torch.no_grad():
@@ -239,13 +260,13 @@ def load(
     return model
 
 
-def _check_model(model: nn.Module, layout: Layout, adapter_name: str, source: str) -> dict[str, nn.Parameter]:
+def _check_model(model: nn.Module, layout: Layout, adapter_name: str | None, source: str) -> dict[str, nn.Parameter]:
     """Everything `add_delta` and the head's copy need from the model, checked against the file
     without changing the model. Returns the parameters that get entries, by path."""
-    if "." in adapter_name or not adapter_name:
+    if adapter_name is not None and ("." in adapter_name or not adapter_name):
         raise ValueError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
     state = getattr(model, "_sparsedelta", None)
-    if state is not None and adapter_name in state.adapters:
+    if state is not None and adapter_name is not None and adapter_name in state.adapters:
         raise ValueError(
             f"adapter {adapter_name!r} exists already; pick another name or call sparsedelta.delete_adapter first"
         )

@@ -18,7 +18,8 @@ def below(scores: dict[str, torch.Tensor], threshold: float) -> dict[str, torch.
 def smallest_k(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """Exactly k positions with the smallest scores over all tensors together; ties are broken by
     order (tensor order, then position), so the count is exact."""
-    flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores.values()])
+    # at least float32 (kthvalue on CPU), float64 kept: a float32 rounding would tie distinct scores
+    flat = torch.cat([s.detach().reshape(-1).to(torch.promote_types(s.dtype, torch.float32)).cpu() for s in scores.values()])
     if not 0 < k <= len(flat):
         raise ValueError(f"cannot select {k} of {len(flat)} entries")
     kth = torch.kthvalue(flat, k).values
