@@ -21,8 +21,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import _all_unmerged, add_delta, state_of, sync
+from .card import write_card
 from .config import DeltaConfig
 from .encoding import decode, encode
+from .remote import locate
 
 FORMAT = "sparsedelta"
 FORMAT_VERSION = 1
@@ -68,12 +70,14 @@ def save(
     adapter_name: str | None = None,
     dtype: str = "float32",
     index_encoding: str = "int32",
+    card: dict | None = None,
 ) -> Path:
     """Save one adapter (default: the active one) into `directory`; returns the delta file's path.
 
     dtype: the values' storage type ("float32", "float16", "bfloat16").
     index_encoding: "int32" (plain, 4 bytes a position) or "elias-fano" (about 2 + log2(n/k) bits a
-    position, within about 10% of the information floor at typical densities)."""
+    position, within about 10% of the information floor at typical densities).
+    card: extra sections for the README.md model card written beside the delta (see core/card.py)."""
     state = state_of(model)
     name = adapter_name or state.active
     if name not in state.adapters:
@@ -117,6 +121,7 @@ def save(
     readable = {k: json.loads(v) if k in ("config", "fingerprint", "saved_tensors") else v for k, v in metadata.items()}
     readable["fingerprint"] = {k: {"shape": v["shape"], "entries": v["entries"]} for k, v in fingerprint.items()}
     atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(readable, indent=2) + "\n"))
+    write_card(directory, metadata, model, card)
     return directory / DELTA_FILE
 
 
@@ -177,8 +182,9 @@ def load(
     """Attach a saved delta to `model` (its base) as `adapter_name` and make it active.
 
     Refuses, before changing anything, a file for another base: a missing tensor, another shape,
-    or base values at the stored positions that differ from the ones it was trained on."""
-    meta, tensors = read(path)
+    or base values at the stored positions that differ from the ones it was trained on. `path` may
+    also be a Hugging Face Hub id, "user/repo" (or "user/repo@revision"), when no such path exists."""
+    meta, tensors = read(locate(path, DELTA_FILE))
     config = DeltaConfig.from_dict(meta["config"])
     params = dict(model.named_parameters(remove_duplicate=False))
     positions, values = {}, {}
