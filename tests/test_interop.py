@@ -109,7 +109,8 @@ def test_exported_shira_adapter_gives_the_same_logits_in_peft_without_sparsedelt
     assert torch.equal(logits(sd.load(load_base(), tmp_path / "back"), ids), expected)
 
 
-def test_export_pads_to_shiras_budget_and_import_gives_back_the_same_delta_bit_for_bit(tmp_path, ids):
+@pytest.mark.parametrize("storage", [{}, {"dtype": "bfloat16", "index_encoding": "elias-fano"}])
+def test_export_pads_to_shiras_budget_and_import_gives_back_the_same_delta_bit_for_bit(tmp_path, ids, storage):
     model = bert()
     sd.prepare(model, sd.SaRAConfig(density=0.1, per_tensor=True, target_modules=["query", "intermediate.dense"],
                                     modules_to_save=["classifier"]))
@@ -118,7 +119,8 @@ def test_export_pads_to_shiras_budget_and_import_gives_back_the_same_delta_bit_f
         for d in delta.values():
             d.values.copy_(torch.randn_like(d.values) * 0.05)
             d.values[::3] = 0  # entries that stayed at zero must survive the round trip
-    sd.save(model, tmp_path / "delta")
+            d.values.copy_(d.values.to(torch.bfloat16))  # values bfloat16 stores exactly
+    sd.save(model, tmp_path / "delta", **storage)
     report = sd.export_shira(tmp_path / "delta", bert(), tmp_path / "shira")
 
     # one r for all layers: the smallest that holds the fullest layer; each layer padded to r·(m+n)
@@ -141,8 +143,9 @@ def test_export_pads_to_shiras_budget_and_import_gives_back_the_same_delta_bit_f
     meta_back, tensors_back = sd.read(tmp_path / "back")
     assert tensors.keys() == tensors_back.keys()
     for key in tensors:
-        assert torch.equal(tensors[key], tensors_back[key]), key
+        assert tensors[key].dtype == tensors_back[key].dtype and torch.equal(tensors[key], tensors_back[key]), key
     assert meta_back["fingerprint"] == meta["fingerprint"] and meta_back["config"] == meta["config"]  # SaRA's config
+    assert (meta_back["values_dtype"], meta_back["index_encoding"]) == (meta["values_dtype"], meta["index_encoding"])
 
 
 def test_export_refuses_what_shira_cannot_hold_and_names_it(tmp_path):

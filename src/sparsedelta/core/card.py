@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from pathlib import Path
 
 from torch import nn
 
+from .remote import HUB_ID
+
 CARD_FILE = "README.md"
 MARKER = "library_name: sparsedelta"  # in the front matter: the card is ours and may be rewritten
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def fingerprint_digest(fingerprint: dict) -> str:
@@ -62,7 +62,7 @@ def render_card(
     targeted = sum(math.prod(fp["shape"]) for fp in fingerprint.values())
 
     front = ["---", MARKER, "tags:", "- sparsedelta", f"- {method}"]
-    if base and HUB_ID.fullmatch(str(base)):
+    if base and (match := HUB_ID.fullmatch(str(base))) and match["revision"] is None:
         front.append(f"base_model: {base}")
     lines = [*front, "---", "", f"# A sparse delta ({method}) over {base or 'its base model'}", ""]
     lines += _table(

@@ -120,7 +120,8 @@ def import_peft(
             for path, param in adapter.saved.items():
                 if path in dense:
                     param.copy_(dense[path])
-        report.path = save(base_model, output_dir, adapter_name=name, card=card)
+        dtype, encoding = ours.get("values_dtype", "float32"), ours.get("index_encoding", "int32")  # as before export
+        report.path = save(base_model, output_dir, adapter_name=name, dtype=dtype, index_encoding=encoding, card=card)
     report.entries = {name: len(idx) for name, idx in positions.items()}
     return report
 
@@ -177,11 +178,14 @@ def _topk_like_peft(weight: torch.Tensor, config: dict) -> tuple[torch.Tensor, i
 
 
 def _sorted(flat, value, weight, module):
+    """Positions sorted, values along; a repeated position (never from PEFT's own masks) is summed,
+    as PEFT's sparse forward does."""
     if len(flat) and (flat.min() < 0 or flat.max() >= weight.numel()):
         raise UsageError(f"{module}: positions fall outside its {tuple(weight.shape)} weight; the adapter is damaged")
-    unique, inverse = torch.unique(flat, return_inverse=True)  # sorted; PEFT's forward sums repeated positions
-    summed = torch.zeros(len(unique), dtype=value.dtype).index_add_(0, inverse, value)
-    return unique, summed if len(unique) < len(flat) else value[torch.argsort(flat)]
+    unique, inverse = torch.unique(flat, return_inverse=True)
+    if len(unique) == len(flat):
+        return unique, value[torch.argsort(flat)]
+    return unique, torch.zeros(len(unique), dtype=value.dtype).index_add_(0, inverse, value)
 
 
 # -- any adapter: ΔW from PEFT's own merge -------------------------------------------------------------

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.io import load
+from ..core.io import DELTA_FILE, load, read
+from ..core.remote import locate
 from ..core.targeting import CONTAINER, parameter_kind
 from ..errors import UsageError
 from .attach import temporarily
@@ -89,6 +90,7 @@ def export_shira(
         >>> export_shira("runs/sst2", AutoModelForSequenceClassification.from_pretrained(base), "shira/")
         >>> model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), "shira/")
     """
+    file_meta, _ = read(locate(delta, DELTA_FILE))  # how the file stores values and positions, kept for the way back
     with temporarily(base_model, lambda name: load(base_model, delta, adapter_name=name)) as (state, adapter, _):
         module_names = {id(m): n for n, m in base_model.named_modules() if CONTAINER not in n.split(".")}
         shira, dense_modules, refused = {}, set(), []
@@ -137,7 +139,13 @@ def export_shira(
             "init_weights": True,
             "modules_to_save": sorted(dense_modules) or None,
         }
-        ours = {"version": 1, "entries": report.entries, "config": adapter.config.to_dict()}
+        ours = {
+            "version": 1,
+            "entries": report.entries,
+            "config": adapter.config.to_dict(),
+            "values_dtype": file_meta.get("values_dtype", "float32"),
+            "index_encoding": file_meta.get("index_encoding", "int32"),
+        }
     write_adapter(output_dir, config, tensors, ours)
     return report
 
