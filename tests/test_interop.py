@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,7 @@ def train_delta(model, config, ids, steps=3):
 # -- export ------------------------------------------------------------------------------------------------
 CHILD = """
 import sys
+import warnings
 sys.modules["sparsedelta"] = None  # this process must do without sparsedelta
 try:
     import sparsedelta  # noqa: F401
@@ -137,6 +139,12 @@ def test_export_pads_to_shiras_budget_and_import_gives_back_the_same_delta_bit_f
             assert len(torch.unique(flat)) == len(flat) and not weight[k:].any()  # then zeros at unused positions
     pm = peft.PeftModel.from_pretrained(bert(), str(tmp_path / "shira")).eval()
     assert torch.equal(logits(pm, ids), logits(sd.load(bert(), tmp_path / "delta"), ids))
+    with warnings.catch_warnings(record=True) as caught:  # training on in PEFT: our mask type needs no mask_fn
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(bert(), str(tmp_path / "shira"), is_trainable=True)
+    assert not [w for w in caught if "mask" in str(w.message)]
+    trainable = sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad and "shira_weight" in n)
+    assert trainable == sum(report.r * sum(d.shape) for d in delta.values())
 
     sd.import_peft(tmp_path / "shira", bert(), tmp_path / "back")
     meta, tensors = sd.read(tmp_path / "delta")

@@ -90,31 +90,10 @@ def export_shira(
         >>> export_shira("runs/sst2", AutoModelForSequenceClassification.from_pretrained(base), "shira/")
         >>> model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), "shira/")
     """
-    file_meta, _ = read(locate(delta, DELTA_FILE))  # how the file stores values and positions, kept for the way back
-    with temporarily(base_model, lambda name: load(base_model, delta, adapter_name=name)) as (state, adapter, _):
-        module_names = {id(m): n for n, m in base_model.named_modules() if CONTAINER not in n.split(".")}
-        shira, dense_modules, refused = {}, set(), []
-        for path, d in adapter.deltas.items():
-            owners = state.owners[path]
-            module, pname = owners[0]
-            route = _route(module, pname, [module_names.get(id(m), "?") for m, _ in owners])
-            if route == "shira":
-                shira[module_names[id(module)]] = (module, d)
-            elif route == "dense":
-                dense_modules.add(module_names[id(module)])
-            else:
-                refused.append(f"{path} ({route})")
-        if refused:
-            raise UsageError(
-                "SHiRA cannot carry these tensors of the delta: " + "; ".join(refused) + ". Train without them "
-                "(e.g. parameter_kinds=('weight',), target nn.Linear layers), or merge the delta into a plain model "
-                "(sparsedelta.merge_and_unload) to share it without PEFT"
-            )
-        if not shira:
-            raise UsageError("the delta has no nn.Linear weight entries, so there is nothing for SHiRA to hold")
-        dense_modules |= {p.rpartition(".")[0] for p in adapter.saved}
-        _check_unique_suffixes(sorted(dense_modules), list(module_names.values()))
-
+    located = locate(delta, DELTA_FILE)
+    file_meta, _ = read(located)  # how the file stores values and positions, kept for the way back
+    with temporarily(base_model, lambda name: load(base_model, located, adapter_name=name)) as (state, adapter, _):
+        shira, dense_modules = _plan(base_model, state, adapter)
         r = max(math.ceil(d.num_entries / (m.in_features + m.out_features)) for m, d in shira.values())
         tensors, report = {}, ShiraExport(Path(output_dir), r)
         for name, (module, d) in sorted(shira.items()):
@@ -148,6 +127,33 @@ def export_shira(
         }
     write_adapter(output_dir, config, tensors, ours)
     return report
+
+
+def _plan(model: nn.Module, state, adapter) -> tuple[dict[str, tuple[nn.Linear, object]], set[str]]:
+    """(SHiRA layers by module name: (module, delta), module names for modules_to_save); refuses the rest."""
+    module_names = {id(m): n for n, m in model.named_modules() if CONTAINER not in n.split(".")}
+    shira, dense_modules, refused = {}, set(), []
+    for path, d in adapter.deltas.items():
+        owners = state.owners[path]
+        module, pname = owners[0]
+        route = _route(module, pname, [module_names.get(id(m), "?") for m, _ in owners])
+        if route == "shira":
+            shira[module_names[id(module)]] = (module, d)
+        elif route == "dense":
+            dense_modules.add(module_names[id(module)])
+        else:
+            refused.append(f"{path} ({route})")
+    if refused:
+        raise UsageError(
+            "SHiRA cannot carry these tensors of the delta: " + "; ".join(refused) + ". Train without them "
+            "(e.g. parameter_kinds=('weight',), target nn.Linear layers), or merge the delta into a plain model "
+            "(sparsedelta.merge_and_unload) to share it without PEFT"
+        )
+    if not shira:
+        raise UsageError("the delta has no nn.Linear weight entries, so there is nothing for SHiRA to hold")
+    dense_modules |= {p.rpartition(".")[0] for p in adapter.saved}
+    _check_unique_suffixes(sorted(dense_modules), list(module_names.values()))
+    return shira, dense_modules
 
 
 def _route(module: nn.Module, pname: str, owner_names: list[str]) -> str:
