@@ -20,6 +20,7 @@ from .core.compose import ComposedConfig, compose
 from .core.config import DeltaConfig, SelectionReport
 from .core.delta import SparseDelta
 from .core.io import DeltaFileError, load, read, save
+from .interop import export_shira, import_peft
 from .methods import DiffPruningConfig, MagnitudeConfig, RandomConfig, SaRAConfig, diff_pruning
 
 prepare = add_delta  # prepare(model, config): select positions by the config's rule and attach
@@ -41,6 +42,8 @@ __all__ = [
     "delete_adapter",
     "diff_pruning",
     "disabled",
+    "export_shira",
+    "import_peft",
     "load",
     "merge",
     "merge_and_unload",

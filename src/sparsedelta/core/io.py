@@ -24,6 +24,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import add_delta, state_of, sync
+from .atomic import atomic_write
+from .card import write_card
 from .encoding import encode
 from .fileformat import (
     CHECKSUM_KEY,
@@ -41,24 +43,12 @@ from .fileformat import (
     tensor_hash,
     verify_checksum,
 )
+from .remote import locate
 from .targeting import find_targets
 
 __all__ = ["CONFIG_FILE", "DELTA_FILE", "FORMAT", "FORMAT_VERSION", "DeltaFileError", "load", "read", "save"]
 DELTA_FILE = "delta.safetensors"
 CONFIG_FILE = "delta_config.json"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through `write(tmp_path)` and rename: readers see the old file or the new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save(
@@ -67,12 +57,14 @@ def save(
     adapter_name: str | None = None,
     dtype: str = "float32",
     index_encoding: str = "int32",
+    card: dict | None = None,
 ) -> Path:
     """Save one adapter (default: the active one) into `directory`; returns the delta file's path.
 
     dtype: the values' storage type ("float32", "float16", "bfloat16").
     index_encoding: "int32" (plain, 4 bytes a position) or "elias-fano" (about 2 + log2(n/k) bits a
-    position, within about 10% of the information floor at typical densities)."""
+    position, within about 10% of the information floor at typical densities).
+    card: extra sections for the README.md model card written beside the delta (see core/card.py)."""
     state = state_of(model)
     name = adapter_name or state.active
     if name not in state.adapters:
@@ -116,6 +108,7 @@ def save(
     readable = {k: json.loads(v) if k in ("config", "fingerprint", "saved_tensors") else v for k, v in metadata.items()}
     readable["fingerprint"] = {k: {"shape": v["shape"], "entries": v["entries"]} for k, v in fingerprint.items()}
     atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(readable, indent=2) + "\n"))
+    write_card(directory, metadata, (directory / DELTA_FILE).stat().st_size, model, card)
     return directory / DELTA_FILE
 
 
@@ -238,7 +231,8 @@ def load(
     """Attach a saved delta to `model` (its base) as `adapter_name` and make it active.
 
     Everything is checked before the model is touched (`verify_base`); a refused load leaves the
-    model as it was.
+    model as it was. `path` may also be a Hugging Face Hub id, "user/repo" (or "user/repo@revision"),
+    when no such path exists.
 
     Args:
         model: the base model the delta was trained on (another adapter may be attached and active).
@@ -250,7 +244,7 @@ def load(
         The model, with the delta attached and active.
     Raises:
         DeltaFileError: a damaged or inconsistent file, or one for another base model."""
-    layout, tensors, positions = verify_base(model, path, adapter_name, allow_nonfinite)
+    layout, tensors, positions = verify_base(model, locate(path, DELTA_FILE), adapter_name, allow_nonfinite)
     values = {name: tensors[f"{name}.values"] for name in positions}
     add_delta(model, layout.config, positions, adapter_name, values=values, trainable=trainable)
     adapter = state_of(model).adapters[adapter_name]

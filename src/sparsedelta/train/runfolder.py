@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.io import atomic_write
+from ..core.atomic import atomic_write
 from ..errors import UsageError
 
 CONFIG = "config.json"

@@ -1,0 +1,60 @@
+"""Deltas shared on the Hugging Face Hub: `sparsedelta.load(model, "user/repo")`.
+
+A location that exists on disk is used as it is. Otherwise a hub id ("user/repo", or
+"user/repo@revision") is fetched with `huggingface_hub.hf_hub_download` (only the delta file),
+which reuses the local hub cache; offline, only the cache is consulted and a miss says so at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..errors import UsageError
+
+HUB_ID = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(@(?P<revision>[\w./-]+))?")
+
+
+def locate(location: str | os.PathLike, filename: str) -> Path:
+    """A local path for a delta given as a path or a hub id.
+
+    Args:
+        location: a folder or file on disk, or a hub model repository id, optionally "@revision".
+        filename: the file to fetch from a hub repository (the delta file).
+
+    Returns:
+        `location` itself when it exists on disk (or is not a hub id: the reader then says what is
+        missing), else the cached file.
+
+    Raises:
+        UsageError: a hub id that cannot be fetched (offline and not cached, no such repository or file).
+    """
+    path = Path(location)
+    match = HUB_ID.fullmatch(str(location))
+    if path.exists() or match is None:
+        return path
+    from ..data.hub import unreachable_reason  # the data tier's offline check, reused; light at use
+
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    except ImportError as e:
+        raise UsageError(
+            f"{location!r} is not a local path; loading it as a hub id needs huggingface_hub (pip install huggingface_hub)"
+        ) from e
+    repo, revision = match["repo"], match["revision"]
+    reason = unreachable_reason()
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=reason is not None))
+    except EntryNotFoundError as e:  # offline and not cached, or the repository lacks the file
+        at = "" if revision is None else f" at revision {revision!r}"
+        if reason is not None:
+            raise UsageError(
+                f"{location!r} is not a local path, and as a hub id it cannot be loaded: the Hugging Face Hub is not "
+                f"reachable ({reason}) and the local hub cache has no {filename} for {repo!r}{at}. Download it once "
+                "while online, or pass the delta's local folder."
+            ) from e
+        raise UsageError(f"{location!r} is not a local path, and {repo!r}{at} has no {filename} on the hub: {e}") from e
+    except HfHubHTTPError as e:  # no such repository, gated, or a server error
+        raise UsageError(f"{location!r} is not a local path, and the hub refused it as a repository id: {e}") from e
