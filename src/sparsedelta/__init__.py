@@ -18,7 +18,7 @@ from .core.adapters import (
 from .core.config import DeltaConfig, SelectionReport
 from .core.delta import SparseDelta
 from .core.io import DeltaFileError, load, read, save
-from .methods import DiffPruningConfig, MagnitudeConfig, RandomConfig, SaRAConfig, diff_pruning
+from .methods import DiffPruningConfig, MagnitudeConfig, RandomConfig, SaRAConfig, SoRAConfig, diff_pruning, sora
 
 prepare = add_delta  # prepare(model, config): select positions by the config's rule and attach
 
@@ -30,6 +30,7 @@ __all__ = [
     "RandomConfig",
     "SaRAConfig",
     "SelectionReport",
+    "SoRAConfig",
     "SparseDelta",
     "add_delta",
     "count_parameters",
@@ -44,6 +45,7 @@ __all__ = [
     "read",
     "save",
     "set_adapter",
+    "sora",
     "state_of",
     "sync",
     "trainable_parameters",
