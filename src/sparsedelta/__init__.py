@@ -21,7 +21,7 @@ from .core.config import DeltaConfig, SelectionReport
 from .core.delta import SparseDelta
 from .core.io import DeltaFileError, load, read, save
 from .interop import export_shira, import_peft
-from .methods import DiffPruningConfig, MagnitudeConfig, RandomConfig, SaRAConfig, diff_pruning
+from .methods import DiffPruningConfig, MagnitudeConfig, RandomConfig, SaRAConfig, SoRAConfig, diff_pruning, sora
 
 prepare = add_delta  # prepare(model, config): select positions by the config's rule and attach
 
@@ -34,6 +34,7 @@ __all__ = [
     "RandomConfig",
     "SaRAConfig",
     "SelectionReport",
+    "SoRAConfig",
     "SparseDelta",
     "add_delta",
     "algebra",
@@ -52,6 +53,7 @@ __all__ = [
     "read",
     "save",
     "set_adapter",
+    "sora",
     "state_of",
     "sync",
     "trainable_parameters",

@@ -3,6 +3,7 @@ this package makes them all available by name."""
 
 # imported in the order the command line lists them
 from . import sara  # noqa: I001
+from . import sora
 from .diff_pruning import runner as _diff_pruning_runner  # noqa: F401
 from . import baselines, full, peft_adapters  # noqa: F401
 from . import diff_pruning
@@ -11,8 +12,10 @@ from .baselines import MagnitudeConfig, RandomConfig
 from .diff_pruning import DiffPruningConfig
 from .registry import make_runner, method_names, register_method, runner_class
 from .sara import SaRAConfig
+from .sora import SoRAConfig
 
 __all__ = [
     "Budget", "DeltaRunner", "DiffPruningConfig", "MagnitudeConfig", "MethodRunner", "MethodSettings", "RandomConfig",
-    "SaRAConfig", "diff_pruning", "make_runner", "method_names", "register_method", "runner_class", "sara",
+    "SaRAConfig", "SoRAConfig", "diff_pruning", "make_runner", "method_names", "register_method", "runner_class",
+    "sara", "sora",
 ]  # fmt: skip
