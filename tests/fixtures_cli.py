@@ -73,3 +73,11 @@ def topic_files_fixture(tmp_path_factory):
         "validation": write_csv(path / "validation.csv", make_rows(6, seed=1)),
         "test": write_csv(path / "test.csv", make_rows(6, seed=2)),
     }
+
+
+def product_tensors(path) -> dict:
+    """Every tensor of a run's product: a delta file, or the safetensors files of a product folder."""
+    from safetensors.torch import load_file
+
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    return {f"{f.name}/{k}": v for f in files for k, v in load_file(f).items()}

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from fixtures_cli import tiny_bert_fixture, topic_files_fixture  # noqa: F401
+from fixtures_cli import product_tensors, tiny_bert_fixture, topic_files_fixture  # noqa: F401
 from fixtures_lm import kjv_text_fixture, lm_args, tiny_llama_dir_fixture  # noqa: F401
 from sparsedelta.core.io import read
 from test_causal_lm import kjv, tokenizer  # noqa: F401  (fixtures)
@@ -69,3 +69,25 @@ def test_causal_lm_two_processes_match_one_process_with_the_global_batch(tiny_ll
     # ranks split the held-out blocks and add up: the same perplexity as one process
     assert metrics["test"]["perplexity"] == pytest.approx(reference["test"]["perplexity"], rel=1e-5)
     assert metrics["test"]["tokens"] == reference["test"]["tokens"]
+
+
+@pytest.mark.slow
+def test_sora_two_processes_match_one_process(tiny_bert, topic_files, tmp_path):
+    """The proximal step is deterministic, so both ranks keep the same gates; and equal to one process."""
+    common = ["--method", "sora", "--option", "r=4", "--option", "xi=20", "--max-steps", 5, "--eval-every", 5,
+              "--lr", 5e-3, "--seed", 4]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sparsedelta",
+           *tiny_args(tiny_bert, topic_files, tmp_path / "ddp", "--batch-size", 8, *common)]  # fmt: skip
+    ddp = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert len(set(metrics["rank_fingerprints"])) == 1
+    single = run_cli(*tiny_args(tiny_bert, topic_files, tmp_path / "single", "--batch-size", 16, *common, "--threads", 1))
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = product_tensors(tmp_path / "ddp" / "sora"), product_tensors(tmp_path / "single" / "sora")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    reference = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert metrics["method_report"]["ranks"] == reference["method_report"]["ranks"]

@@ -373,7 +373,7 @@ def test_exported_alpha_keeps_the_scaling():
     for alpha, r in ((16, 8), (16, 16), (16, 12), (7, 24), (16, 25), (32, 48)):
         scaling = alpha / r
         for k in range(1, r + 1):
-            error = abs(sora._exact_alpha(scaling, k) / k - scaling)
+            error = abs(sora.export._exact_alpha(scaling, k) / k - scaling)
             assert error <= math.ulp(scaling)
             exact += error == 0
             if r in (8, 16):

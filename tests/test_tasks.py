@@ -16,8 +16,6 @@ from sparsedelta.train.finished import load_run
 from test_causal_lm import kjv, one_thread, tokenizer  # noqa: F401  (fixtures)
 from test_cli import tiny_args
 
-PRODUCTS = {"full": "model", "lora": "adapter", "shira": "adapter"}  # others: delta.safetensors
-
 
 @pytest.mark.parametrize("method", method_names())
 @pytest.mark.parametrize("task", ["classification", "causal-lm"])
@@ -33,7 +31,7 @@ def test_every_method_on_every_task_trains_saves_and_evaluates_equal(task, metho
     config = json.loads((out / "config.json").read_text())
     assert config["task"] == metrics["task"] == task and config["method"]["method"] == method
     assert [s["step"] for s in metrics["steps"]] == [1, 2, 3]
-    assert (out / PRODUCTS.get(method, "delta.safetensors")).exists() and (out / "training.png").exists()
+    assert (out / metrics["product"]).exists() and (out / "training.png").exists()
     metric = "accuracy" if task == "classification" else "perplexity"
     assert math_finite(metrics["test"][metric])
     # eval rebuilds the trained model from the run folder alone and reproduces the test metrics

@@ -109,6 +109,11 @@ def report(result) -> str:
         )
     else:
         lines.append(f"trainable: {b.trainable:,} of {b.total:,} entries ({b.density:.3%})")
+    ranks = m.get("method_report", {}).get("ranks")
+    if ranks is not None:  # SoRA: what the pruned adapter keeps
+        r = m["method_report"]
+        kept = " ".join(str(k) for k in ranks.values())
+        lines.append(f"surviving ranks: {r['nonzero_gates']:,} of {r['gates']:,} gates (r = {r['r']} per layer): {kept}")
     lines.append(
         f"wall time: {duration(timings['total_s'])} (training {duration(timings['train_s'])}, "
         f"{timings['steps_per_s']:.2f} steps/s; evaluation {duration(timings['eval_s'] + timings.get('test_s', 0))})"

@@ -40,7 +40,7 @@ def parameter_kind(module: nn.Module, param_name: str) -> str:
     return "bias" if param_name.endswith("bias") else "weight"
 
 
-def _check_patterns_match(patterns, names: list[str], option: str) -> None:
+def check_patterns_match(patterns, names: list[str], option: str) -> None:
     if patterns is None:
         return
     if isinstance(patterns, str):
@@ -63,7 +63,7 @@ def find_targets(model: nn.Module, config: DeltaConfig) -> tuple[dict[str, Targe
     modules = [(n, m) for n, m in model.named_modules() if CONTAINER not in n.split(".")]
     module_names = [n for n, _ in modules]
     for option in ("target_modules", "exclude_modules", "modules_to_save"):
-        _check_patterns_match(getattr(config, option), module_names, option)
+        check_patterns_match(getattr(config, option), module_names, option)
 
     saved = [n for n in module_names if n and matches(n, config.modules_to_save)]
     inside_saved = lambda n: any(n == s or n.startswith(s + ".") for s in saved)  # noqa: E731

@@ -8,12 +8,18 @@ A runner's hooks, in the order a loop calls them:
     param_groups(model)                optimizer groups, each with its own lr
     phase_starts(total_steps)          steps where the lr schedule starts afresh (default [0])
     extra_loss(model, step)            a term added to the task loss (e.g. SaRA's nuclear norm)
-    on_step(model, step, optimizer)    after each optimizer step (re-selection, a proximal step, a new
-                                       phase); set `params_changed` after swapping the trainable tensors
-                                       and the loop builds a new optimizer
+    after_optimizer_step(model, opt)   right after optimizer.step(), at the lr of that step (SoRA's
+                                       proximal step on its gates)
+    on_step(model, step, optimizer)    after each optimizer step (re-selection, a new phase); set
+                                       `params_changed` after swapping the trainable tensors and the
+                                       loop builds a new optimizer
     finish(model)                      after the last step
+    report(model)                      what the run's summary should show of the method (e.g. ranks)
     save(model, tokenizer, folder)     the run's product;  load(model, folder) puts it on a base again;
                                        merged(model) gives a plain model; disabled(model) the base
+
+`folder` is the run folder while the built-in loop drives the runner (None otherwise), for files a
+method writes during training (SoRA's stage checkpoints).
 
 Checkpoints: `state_dict(model)` must hold everything that decides the next step besides the
 optimizer: the trainable tensors, **every buffer** the method keeps (e.g. Diff Pruning's noise
@@ -101,6 +107,7 @@ class MethodRunner:
         self.settings = settings
         self.rng = seeds.method_rng(settings.seed)  # for any per-step random choice; saved in checkpoints
         self.params_changed = False
+        self.folder: Path | None = None
         if settings.threshold is not None and settings.density is not None:
             raise UsageError("give --threshold or --density, not both")
         if not self.takes_budget and (settings.threshold is not None or settings.density is not None):
@@ -135,11 +142,17 @@ class MethodRunner:
     def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
         return None
 
+    def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
     def on_step(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> str | None:
         return None
 
     def finish(self, model: nn.Module) -> None:
         pass
+
+    def report(self, model: nn.Module) -> dict | None:
+        return None
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         """The tensors the optimizer updates (for gradient averaging and clipping)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -84,3 +85,46 @@ def format_summary(summary: dict) -> str:
 def _short_config(config: dict) -> str:
     keep = {k: v for k, v in config.items() if k != "method" and v not in (None, [], ())}
     return ", ".join(f"{k}={v}" for k, v in keep.items())
+
+
+# -- SoRA states ------------------------------------------------------------------------------------
+def sora_state_dir(path: str | os.PathLike) -> Path | None:
+    """The SoRA state folder of a run folder (its `sora/`) or of a state folder itself; None if neither."""
+    from ..methods.sora import CONFIG_FILE
+
+    path = Path(path)
+    for folder in (path / "sora", path):
+        if (folder / CONFIG_FILE).is_file():
+            return folder
+    return None
+
+
+def summarize_sora(folder: Path) -> dict:
+    """Per layer: the branch's rank r before pruning and the nonzero gates it keeps after."""
+    from ..methods.sora import CONFIG_FILE
+
+    info = json.loads((folder / CONFIG_FILE).read_text())
+    layers = info["layers"]
+    return {
+        "path": str(folder),
+        "method": "sora",
+        "config": info["config"],
+        "layers": layers,
+        "rank_before": sum(v["rank"] for v in layers.values()),
+        "rank_after": sum(v["nonzero_gates"] for v in layers.values()),
+    }
+
+
+def format_sora(summary: dict) -> str:
+    lines = [
+        f"folder      {summary['path']}",
+        f"method      sora  {_short_config(summary['config'])}",
+        f"gates       {summary['rank_after']:,} of {summary['rank_before']:,} nonzero: the pruned adapter keeps that "
+        f"much rank in {sum(1 for v in summary['layers'].values() if v['nonzero_gates'])} of {len(summary['layers'])} layers",
+        "",
+    ]
+    width = max((len(n) for n in summary["layers"]), default=10)
+    lines.append(f"{'layer':<{width}} {'rank before':>11} {'after pruning':>13}")
+    for name, v in summary["layers"].items():
+        lines.append(f"{name:<{width}} {v['rank']:>11} {v['nonzero_gates']:>13}")
+    return "\n".join(lines)

@@ -103,6 +103,23 @@ def delta_plot(summary: dict, values: dict, path: Path) -> Path:
     return path
 
 
+def rank_plot(summary: dict, path: Path) -> Path:
+    """For `sparsedelta inspect` of a SoRA run: the rank each layer keeps after pruning, against r."""
+    layers = summary["layers"]
+    names = list(layers)
+    fig, ax = plt.subplots(figsize=(9, max(3, 0.18 * len(names) + 1)))
+    ax.barh(range(len(names)), [layers[n]["rank"] for n in names], color="lightgray", label="r (before pruning)")
+    ax.barh(range(len(names)), [layers[n]["nonzero_gates"] for n in names], color="tab:blue", label="nonzero gates (kept)")
+    ax.set_yticks(range(len(names)), names, fontsize=5 if len(names) > 40 else 7)
+    ax.invert_yaxis()
+    ax.set(xlabel="rank", title=f"SoRA: {summary['rank_after']:,} of {summary['rank_before']:,} gates survive")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def analysis_plot(result: dict, path: Path, claimed: tuple[float, float]) -> Path:
     """For `sparsedelta analyze`: the fraction zeroed (left) and the model's quality (right) against
     the threshold, the unmodified model as a dotted line, the `claimed` harmless range marked."""

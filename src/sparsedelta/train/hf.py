@@ -17,8 +17,9 @@ The Trainer's own optimizer also works (it picks up every tensor with requires_g
 and the head), with one learning rate for both. The callback adds the runner's extra loss term
 (SaRA's nuclear-norm penalty) as a gradient just before each optimizer step, after the Trainer's
 gradient clipping (so the penalty is not clipped) and once per optimizer step whatever the gradient
-accumulation; it runs the runner's schedule (SaRA's re-selection) after each step, and writes the
-delta into each checkpoint folder the Trainer saves.
+accumulation; right after each optimizer step it runs the runner's post-step work (SoRA's proximal
+step on its gates, at the lr of that step); it runs the runner's schedule (SaRA's re-selection) after
+each step, and writes the delta into each checkpoint folder the Trainer saves.
 
 A method that swaps its trainable tensors mid-run (Diff Pruning's projection) is refused: the
 Trainer's optimizer and scheduler keep the tensors they were built with, so the second phase would
@@ -56,6 +57,9 @@ class SparseDeltaCallback(TrainerCallback):
         extra = self.runner.extra_loss(model, state.global_step)
         if extra is not None:
             extra.backward()
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.runner.after_optimizer_step(model, optimizer)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         event = self.runner.on_step(model, state.global_step, optimizer)

@@ -131,13 +131,15 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
         metrics["timings"]["eval_s"] += time.perf_counter() - t
 
     t = time.perf_counter()
+    runner.folder = folder.path if world.main else None
     model = runner.prepare(model, task.head_modules, total_steps, task.default_targets(model))
     metrics["timings"]["select_s"] = time.perf_counter() - t
     budget = runner.budget(model)
     log(f"model: {task.model_name} ({budget.total:,} parameters); new head trained densely: {task.head_modules}")
     log(f"method: {cfg.method}: {budget.trainable:,} trainable entries, density {budget.density:.3%} of the targets")
 
-    factor = phased_lr_factor(cfg.schedule, cfg.warmup_ratio, runner.phase_starts(total_steps), total_steps)
+    phase_starts = runner.phase_starts(total_steps)
+    factor = phased_lr_factor(cfg.schedule, cfg.warmup_ratio, phase_starts, total_steps)
 
     def optimizer_at(step: int):
         """AdamW over the runner's groups and the schedule, positioned at `step`."""
@@ -179,6 +181,7 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
+            runner.after_optimizer_step(model, optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -200,7 +203,7 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
                 metrics["events"].append({"step": step, "event": event})
                 if world.main and progress:
                     bar.write(f"step {step}: {event}")
-            if step % eval_every == 0 or step == total_steps:
+            if step % eval_every == 0 or step == total_steps or step in phase_starts:
                 t = time.perf_counter()
                 val = task.evaluate(model, "validation")
                 metrics["timings"]["eval_s"] += time.perf_counter() - t
@@ -220,6 +223,8 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     metrics["timings"]["test_s"] = time.perf_counter() - t
     budget = runner.budget(model)
     metrics["test"] = test
+    if (method_report := runner.report(model)) is not None:
+        metrics["method_report"] = method_report
     if samples is not None:
         metrics["samples"] = samples
     metrics["budget"] = {**dataclasses.asdict(budget), "density": budget.density}
@@ -231,6 +236,7 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     product = None
     if world.main:
         product = runner.save(model, task.tokenizer, folder.path)
+        metrics["product"] = str(Path(product).relative_to(folder.path))
         folder.write_json(METRICS, metrics)
         plots.training_plot(metrics, folder.path / "training.png")
         selection = runner.selection(model)
