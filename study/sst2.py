@@ -1,14 +1,20 @@
 """Accuracy study on SST-2: every method on the same training budget, learning rate tuned on validation.
 
-    python study/sst2.py                      # the whole study (about two hours on 2 CPU cores)
-    python study/sst2.py --report-only        # tables and plot from the runs already finished
+    python study/sst2.py                                  # the 200-step study (--config short)
+    python study/sst2.py --config realistic               # 1,500 steps of 32 (0.8 epoch), ablations
+    python study/sst2.py --config realistic --report-only # tables and plots from the committed records
 
-Stage 1 trains every method at each learning rate of its grid with seed 0 (and once more at twice the
-top rate when the top wins) and keeps the rate with the best validation accuracy; stage 2 trains the
-other seeds at that rate. Each run is an ordinary
-`sparsedelta train` run folder under --work-dir; a finished run (its metrics.json has test metrics)
-is skipped and a stopped one resumed from its checkpoint, so an interrupted study continues where it
-stopped. Test accuracy (the 872 GLUE dev sentences) is read only for the report, never for choices.
+Stage 1 trains every method at each learning rate of its grid with the first seed (and once more one
+step past an edge of the grid when that edge wins) and keeps the rate with the best validation
+accuracy; a method with `lr_from` (an ablation) takes its parent's picked rate instead of a grid of its
+own. Stage 2 trains the other seeds at the picked rate. Each run is an ordinary `sparsedelta train` run
+folder under --work-dir; a finished run (its metrics.json has test metrics) is skipped and a stopped
+one resumed from its checkpoint, so an interrupted study continues where it stopped. Test accuracy
+(the 872 GLUE dev sentences) is read only for the report, never for choices.
+
+Every finished run leaves a compact record (settings, validation curve, test metrics, budget, stored
+bytes) in <results>/runs.json, which is committed: --report-only rebuilds summary.json, table.md and
+the plots from it without the run folders. Adding a method is one line in a configuration's methods.
 """
 
 from __future__ import annotations
@@ -22,29 +28,98 @@ import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "sst2"
+PRODUCTS = ("delta.safetensors", "adapter/adapter_model.safetensors", "model/model.safetensors", "sora/sora_state.safetensors")
 
-# name -> (train flags, centre of the learning-rate grid). The grid is centre × --lr-multipliers, widened
-# once by ×2 at the top when the top rate wins (200 steps favour large rates; an edge is not a tuned rate).
-METHODS: dict[str, tuple[list[str], float]] = {
-    "full": (["--method", "full"], 1e-4),
-    "lora": (["--method", "lora", "--target-modules", "all-linear"], 1e-3),
-    "shira": (["--method", "shira"], 1e-3),
-    "sara-0.5%": (["--method", "sara", "--density", "0.005"], 2e-3),
-    "sara-1%": (["--method", "sara", "--density", "0.01"], 2e-3),
-    "sara-2%": (["--method", "sara", "--density", "0.02"], 2e-3),
-    "diff-pruning-0.5%": (["--method", "diff-pruning", "--density", "0.005"], 2e-4),
-    "diff-pruning-structured-0.5%": (["--method", "diff-pruning", "--density", "0.005", "--structured"], 2e-4),
-    "random-1%": (["--method", "random", "--density", "0.01"], 2e-3),
-    "magnitude-1%": (["--method", "magnitude", "--density", "0.01"], 2e-3),
+
+@dataclass(frozen=True)
+class Method:
+    """Train flags ({steps} and {half} are filled in), the centre of the lr grid, or a parent whose
+    picked lr it shares (an ablation is compared at its parent's rate)."""
+
+    flags: tuple[str, ...]
+    lr: float | None = None
+    lr_from: str | None = None
+
+
+def m(*flags: str, lr: float | None = None, lr_from: str | None = None) -> Method:
+    return Method(tuple(flags), lr, lr_from)
+
+
+@dataclass(frozen=True)
+class Config:
+    methods: dict[str, Method]
+    steps: int
+    seeds: tuple[int, ...]
+    lr_multipliers: tuple[float, ...]
+    eval_every: int | None = None  # None: once, at the end
+    widen: tuple[str, ...] = ("top",)  # the grid's edges that get one step past them when they win
+    extra: tuple[str, ...] = ()  # train flags for every run
+    note: str = ""
+    results: str = "results"  # under study/
+    work: str = "runs/sst2-study"
+    defaults: dict = field(default_factory=dict)
+
+
+SARA_1 = ("--method", "sara", "--density", "0.01")
+CONFIGS: dict[str, Config] = {
+    # the first study: a tenth of an epoch (RESULTS.md part 2); grids ½ × / 1 × / 2 × a centre
+    "short": Config(
+        methods={
+            "full": m("--method", "full", lr=1e-4),
+            "lora": m("--method", "lora", "--target-modules", "all-linear", lr=1e-3),
+            "shira": m("--method", "shira", lr=1e-3),
+            "sara-0.5%": m("--method", "sara", "--density", "0.005", lr=2e-3),
+            "sara-1%": m(*SARA_1, lr=2e-3),
+            "sara-2%": m("--method", "sara", "--density", "0.02", lr=2e-3),
+            "diff-pruning-0.5%": m("--method", "diff-pruning", "--density", "0.005", lr=2e-4),
+            "diff-pruning-structured-0.5%": m("--method", "diff-pruning", "--density", "0.005", "--structured", lr=2e-4),
+            "random-1%": m("--method", "random", "--density", "0.01", lr=2e-3),
+            "magnitude-1%": m("--method", "magnitude", "--density", "0.01", lr=2e-3),
+            "sora-r8": m("--method", "sora", "--option", "r=8", lr=1e-3),
+            "sora-r16": m("--method", "sora", "--option", "r=16", lr=1e-3),
+        },
+        steps=200,
+        seeds=(0, 1, 2),
+        lr_multipliers=(0.5, 1.0, 2.0),
+    ),
+    # a realistic budget (issue 18): 1,500 steps of 32 = 48,000 phrases, 0.8 epoch; grids ½ × / 1 × the
+    # rate each method picked at 200 steps, widened to ¼ × when ½ × wins (7.5 × the steps rarely want a
+    # larger rate than 200 did); batches grouped by length, which cut the step time 1.8 × here (phrases
+    # average 13 tokens, a random batch of 32 pads to 40)
+    "realistic": Config(
+        methods={
+            "full": m("--method", "full", lr=2e-4),
+            "lora": m("--method", "lora", "--target-modules", "all-linear", lr=2e-3),
+            "shira": m("--method", "shira", lr=4e-3),
+            "sara-1%": m(*SARA_1, "--option", "reselect_step={half}", lr=8e-3),
+            "sara-1%-no-penalty": m(*SARA_1, "--option", "reselect_step={half}", "--option", "rank_penalty=0",
+                                    lr_from="sara-1%"),  # fmt: skip
+            "sara-1%-no-reselection": m(*SARA_1, lr_from="sara-1%"),
+            "sara-1%-neither": m(*SARA_1, "--option", "rank_penalty=0", lr_from="sara-1%"),
+            "random-1%": m("--method", "random", "--density", "0.01", lr=8e-3),
+            "diff-pruning-0.5%-p30": m("--method", "diff-pruning", "--density", "0.005", lr=4e-4),
+            "diff-pruning-0.5%-p50": m("--method", "diff-pruning", "--density", "0.005", "--option",
+                                       "phase1_fraction=0.5", lr_from="diff-pruning-0.5%-p30"),  # fmt: skip
+            "sora-r8": m("--method", "sora", "--option", "r=8", lr=2e-3),
+        },
+        steps=1500,
+        seeds=(0, 1),
+        lr_multipliers=(0.5, 1.0),
+        eval_every=250,
+        widen=("bottom",),
+        extra=("--group-by-length",),
+        results="results/realistic",
+        work="runs/sst2-realistic",
+        note="two seeds, not three: three would not fit the 3-4 hour budget on 2 cores (see RESULTS.md)",
+    ),
 }
-PRODUCTS = ("delta.safetensors", "adapter/adapter_model.safetensors", "model/model.safetensors")
 
 
 @dataclass(frozen=True)
@@ -60,36 +135,56 @@ class Run:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=list(CONFIGS), default="short")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train/validation/test.tsv")
     p.add_argument("--model", help="base model (default: the embedded MiniLM-L6)")
-    p.add_argument("--work-dir", type=Path, default=Path("runs/sst2-study"), help="the run folders")
-    p.add_argument("--results", type=Path, default=HERE / "results", help="summary.json, table.md, PNG")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--lr-multipliers", nargs="+", type=float, default=[0.5, 1.0, 2.0])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--work-dir", type=Path, help="the run folders (default: the configuration's, under runs/)")
+    p.add_argument("--results", type=Path, help="records, summary, table, plots (default: the configuration's)")
+    p.add_argument("--methods", nargs="+", help="a subset of the configuration's methods")
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--lr-multipliers", nargs="+", type=float)
+    p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--validation-samples", type=int, default=1000, help="seeded subset used to pick the lr")
     p.add_argument("--workers", type=int, default=2,
                    help="runs in parallel, a process with --threads each; 1: one after another in this process")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--report-only", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from the records in --results")
+    args = p.parse_args(argv)
+    config = args.config_spec = CONFIGS[args.config]
+    args.methods = args.methods or list(config.methods)
+    unknown = [name for name in args.methods if name not in config.methods]
+    if unknown:
+        p.error(f"--methods {unknown[0]}: not in --config {args.config} ({', '.join(config.methods)})")
+    orphans = [n for n in args.methods if config.methods[n].lr_from not in (None, *args.methods)]
+    if orphans:
+        p.error(f"--methods {orphans[0]} takes the rate of {config.methods[orphans[0]].lr_from}: study that too")
+    args.seeds = args.seeds or list(config.seeds)
+    args.lr_multipliers = args.lr_multipliers or list(config.lr_multipliers)
+    args.steps = args.steps or config.steps
+    args.work_dir = args.work_dir or Path(config.work)
+    args.results = args.results or HERE / config.results
+    return args
+
+
+def method_flags(method: str, args) -> list[str]:
+    return [f.format(steps=args.steps, half=args.steps // 2) for f in args.config_spec.methods[method].flags]
 
 
 def train_argv(run: Run, args: argparse.Namespace) -> list[str]:
-    flags, _ = METHODS[run.method]
     data = [f"--{role}-file={args.data / f'{role}.tsv'}" for role in ("train", "validation", "test")]
     model = ["--model", args.model] if args.model else []
+    evals = args.config_spec.eval_every or args.steps
     return [
-        "train", *data, *model, *flags, f"--lr={run.lr:g}", f"--seed={run.seed}", f"--max-steps={args.steps}",
-        f"--batch-size={args.batch_size}", f"--max-length={args.max_length}", f"--eval-every={args.steps}",
-        f"--max-validation-samples={args.validation_samples}", f"--threads={args.threads}",
-        "--checkpoint-every=50", "--no-progress", f"--output-dir={args.work_dir / run.name}",
+        "train", *data, *model, *method_flags(run.method, args), *args.config_spec.extra, f"--lr={run.lr:g}",
+        f"--seed={run.seed}", f"--max-steps={args.steps}", f"--batch-size={args.batch_size}",
+        f"--max-length={args.max_length}", f"--eval-every={evals}", f"--max-validation-samples={args.validation_samples}",
+        f"--threads={args.threads}", "--checkpoint-every=50", "--no-progress", f"--output-dir={args.work_dir / run.name}",
     ]  # fmt: skip
 
 
+# -- runs and their records ------------------------------------------------------------------------
 def finished(folder: Path) -> dict | None:
     try:
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -98,11 +193,53 @@ def finished(folder: Path) -> dict | None:
     return metrics if "test" in metrics else None
 
 
+def stored_bytes(folder: Path) -> int:
+    return next((folder / p).stat().st_size for p in PRODUCTS if (folder / p).exists())
+
+
+def record(run: Run, folder: Path, metrics: dict) -> dict:
+    """What the report needs of a finished run, small enough to commit."""
+    report = metrics.get("method_report") or {}
+    return {
+        "method": run.method,
+        "lr": run.lr,
+        "seed": run.seed,
+        "test": metrics["test"],
+        "validation": [{"step": e["step"], "accuracy": e["accuracy"]} for e in metrics["evals"] if e["split"] == "validation"],
+        "trainable": metrics["budget"]["trainable"],
+        "delta_entries": metrics["budget"].get("selected"),
+        "stored_bytes": stored_bytes(folder),
+        "train_s": metrics["timings"]["train_s"],
+        "events": metrics.get("events", []),
+        **({"ranks": report["nonzero_gates"], "rank_max": report["gates"]} if "nonzero_gates" in report else {}),
+    }
+
+
+class Records:
+    """<results>/runs.json: one record per finished run, by run name; written after every run."""
+
+    def __init__(self, results: Path):
+        self.path = results / "runs.json"
+        self.runs: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def get(self, run: Run) -> dict | None:
+        return self.runs.get(run.name)
+
+    def add(self, run: Run, rec: dict) -> None:
+        self.runs[run.name] = rec
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dict(sorted(self.runs.items())), indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+
 def execute(run: Run, args: argparse.Namespace) -> dict:
-    """Train one run unless it has finished; resume it when a checkpoint is there."""
+    """Train one run unless it has finished; resume it when a checkpoint is there. Returns its record."""
     folder = args.work_dir / run.name
     if (metrics := finished(folder)) is not None:
-        return metrics
+        return record(run, folder, metrics)
+    if (known := args.records.get(run)) is not None:  # finished before, its folder gone: the record stands
+        return known
     argv = train_argv(run, args)
     if (folder / "checkpoint.pt").exists():
         argv = ["train", f"--resume={folder}", f"--threads={args.threads}", "--no-progress"]
@@ -121,91 +258,134 @@ def execute(run: Run, args: argparse.Namespace) -> dict:
             code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0 or (metrics := finished(folder)) is None:
         raise RuntimeError(f"run {run.name} failed (exit {code}); see {log}")
-    return metrics
+    return record(run, folder, metrics)
 
 
 def execute_all(runs: list[Run], args: argparse.Namespace, stage: str) -> dict[Run, dict]:
-    todo = [r for r in runs if finished(args.work_dir / r.name) is None]
+    todo = [r for r in runs if finished(args.work_dir / r.name) is None and args.records.get(r) is None]
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=stage, unit="run")
     results = {}
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        for run, metrics in zip(runs, pool.map(lambda r: execute(r, args), runs)):
-            results[run] = metrics
+        for run, rec in zip(runs, pool.map(lambda r: execute(r, args), runs)):
+            results[run] = rec
+            args.records.add(run, rec)
             if run in todo:
                 bar.update()
     bar.close()
     return results
 
 
-def validation_accuracy(metrics: dict) -> float:
-    return [e for e in metrics["evals"] if e["split"] == "validation"][-1]["accuracy"]
-
-
-def stored_bytes(folder: Path) -> int:
-    return next((folder / p).stat().st_size for p in PRODUCTS if (folder / p).exists())
+# -- learning rates --------------------------------------------------------------------------------
+def validation_accuracy(rec: dict) -> float:
+    return rec["validation"][-1]["accuracy"]
 
 
 def grid(method: str, args) -> list[float]:
-    return [float(f"{METHODS[method][1] * m:.3g}") for m in args.lr_multipliers]
+    return [float(f"{args.config_spec.methods[method].lr * k:.3g}") for k in args.lr_multipliers]
+
+
+def tuned_methods(args) -> list[str]:
+    return [name for name in args.methods if args.config_spec.methods[name].lr_from is None]
 
 
 def best_lrs(tuned: dict[Run, dict], args) -> dict[str, float]:
-    """Per method, the tried learning rate with the best validation accuracy (seed 0 runs)."""
+    """Per method, the tried learning rate with the best validation accuracy (first seed); an
+    ablation takes its parent's."""
     best = {}
-    for method in args.methods:
-        tried = {r.lr: m for r, m in tuned.items() if r.method == method and r.seed == args.seeds[0]}
+    for method in tuned_methods(args):
+        tried = {r.lr: rec for r, rec in tuned.items() if r.method == method and r.seed == args.seeds[0]}
         best[method] = max(sorted(tried), key=lambda lr, tried=tried: validation_accuracy(tried[lr]))
+    for method in args.methods:
+        parent = args.config_spec.methods[method].lr_from
+        if parent is not None:
+            best[method] = best[parent]
     return best
 
 
 def tune(args, fetch) -> dict[Run, dict | None]:
-    """Seed-0 runs over each grid, then one step past the top where the top won; `fetch(runs, label)`
-    trains them (or only looks them up) and returns their metrics (None: not finished)."""
+    """First-seed runs over each grid, then one step past the edge that won, where the configuration
+    widens that edge (×2 above the top, ×½ below the bottom); `fetch(runs, label)` trains them (or only
+    looks them up) and returns their records."""
     first = args.seeds[0]
-    tuned = fetch([Run(m, lr, first) for m in args.methods for lr in grid(m, args)], f"stage 1: lr grid, seed {first}")
-    if None in tuned.values():
+    methods = tuned_methods(args)
+    tuned = fetch([Run(m, lr, first) for m in methods for lr in grid(m, args)], f"stage 1: lr grid, seed {first}")
+    if None in tuned.values() or len(args.lr_multipliers) < 2:
         return tuned
-    top = {m: max(grid(m, args)) for m in args.methods}
-    widened = [Run(m, 2 * top[m], first) for m, lr in best_lrs(tuned, args).items() if lr == top[m]]
-    return tuned | fetch(widened, "stage 1b: one step past the top of the grid")
+    widened = []
+    for method, lr in best_lrs(tuned, args).items():
+        if method not in methods:
+            continue
+        edges, widen = grid(method, args), args.config_spec.widen
+        if lr == max(edges) and "top" in widen:
+            widened.append(Run(method, float(f"{2 * lr:.3g}"), first))
+        elif lr == min(edges) and "bottom" in widen:
+            widened.append(Run(method, float(f"{lr / 2:.3g}"), first))
+    return tuned | fetch(widened, "stage 1b: one step past the edge of the grid that won")
 
 
 def study(args: argparse.Namespace) -> dict:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     tuned = tune(args, lambda runs, label: execute_all(runs, args, label))
     best = best_lrs(tuned, args)
-    # seed-major, so that a study cut short still has whole seeds
+    # the ablations' first seed, then seed-major, so that a study cut short still has whole seeds
+    children = [Run(m, best[m], args.seeds[0]) for m in args.methods if m not in tuned_methods(args)]
+    execute_all(children, args, f"stage 1c: ablations at their parent's rate, seed {args.seeds[0]}")
     others = [Run(m, best[m], s) for s in args.seeds[1:] for m in args.methods]
     execute_all(others, args, "stage 2: the other seeds at the picked rate")
     return summarize(args, tuned, best)
 
 
+# -- the report ------------------------------------------------------------------------------------
 def summarize(args, tuned: dict[Run, dict], best: dict[str, float]) -> dict:
-    summary = {"settings": settings(args), "methods": {}}
+    records = args.records
+    summary = {"config": args.config, "settings": settings(args), "methods": {}}
     for method in args.methods:
-        runs = [Run(method, best[method], s) for s in args.seeds]
-        metrics = [finished(args.work_dir / r.name) for r in runs]
-        test = [m["test"]["accuracy"] for m in metrics]
-        budget = metrics[0]["budget"]
+        runs = [records.get(Run(method, best[method], s)) for s in args.seeds]
+        test = [r["test"]["accuracy"] for r in runs]
         summary["methods"][method] = {
             "lr": best[method],
-            "validation_by_lr": {f"{r.lr:g}": validation_accuracy(m) for r, m in tuned.items() if r.method == method},
+            "lr_from": args.config_spec.methods[method].lr_from,
+            "validation_by_lr": {f"{r.lr:g}": validation_accuracy(rec) for r, rec in tuned.items() if r.method == method},
             "test_accuracy": test,
             "mean": statistics.fmean(test),
             "std": statistics.stdev(test) if len(test) > 1 else 0.0,
-            "trainable": budget["trainable"],
-            "delta_entries": budget.get("selected"),
-            "stored_bytes": stored_bytes(args.work_dir / runs[0].name),
-            "train_s": statistics.fmean(m["timings"]["train_s"] for m in metrics),
+            "trainable": runs[0]["trainable"],
+            "delta_entries": runs[0]["delta_entries"],
+            "stored_bytes": runs[0]["stored_bytes"],
+            "train_s": statistics.fmean(r["train_s"] for r in runs),
+            "validation_curve": mean_curve([r["validation"] for r in runs]),
+            **({"ranks": [r["ranks"] for r in runs], "rank_max": runs[0]["rank_max"]} if "ranks" in runs[0] else {}),
         }
     return summary
+
+
+def mean_curve(curves: list[list[dict]]) -> list[dict]:
+    steps = [e["step"] for e in curves[0]]
+    return [{"step": s, "accuracy": statistics.fmean(c[i]["accuracy"] for c in curves)} for i, s in enumerate(steps)]
 
 
 def settings(args) -> dict:
     keys = ("steps", "batch_size", "max_length", "validation_samples", "seeds", "lr_multipliers")
     # the data as a path relative to the repository (e.g. ../shared/data/sst2), never this machine's
     data = os.path.relpath(args.data.resolve(), HERE.parent)
-    return {k: getattr(args, k) for k in keys} | {"data": data, "model": args.model or "embedded MiniLM-L6"}
+    config = args.config_spec
+    return {k: getattr(args, k) for k in keys} | {
+        "data": data,
+        "model": args.model or "embedded MiniLM-L6",
+        "flags": list(config.extra),
+        "eval_every": config.eval_every,
+        "note": config.note,
+    }
+
+
+def with_earlier(summary: dict, results: Path, order: list[str]) -> dict:
+    """The summary with the methods it lacks taken from the summary.json already in `results` (rows of
+    an earlier study whose runs left no records, e.g. the first 200-step study), in configuration order."""
+    path = results / "summary.json"
+    earlier = json.loads(path.read_text())["methods"] if path.exists() else {}
+    methods = {**earlier, **summary["methods"]}
+    summary["methods"] = {name: methods[name] for name in [*order, *methods] if name in methods}
+    return summary
 
 
 def report(summary: dict, results: Path) -> None:
@@ -213,6 +393,8 @@ def report(summary: dict, results: Path) -> None:
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (results / "table.md").write_text(table(summary))
     plot(summary, results / "accuracy_vs_bytes.png")
+    if any(len(r.get("validation_curve", [])) > 1 for r in summary["methods"].values()):
+        curves_plot(summary, results / "accuracy_vs_steps.png")
     print(table(summary))
 
 
@@ -224,19 +406,32 @@ def table(summary: dict) -> str:
     for method, r in summary["methods"].items():
         by_lr = ", ".join(
             f"{lr}: {acc:.3f}" for lr, acc in sorted(r["validation_by_lr"].items(), key=lambda x: float(x[0]))
-        )
+        ) or f"(the rate of {r['lr_from']})"
+        ranks = f" (ranks kept: {', '.join(map(str, r['ranks']))} of {r['rank_max']})" if "ranks" in r else ""
         rows.append(
-            f"| {method} | {r['mean']:.4f} ± {r['std']:.4f} | {r['trainable']:,} | {r['stored_bytes']:,} | {r['lr']:g} | {by_lr} |"
+            f"| {method} | {r['mean']:.4f} ± {r['std']:.4f} | {r['trainable']:,}{ranks} | {r['stored_bytes']:,} | {r['lr']:g} | {by_lr} |"
         )
     return "\n".join(rows) + "\n"
 
 
-def plot(summary: dict, path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_suffix(".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def plot(summary: dict, path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for method, r in summary["methods"].items():
         ax.errorbar(r["stored_bytes"], r["mean"], yerr=r["std"], fmt="o", capsize=3, label=method)
@@ -247,33 +442,43 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_title(f"MiniLM-L6 on SST-2: {summary['settings']['steps']} steps, {n} seed{'s' * (n > 1)} per method")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def curves_plot(summary: dict, path: Path) -> None:
+    """Validation accuracy (the 1,000-phrase subset, mean over seeds) against training steps."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method, r in summary["methods"].items():
+        curve = r.get("validation_curve", [])
+        ax.plot([e["step"] for e in curve], [e["accuracy"] for e in curve], "o-", ms=3, label=method)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation accuracy (mean over seeds)")
+    ax.set_title(f"MiniLM-L6 on SST-2: validation accuracy during {summary['settings']['steps']} steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    _save(fig, path)
     plt.close(fig)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    missing = [r for r in ("train", "validation", "test") if not (args.data / f"{r}.tsv").exists()]
-    if missing:
-        print(
-            f"SST-2 not found: {args.data} lacks {', '.join(m + '.tsv' for m in missing)}; pass --data", file=sys.stderr
-        )
-        return 2
+    args.records = Records(args.results)
     if args.report_only:
-        tuned = tune(args, lambda runs, label: {r: finished(args.work_dir / r.name) for r in runs})
+        tuned = tune(args, lambda runs, label: {r: args.records.get(r) for r in runs})
         best = best_lrs(tuned, args) if None not in tuned.values() else None
-        if best is None or any(
-            finished(args.work_dir / Run(m, best[m], s).name) is None for m in best for s in args.seeds
-        ):
-            print(f"the study in {args.work_dir} has unfinished runs; run it without --report-only", file=sys.stderr)
+        if best is None or any(args.records.get(Run(m, best[m], s)) is None for m in best for s in args.seeds):
+            print(f"the records in {args.records.path} lack runs of this study; run it without --report-only", file=sys.stderr)
             return 2
         summary = summarize(args, tuned, best)
     else:
+        missing = [r for r in ("train", "validation", "test") if not (args.data / f"{r}.tsv").exists()]
+        if missing:
+            print(f"SST-2 not found: {args.data} lacks {', '.join(m + '.tsv' for m in missing)}; pass --data", file=sys.stderr)
+            return 2
         summary = study(args)
-    report(summary, args.results)
+    report(with_earlier(summary, args.results, list(args.config_spec.methods)), args.results)
     return 0
 
 

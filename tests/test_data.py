@@ -155,3 +155,27 @@ def test_label_map_sorts_ints_numerically_and_strings_alphabetically():
     assert LabelMap.from_values([3, 1, 20]).names == ["1", "3", "20"]
     assert LabelMap.from_values(["b", "a", "c"]).names == ["a", "b", "c"]
     assert LabelMap.from_values([True, False]).names == ["0", "1"]
+
+
+def test_length_grouped_order_keeps_every_example_and_sorts_within_chunks():
+    import random
+
+    from sparsedelta.data.batches import group_by_length
+    from sparsedelta.train.distributed import World
+    from sparsedelta.train.loop import epoch_order
+
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 64) for _ in range(1000)]
+    order = list(range(1000))
+    rng.shuffle(order)
+    grouped = group_by_length(order, lengths, batch_size=4, chunk=50)
+    assert sorted(grouped) == list(range(1000))
+    for start in range(0, 1000, 200):  # each chunk of 50 batches: the same examples, longest first
+        chunk = grouped[start : start + 200]
+        assert set(chunk) == set(order[start : start + 200])
+        assert [lengths[i] for i in chunk] == sorted((lengths[i] for i in chunk), reverse=True)
+    # the loop's order: a pure function of (seed, epoch), shared by the ranks
+    two = [epoch_order(1000, 3, 7, World(r, 2), lengths, 4) for r in (0, 1)]
+    assert sorted(two[0] + two[1]) == list(range(1000)) and two[0] == epoch_order(1000, 3, 7, World(0, 2), lengths, 4)
+    padded = [lengths[i] for pair in zip(*two, strict=True) for i in pair][:8]
+    assert padded == sorted(padded, reverse=True)  # a global batch of 2 × 4 holds similar lengths

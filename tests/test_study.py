@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -43,23 +44,60 @@ def tiny_args(tiny_bert, data, tmp_path, *extra):
 def test_every_method_runs_and_the_report_picks_the_best_validation_lr(study, tiny_bert, tiny_sst2, tmp_path):
     args = tiny_args(tiny_bert, tiny_sst2, tmp_path, "--seeds", "0", "1", "--lr-multipliers", "1", "4")
     assert study.main(args) == 0
+    methods = study.CONFIGS["short"].methods
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
-    assert set(summary["methods"]) == set(study.METHODS)
+    assert list(summary["methods"]) == list(methods)
+    records = json.loads((tmp_path / "results" / "runs.json").read_text())
     for method, result in summary["methods"].items():
         by_lr = result["validation_by_lr"]
         assert len(by_lr) in (2, 3) and by_lr[f"{result['lr']:g}"] == max(by_lr.values())
-        top = 4 * study.METHODS[method][1]  # widened to 8 × the centre exactly when 4 × beat 1 ×
+        top = 4 * methods[method].lr  # widened to 8 × the centre exactly when 4 × beat 1 ×
         assert (len(by_lr) == 3) == (by_lr[f"{top:g}"] > by_lr[f"{top / 4:g}"])
         runs = [tmp_path / "work" / study.Run(method, result["lr"], s).name for s in (0, 1)]
         tests = [json.loads((r / "metrics.json").read_text())["test"]["accuracy"] for r in runs]
-        assert result["test_accuracy"] == tests
+        assert result["test_accuracy"] == tests == [records[r.name]["test"]["accuracy"] for r in runs]
         assert result["mean"] == pytest.approx(sum(tests) / 2)
         assert result["stored_bytes"] == study.stored_bytes(runs[0]) > 0
     sparse = summary["methods"]["sara-1%"]
     assert sparse["delta_entries"] == summary["methods"]["random-1%"]["delta_entries"]
     assert sparse["stored_bytes"] < summary["methods"]["full"]["stored_bytes"]
+    assert summary["methods"]["sora-r8"]["rank_max"] > 0 and len(summary["methods"]["sora-r16"]["ranks"]) == 2
     assert (tmp_path / "results" / "accuracy_vs_bytes.png").stat().st_size > 0
     assert "| sara-2% |" in (tmp_path / "results" / "table.md").read_text()
+
+
+def test_the_realistic_configuration_ablations_share_their_parents_rate(study, tiny_bert, tiny_sst2, tmp_path):
+    """Ablations run at their parent's picked rate; the records alone regenerate the report."""
+    methods = ["sara-1%", "sara-1%-no-penalty", "sara-1%-no-reselection", "sara-1%-neither",
+               "diff-pruning-0.5%-p30", "diff-pruning-0.5%-p50"]  # fmt: skip
+    args = tiny_args(tiny_bert, tiny_sst2, tmp_path, "--config", "realistic", "--steps", "4", "--seeds", "0",
+                     "--lr-multipliers", "0.5", "1", "--methods", *methods)  # fmt: skip
+    assert study.main(args) == 0
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    config = study.CONFIGS["realistic"].methods
+    for name in methods:
+        parent = config[name].lr_from
+        if parent:
+            assert summary["methods"][name]["lr"] == summary["methods"][parent]["lr"]
+            assert summary["methods"][name]["validation_by_lr"] == {}
+    work = tmp_path / "work"
+    sara = json.loads((work / study.Run("sara-1%", summary["methods"]["sara-1%"]["lr"], 0).name / "config.json").read_text())
+    assert sara["method"]["config"]["reselect_step"] == 2 and sara["train"]["group_by_length"] is True
+    p50 = json.loads((work / study.Run("diff-pruning-0.5%-p50", summary["methods"]["diff-pruning-0.5%-p50"]["lr"], 0).name
+                      / "metrics.json").read_text())  # fmt: skip
+    assert [e["step"] for e in p50["events"]] == [2]  # projection half-way
+    assert [e["step"] for e in summary["methods"]["sara-1%"]["validation_curve"]] == [4]  # eval_every 250 > steps
+    table = (tmp_path / "results" / "table.md").read_text()
+    shutil.rmtree(work)  # the committed records are enough for the report
+    (tmp_path / "results" / "table.md").unlink()
+    assert study.main([*args, "--report-only"]) == 0
+    assert (tmp_path / "results" / "table.md").read_text() == table
+
+
+def test_an_ablation_needs_its_parent(study, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--config", "realistic", "--methods", "sara-1%-neither", "--results", str(tmp_path)])
+    assert "takes the rate of sara-1%" in capsys.readouterr().err
 
 
 def test_an_interrupted_study_reruns_only_what_is_missing(study, tiny_bert, tiny_sst2, tmp_path):
@@ -67,9 +105,11 @@ def test_an_interrupted_study_reruns_only_what_is_missing(study, tiny_bert, tiny
                      "--lr-multipliers", "1")  # fmt: skip
     assert study.main(args) == 0
     work = tmp_path / "work"
-    kept, lost = (work / study.Run(m, study.METHODS[m][1], 0).name for m in ("sara-1%", "random-1%"))
+    kept, lost = (work / study.Run(m, study.CONFIGS["short"].methods[m].lr, 0).name for m in ("sara-1%", "random-1%"))
     before = (kept / "metrics.json").stat().st_mtime_ns
-    (lost / "metrics.json").unlink()  # as if killed before the end
+    (lost / "metrics.json").unlink()  # as if killed before the end: no metrics, no record
+    records = tmp_path / "results" / "runs.json"
+    records.write_text(json.dumps({k: v for k, v in json.loads(records.read_text()).items() if k != lost.name}))
     assert study.main([*args, "--report-only"]) == 2  # unfinished: no report
     assert study.main([*args, "--workers", "2"]) == 0  # the subprocess path
     assert (kept / "metrics.json").stat().st_mtime_ns == before

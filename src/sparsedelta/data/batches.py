@@ -34,3 +34,14 @@ def batches(encoded: Encoded, order: Sequence[int], batch_size: int, tokenizer) 
         batch = tokenizer.pad([encoded.features[i] for i in chunk], return_tensors="pt")
         batch["labels"] = torch.tensor([encoded.labels[i] for i in chunk])
         yield dict(batch)
+
+
+def group_by_length(order: Sequence[int], lengths: Sequence[int], batch_size: int, chunk: int = 50) -> list[int]:
+    """`order` cut into chunks of `chunk` batches, each chunk sorted by length (longest first, stable):
+    consecutive batches hold examples of similar length, so padding shrinks, while which examples meet
+    stays random from chunk to chunk (the scheme of transformers' LengthGroupedSampler)."""
+    size = chunk * batch_size
+    out: list[int] = []
+    for start in range(0, len(order), size):
+        out.extend(sorted(order[start : start + size], key=lambda i: -lengths[i]))
+    return out

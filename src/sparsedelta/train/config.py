@@ -64,6 +64,8 @@ class TrainConfig(MethodSettings):
     warmup_ratio: float | None = _f(None, "share of the steps of linear warm-up (default 0.06; causal-lm 0.1)", "optimisation")  # fmt: skip
     schedule: str = _f("cosine", "the decay after warm-up: " + " | ".join(SCHEDULES), "optimisation")
     max_grad_norm: float = _f(1.0, "gradient clipping; 0: none", "optimisation")
+    group_by_length: bool = _f(False, "batch examples of similar length together, as transformers' group_by_length: "
+                               "less padding, the same examples per epoch", "optimisation", tasks=CLASSIFICATION)  # fmt: skip
     # samples (causal LM)
     prompt: str = _f("And God said unto Moses,", "the prompt of the greedy samples before and after", "run", tasks=CAUSAL_LM)  # fmt: skip
     max_new_tokens: int = _f(32, "tokens of each sample", "run", tasks=CAUSAL_LM)

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__, seeds
+from ..data.batches import group_by_length
 from ..errors import UsageError
 from ..methods import Budget, MethodRunner, make_runner
 from ..report import plots
@@ -54,10 +55,15 @@ def pick_device(requested: str | None, world: distributed.World) -> torch.device
     return torch.device("cpu")
 
 
-def epoch_order(n: int, epoch: int, seed: int, world: distributed.World) -> list[int]:
-    """This rank's example indices for an epoch: one seeded permutation shared by all ranks, padded by
-    wrapping around to a multiple of the world size (as DistributedSampler), dealt out round-robin."""
+def epoch_order(
+    n: int, epoch: int, seed: int, world: distributed.World, lengths: list[int] | None = None, batch_size: int = 1
+) -> list[int]:
+    """This rank's example indices for an epoch: one seeded permutation shared by all ranks (grouped by
+    length when `lengths` are given), padded by wrapping around to a multiple of the world size (as
+    DistributedSampler), dealt out round-robin."""
     perm = torch.randperm(n, generator=seeds.epoch_generator(seed, epoch)).tolist()
+    if lengths is not None:
+        perm = group_by_length(perm, lengths, batch_size * world.size)
     padded = perm + perm[: (-n) % world.size]
     return padded[world.rank :: world.size]
 
@@ -165,10 +171,11 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and world.main), unit="step", dynamic_ncols=True,
                desc=f"{cfg.method} epoch {step // per_epoch + 1}")  # fmt: skip
     running = None
+    lengths = task.lengths() if cfg.group_by_length else None
     model.train()
     while step < total_steps:
         epoch, offset = divmod(step, per_epoch)
-        order = epoch_order(task.train_size, epoch, cfg.seed, world)[offset * cfg.batch_size :]
+        order = epoch_order(task.train_size, epoch, cfg.seed, world, lengths, cfg.batch_size)[offset * cfg.batch_size :]
         bar.set_description(f"{cfg.method} epoch {epoch + 1}")
         for batch in task.batches(order, cfg.batch_size):
             t = time.perf_counter()

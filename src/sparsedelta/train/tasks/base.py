@@ -3,7 +3,7 @@
     task.load(log)                 the model, tokenizer and data of the run (`model_override` for eval)
     task.head_modules              modules the checkpoint lacked (a new head): trained densely
     task.default_targets(model)    a method's default targets on this kind of model (None: every matrix)
-    task.train_size / batches(order, batch_size) / loss(model, batch)
+    task.train_size / batches(order, batch_size) / loss(model, batch) / lengths()
     task.evaluate(model, split)    metrics of "validation" or "test"; `metric` names the headline one
     task.baseline(model)           measured before training (None when meaningless, e.g. a new head)
     task.samples(model)            anything a person would rather read than a number (generations)
@@ -48,6 +48,10 @@ class Task:
 
     def batches(self, order: list[int], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def lengths(self) -> list[int] | None:
+        """Token count of each training example (None: all alike), for length-grouped batches."""
+        return None
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(**batch).loss

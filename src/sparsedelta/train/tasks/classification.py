@@ -49,6 +49,9 @@ class ClassificationTask(Task):
     def batches(self, order, batch_size):
         return batches(self.encoded["train"], order, batch_size, self.tokenizer)
 
+    def lengths(self):
+        return [len(f["input_ids"]) for f in self.encoded["train"].features]
+
     def evaluate(self, model, split):
         return evaluate_classifier(model, self.encoded[split], self.tokenizer, len(self.label_names),
                                    self.cfg.eval_batch_size, self.world)  # fmt: skip
