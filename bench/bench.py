@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SPEED_METHODS = ["floor", "full", "lora", "shira", "sara@shira-k", "sara@0.5%", "sara@1%", "sara@5%"]
+SPEED_METHODS = ["floor", "full", "lora", "shira", "sora", "sara@shira-k", "sara@0.5%", "sara@1%", "sara@5%"]
 SWEEP = ["sara@0.1%", "sara@0.5%", "sara@1%", "sara@2%", "sara@5%", "sara@10%"]
 LORA_RANK = 8  # LoRA's and SHiRA's r; SHiRA trains r·(in + out) entries per layer
 SWITCH_DENSITIES = {"1%": 0.01, "0.1%": 0.001}  # task switching is also timed at these (besides SHiRA's k)
@@ -149,6 +149,14 @@ def setup(method: str, model, args):
         peft_model = get_peft_model(model, config)
         model.__dict__["peft_model"] = peft_model  # for saving its adapter file (not a submodule)
         return [p for p in peft_model.parameters() if p.requires_grad], None, None
+    if method == "sora":  # r = 8 on LoRA's layers; the proximal step after each step is not timed
+        from sparsedelta.methods import sora
+
+        targets = delta_targets(model, args.task)
+        config = sora.SoRAConfig(r=LORA_RANK, target_modules=targets.get("target_modules"),
+                                 modules_to_save=targets.get("modules_to_save"))  # fmt: skip
+        sora.attach(model, config)
+        return [p for g in sora.param_groups(model, 1e-3) for p in g["params"]], None, None
     if method.startswith("sara@"):
         spec = method.split("@")[1]
         density = shira_k_density(model, args.task) if spec == "shira-k" else float(spec.rstrip("%")) / 100
@@ -186,6 +194,11 @@ def file_size(method: str, model, tmp: Path) -> dict:
 
     if method in ("lora", "shira"):
         model.peft_model.save_pretrained(tmp)
+        return {"file_bytes": (tmp / "adapter_model.safetensors").stat().st_size}
+    if method == "sora":  # the pruned adapter, as PEFT loads it (every gate alive here: rank 8)
+        from sparsedelta.methods import sora
+
+        sora.export_peft(model, tmp)
         return {"file_bytes": (tmp / "adapter_model.safetensors").stat().st_size}
     if method.startswith("sara@"):
         from sparsedelta.core.encoding import information_floor_bits

@@ -62,3 +62,15 @@ def test_switch_worker_times_every_density_against_lora(bench, minilm_path):
     ks = [result[bench.switch_key(label) + "_k"] for label in ["", *bench.SWITCH_DENSITIES]]
     assert ks == sorted(ks, reverse=True) and ks[-1] > 0  # SHiRA's k, then 1%, then 0.1%
     assert all(result[key] > 0 for key in result if key.endswith("_s"))
+
+
+def test_sora_worker_trains_loras_count_plus_gates_and_writes_a_peft_adapter(bench, minilm_path):
+    sora = bench.worker(worker_args(minilm_path, "sora"))
+    args = worker_args(minilm_path, "sora")
+    model = bench.load_model(args)
+    layers = bench.adapted_linears(model, args.task)
+    head = sum(p.numel() for p in model.classifier.parameters())
+    expected = sum(bench.LORA_RANK * (m.in_features + m.out_features + 1) for m in layers) + head  # A, B and g
+    assert sora["trainable"] == expected
+    assert sora["file_bytes"] > 4 * (expected - head - bench.LORA_RANK * len(layers))  # the A and B of rank 8
+    assert sora["step_s"] > 0
