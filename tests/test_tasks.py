@@ -86,3 +86,15 @@ def test_causal_lm_flags_and_errors(tiny_llama_dir, kjv_text, tmp_path, capsys):
     short.write_text("In the beginning.\n" * 3)
     err = error(*lm_args(tiny_llama_dir, short, tmp_path / "c", "--validation-file", kjv_text, "--test-file", kjv_text))
     assert "fewer than one block of 32" in err
+
+
+def test_eval_takes_the_data_flags_of_train(tiny_bert, topic_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_bert, topic_files, out, "--max-steps", 2)) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--max-eval-samples", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 5
+    assert main(["eval", str(out), "--max-length", "8", "--eval-batch-size", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 18
+    assert main(["eval", str(out), "--eval-blocks", "3"]) == 2
+    assert "--eval-blocks: only for --task causal-lm" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .common import print_result
-from .flags import add_field_groups, given
+from .flags import add_field_groups, check_task_flags, given
 
 NAME = "eval"
 
@@ -19,9 +19,11 @@ def add(sub) -> None:
 
 def run(args) -> int:
     from ..train.finished import load_run
+    from ..train.runfolder import RunFolder
 
     overrides = given(args, args.fields)
     model = overrides.pop("model", None)
+    check_task_flags(overrides, args.fields, RunFolder.existing(args.run).config["train"].get("task", "classification"))
     finished = load_run(args.run, model, overrides)
     task, runner = finished.task, finished.runner
     result = task.evaluate(finished.model, "test")

@@ -304,7 +304,8 @@ def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: in
     return [sorted(p) for p in parts]
 
 
-def _limit(split: Split, n: int | None, seed: int) -> Split:
+def limit(split: Split, n: int | None, seed: int) -> Split:
+    """A seeded subset of n examples (in their order), or the whole split."""
     if n is None or n >= len(split):
         return split
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -381,9 +382,9 @@ def load_data(
             splits[role] = whole.subset(part)
             notes.append(f"{role}: {fractions[role]:.0%} of the training data, stratified, split seed {split_seed}")
     return TextData(
-        train=_limit(splits["train"], max_train_samples, split_seed),
-        validation=_limit(splits["validation"], max_validation_samples or max_eval_samples, split_seed),
-        test=_limit(splits["test"], max_eval_samples, split_seed),
+        train=limit(splits["train"], max_train_samples, split_seed),
+        validation=limit(splits["validation"], max_validation_samples or max_eval_samples, split_seed),
+        test=limit(splits["test"], max_eval_samples, split_seed),
         label_names=list(label_names),
         text_columns=list(text_columns),
         label_column=label_column,

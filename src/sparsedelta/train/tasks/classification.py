@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data.batches import Encoded, batches, encode
-from ...data.tables import TextData, load_data, load_labelled_file
+from ...data.tables import TextData, limit, load_data, load_labelled_file
 from ...models.classifier import load_classifier
 from .. import distributed
 from .base import Task, to_device
@@ -25,7 +25,8 @@ class ClassificationTask(Task):
         if labels is not None and (not splits or (splits == ("test",) and cfg.test_file)):
             self.data, self.label_names, self.source, self.splits = None, list(labels), cfg.test_file, {}
             if splits:
-                self.splits["test"] = load_labelled_file(cfg.test_file, labels, cfg.text_columns, cfg.label_column)
+                test = load_labelled_file(cfg.test_file, labels, cfg.text_columns, cfg.label_column)
+                self.splits["test"] = limit(test, cfg.max_eval_samples, cfg.split_seed)
         else:
             data = self.data = load_data(
                 cfg.train_file, cfg.validation_file, cfg.test_file, cfg.dataset, cfg.dataset_config, cfg.text_columns,
