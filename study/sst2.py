@@ -60,6 +60,7 @@ class Config:
     lr_multipliers: tuple[float, ...]
     eval_every: int | None = None  # None: once, at the end
     widen: tuple[str, ...] = ("top",)  # the grid's edges that get one step past them when they win
+    pairs: tuple[tuple[str, str], ...] = ()  # paired comparisons (same seeds) for the report
     extra: tuple[str, ...] = ()  # train flags for every run
     note: str = ""
     results: str = "results"  # under study/
@@ -115,6 +116,12 @@ CONFIGS: dict[str, Config] = {
         eval_every=250,
         widen=("bottom",),
         extra=("--group-by-length",),
+        pairs=(
+            ("sara-1%", "full"), ("diff-pruning-0.5%-p30", "full"), ("diff-pruning-0.5%-p50", "full"),
+            ("diff-pruning-0.5%-p50", "diff-pruning-0.5%-p30"), ("sara-1%", "random-1%"),
+            ("sara-1%", "sara-1%-no-penalty"), ("sara-1%", "sara-1%-no-reselection"), ("sara-1%", "sara-1%-neither"),
+            ("sara-1%", "lora"), ("sara-1%", "shira"), ("sora-r8", "lora"),
+        ),  # fmt: skip
         results="results/realistic",
         work="runs/sst2-realistic",
         note="two seeds, not three: three would not fit the 3-4 hour budget on 2 cores (see RESULTS.md)",
@@ -356,7 +363,20 @@ def summarize(args, tuned: dict[Run, dict], best: dict[str, float]) -> dict:
             "validation_curve": mean_curve([r["validation"] for r in runs]),
             **({"ranks": [r["ranks"] for r in runs], "rank_max": runs[0]["rank_max"]} if "ranks" in runs[0] else {}),
         }
+    summary["paired"] = paired(summary, args.config_spec.pairs)
     return summary
+
+
+def paired(summary: dict, pairs) -> list[dict]:
+    """Test-accuracy differences a − b seed by seed (the runs of one seed share the head's
+    initialisation and the data order), with their mean and standard deviation."""
+    out = []
+    for a, b in pairs:
+        if a in summary["methods"] and b in summary["methods"]:
+            diffs = [x - y for x, y in zip(summary["methods"][a]["test_accuracy"], summary["methods"][b]["test_accuracy"], strict=True)]
+            out.append({"a": a, "b": b, "differences": diffs, "mean": statistics.fmean(diffs),
+                        "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0})  # fmt: skip
+    return out
 
 
 def mean_curve(curves: list[list[dict]]) -> list[dict]:
@@ -411,6 +431,11 @@ def table(summary: dict) -> str:
         rows.append(
             f"| {method} | {r['mean']:.4f} ± {r['std']:.4f} | {r['trainable']:,}{ranks} | {r['stored_bytes']:,} | {r['lr']:g} | {by_lr} |"
         )
+    if summary.get("paired"):
+        rows += ["", "| paired comparison (same seeds) | test accuracy difference per seed | mean ± std |", "|---|---|---|"]
+        for c in summary["paired"]:
+            per_seed = ", ".join(f"{d:+.4f}" for d in c["differences"])
+            rows.append(f"| {c['a']} − {c['b']} | {per_seed} | {c['mean']:+.4f} ± {c['std']:.4f} |")
     return "\n".join(rows) + "\n"
 
 

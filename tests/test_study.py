@@ -88,6 +88,12 @@ def test_the_realistic_configuration_ablations_share_their_parents_rate(study, t
     assert [e["step"] for e in p50["events"]] == [2]  # projection half-way
     assert [e["step"] for e in summary["methods"]["sara-1%"]["validation_curve"]] == [4]  # eval_every 250 > steps
     table = (tmp_path / "results" / "table.md").read_text()
+    pairs = {(c["a"], c["b"]): c for c in summary["paired"]}
+    dp = pairs[("diff-pruning-0.5%-p50", "diff-pruning-0.5%-p30")]
+    assert dp["differences"] == [summary["methods"]["diff-pruning-0.5%-p50"]["test_accuracy"][0]
+                                 - summary["methods"]["diff-pruning-0.5%-p30"]["test_accuracy"][0]]  # fmt: skip
+    assert ("sara-1%", "full") not in pairs  # full was not studied here
+    assert "| sara-1% − sara-1%-neither |" in table
     shutil.rmtree(work)  # the committed records are enough for the report
     (tmp_path / "results" / "table.md").unlink()
     assert study.main([*args, "--report-only"]) == 0
