@@ -154,6 +154,11 @@ class MethodRunner:
     def report(self, model: nn.Module) -> dict | None:
         return None
 
+    def resizes_parameters(self) -> bool:
+        """Whether `on_step` may shrink the trainable tensors in place (SaRA's re-selection). The
+        built-in loop follows that; DistributedDataParallel, fixed to the sizes it was built with, cannot."""
+        return False
+
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         """The tensors the optimizer updates (for gradient averaging and clipping)."""
         return [p for g in self.param_groups(model) for p in g["params"]]
