@@ -39,6 +39,7 @@ METHODS: dict[str, tuple[list[str], float]] = {
     "sara-0.5%": (["--method", "sara", "--density", "0.005"], 2e-3),
     "sara-1%": (["--method", "sara", "--density", "0.01"], 2e-3),
     "sara-2%": (["--method", "sara", "--density", "0.02"], 2e-3),
+    "supertuning-1%": (["--method", "supertuning", "--density", "0.01"], 2e-3),  # Super-Tuning at SaRA's k
     "diff-pruning-0.5%": (["--method", "diff-pruning", "--density", "0.005"], 2e-4),
     "diff-pruning-structured-0.5%": (["--method", "diff-pruning", "--density", "0.005", "--structured"], 2e-4),
     "random-1%": (["--method", "random", "--density", "0.01"], 2e-3),
