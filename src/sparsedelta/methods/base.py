@@ -102,6 +102,7 @@ class MethodRunner:
     takes_budget: ClassVar[bool] = False  # accepts --threshold / --density
     swaps_parameters: ClassVar[bool] = False  # changes its trainable tensors mid-run (a new phase)
     lrs: ClassVar[dict[str, float]] = {}  # default learning rate per task; "default" for the others
+    default_options: ClassVar[dict[str, Any]] = {}  # --option defaults that differ from the option class's own
 
     def __init__(self, settings: MethodSettings):
         self.settings = settings
@@ -260,6 +261,7 @@ def options_help(runner: type[MethodRunner]) -> list[tuple[str, Any, str]]:
             if f.name in exclude or not f.init:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = runner.default_options.get(f.name, default)
             rows.append((f.name, default, help_of(f)))
     return rows
 

@@ -40,7 +40,7 @@ class PeftRunner(MethodRunner):
                 "base_model_name_or_path", "revision", "inference_mode", "task_type"}  # fmt: skip
 
     def defaults(self) -> dict[str, Any]:
-        return {}
+        return dict(self.default_options)
 
     def prepare(self, model, head_modules, total_steps, default_targets=None):
         peft = _peft()
@@ -88,9 +88,7 @@ class LoRARunner(PeftRunner):
     summary = "comparison: PEFT LoRA (r = 8, alpha 16, dropout 0.1)"
     peft_config_name = "LoraConfig"
     lrs = {"default": 5e-4}
-
-    def defaults(self):
-        return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
+    default_options = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
 
 
 @register_method
@@ -103,8 +101,10 @@ class ShiraRunner(PeftRunner):
     peft_config_name = "ShiraConfig"
     lrs = {"default": 1e-3}
 
+    default_options = {"r": 8}
+
     def defaults(self):
-        return {"r": 8, "random_seed": self.settings.seed}
+        return {**super().defaults(), "random_seed": self.settings.seed}
 
     def prepare(self, model, head_modules, total_steps, default_targets=None):
         if self.settings.target_modules is None:
@@ -127,6 +127,7 @@ class SupertuningRunner(PeftRunner):
     summary = "comparison: PEFT Super-Tuning, the smallest |θ| per layer at SaRA's budget, no penalty (PaFi's rule)"
     peft_config_name = "SupertuningConfig"
     takes_budget = True
+    default_options = {"select_top": False}
     VALUES = "supertuning_values"
 
     @classmethod
@@ -149,7 +150,7 @@ class SupertuningRunner(PeftRunner):
         self.density = sara_density(self.settings, model, targeting)
         self.eligible = sum(model.get_submodule(n).weight.numel() for n in layers)
         self.base_total = sum(p.numel() for p in model.parameters())
-        settings = {"select_top": False, **self.options}
+        settings = {**self.defaults(), **self.options}
         try:  # full module names: PEFT adapts exactly the layers SaRA's targeting chose
             self.peft_config = peft.SupertuningConfig(target_modules=layers, modules_to_save=targeting["modules_to_save"],
                                                       sparsity=1 - self.density, save_precomputed_indices=True,
