@@ -129,6 +129,10 @@ def test_a_causal_lm_run_exports_and_its_delta_folder_finds_its_base(tiny_llama_
     assert main(lm_args(tiny_llama_dir, kjv_text, run, "--max-steps", 2, "--threshold", 2e-3, "--threads", 1)) == 0
     assert main(["export", str(run), "--output", str(tmp_path / "shira")]) == 0
     assert "AutoModelForCausalLM.from_pretrained" in capsys.readouterr().out
+    card, metrics = (run / "README.md").read_text(), json.loads((run / "metrics.json").read_text())
+    assert "| train blocks |" in card and "labels" not in card
+    assert f"| test perplexity | {metrics['test']['perplexity']:.4g} |" in card
+    assert f"| test perplexity of the base model | {metrics['baseline']['test']['perplexity']:.4g} |" in card
     finished = load_run(run, splits=())
     base = type(finished.model).from_pretrained(tiny_llama_dir).eval()
     pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "shira")).eval()
