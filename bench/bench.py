@@ -1,4 +1,5 @@
-"""Speed, memory and file-size benchmark of sparsedelta against full fine-tuning, PEFT LoRA and PEFT SHiRA.
+"""Speed, memory and file-size benchmark of sparsedelta against full fine-tuning, PEFT LoRA, PEFT SHiRA
+and PEFT Super-Tuning (select_top=False: SaRA's smallest-|θ| rule per layer, at the same k as SaRA).
 
 Two tasks: a sequence classifier (MiniLM-L6, a new 5-class head; random token ids and labels) and a
 causal LM (SmolLM2-135M, the LM loss on random token ids). LoRA, SHiRA and SaRA adapt the same
@@ -33,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SPEED_METHODS = ["floor", "full", "lora", "shira", "sora", "sara@shira-k", "sara@0.5%", "sara@1%", "sara@5%"]
+SPEED_METHODS = ["floor", "full", "lora", "shira", "sora", "sara@shira-k", "sara@0.5%", "sara@1%", "sara@5%",
+                 "sara-no-penalty@1%", "supertuning@1%"]
 SWEEP = ["sara@0.1%", "sara@0.5%", "sara@1%", "sara@2%", "sara@5%", "sara@10%"]
 LORA_RANK = 8  # LoRA's and SHiRA's r; SHiRA trains r·(in + out) entries per layer
 SWITCH_DENSITIES = {"1%": 0.01, "0.1%": 0.001}  # task switching is also timed at these (besides SHiRA's k)
@@ -113,6 +115,11 @@ def shira_k_density(model, task: str) -> float:
     return shira_k(model, task) / sum(m.weight.numel() for m in adapted_linears(model, task))
 
 
+def spec_density(spec: str, model, task: str) -> float:
+    """The density of a method spec's part after "@": "shira-k" or a percentage."""
+    return shira_k_density(model, task) if spec == "shira-k" else float(spec.rstrip("%")) / 100
+
+
 def delta_targets(model, task: str) -> dict:
     """sparsedelta's targeting for the task: a classifier's new head is trained densely; an LM gets
     deltas on its linear layers' weights only (default_targets: the head is tied to the frozen embedding)."""
@@ -157,15 +164,30 @@ def setup(method: str, model, args):
                                  modules_to_save=targets.get("modules_to_save"))  # fmt: skip
         sora.attach(model, config)
         return [p for g in sora.param_groups(model, 1e-3) for p in g["params"]], None, None
-    if method.startswith("sara@"):
-        spec = method.split("@")[1]
-        density = shira_k_density(model, args.task) if spec == "shira-k" else float(spec.rstrip("%")) / 100
-        config = sd.SaRAConfig(density=density, rank_penalty=5e-4, **delta_targets(model, args.task))
+    if method.startswith(("sara@", "sara-no-penalty@")):
+        penalty = 0.0 if method.startswith("sara-no-penalty@") else 5e-4
+        density = spec_density(method.split("@")[1], model, args.task)
+        config = sd.SaRAConfig(density=density, rank_penalty=penalty, **delta_targets(model, args.task))
         sd.prepare(model, config)
-        return sd.trainable_parameters(model), lambda m: sara.rank_penalty(m, config.rank_penalty), None
+        return sd.trainable_parameters(model), (lambda m: sara.rank_penalty(m, penalty)) if penalty else None, None
+    if method.startswith("supertuning@"):
+        return supertuning_setup(model, spec_density(method.split("@")[1], model, args.task), args.task)
     if method.startswith("diff-pruning"):
         return diff_pruning_setup(method, model, args.task)
     raise ValueError(f"unknown method {method!r}")
+
+
+def supertuning_setup(model, density: float, task: str):
+    """PEFT Super-Tuning with select_top=False on the layers SaRA adapts, at the same density: the
+    ⌊density·n⌋ smallest |θ| of each layer (SaRA's global round(density·N) less under one per layer)."""
+    from peft import SupertuningConfig, get_peft_model
+
+    layers = [n for n, m in model.named_modules() if any(m is a for a in adapted_linears(model, task))]
+    config = SupertuningConfig(target_modules=layers, sparsity=1 - density, select_top=False,
+                               task_type=TASKS[task].peft_task_type)  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    model.__dict__["peft_model"] = peft_model  # for saving its adapter file (not a submodule)
+    return [p for p in peft_model.parameters() if p.requires_grad], None, None
 
 
 def diff_pruning_setup(method, model, task):
@@ -192,7 +214,7 @@ def diff_pruning_setup(method, model, task):
 def file_size(method: str, model, tmp: Path) -> dict:
     import sparsedelta as sd
 
-    if method in ("lora", "shira"):
+    if method in ("lora", "shira") or method.startswith("supertuning@"):
         model.peft_model.save_pretrained(tmp)
         return {"file_bytes": (tmp / "adapter_model.safetensors").stat().st_size}
     if method == "sora":  # the pruned adapter, as PEFT loads it (every gate alive here: rank 8)
@@ -200,7 +222,7 @@ def file_size(method: str, model, tmp: Path) -> dict:
 
         sora.export_peft(model, tmp)
         return {"file_bytes": (tmp / "adapter_model.safetensors").stat().st_size}
-    if method.startswith("sara@"):
+    if method.startswith(("sara@", "sara-no-penalty@")):
         from sparsedelta.core.encoding import information_floor_bits
 
         sizes = {}
@@ -423,6 +445,7 @@ def print_table(summary: dict[str, dict], title: str) -> None:
         )
     if "lora" in summary:
         print(f"  PEFT LoRA adapter: {summary['lora']['file_bytes'] / 1024:.0f} KiB")
+    print_supertuning(summary)
     if "switch" in summary:
         s = summary["switch"]
         lora = s["peft_lora_s"]
@@ -433,6 +456,25 @@ def print_table(summary: dict[str, dict], title: str) -> None:
             print(
                 f"  sparsedelta set_adapter at {what:<10} k = {int(s[key + '_k']):>9,}: "
                 f"{s[key + '_s'] * 1e3:6.2f} ms ({lora / s[key + '_s']:.0f}× faster)"
+            )
+
+
+def print_supertuning(summary: dict[str, dict]) -> None:
+    """Super-Tuning against SaRA at the same density: trainable k, step time, memory, file size."""
+    for st in (m for m in summary if m.startswith("supertuning@")):
+        spec = st.split("@")[1]
+        rows = [(m, summary[m]) for m in (f"sara@{spec}", f"sara-no-penalty@{spec}") if m in summary]
+        if not rows:
+            continue
+        s = summary[st]
+        print(f"\nPEFT Super-Tuning (select_top=False) against SaRA at {spec}: k {int(s['trainable']):,} (head included)")
+        for name, r in rows:
+            print(
+                f"  {name:<24} k {int(r['trainable']):,}: Super-Tuning's step {s['step_s'] / r['step_s']:.2f} ×, "
+                f"peak live tensors {s.get('peak_tensor_mib', float('nan')) / r.get('peak_tensor_mib', float('nan')):.2f} ×, "
+                f"peak RSS {s['peak_rss_mib'] / r['peak_rss_mib']:.2f} ×, file {s['file_bytes'] / r['file_bytes']:.2f} × "
+                f"({s['file_bytes'] / 1024:.0f} vs {r['file_bytes'] / 1024:.0f} KiB; Elias-Fano "
+                f"{r['file_bytes_ef'] / 1024:.0f} KiB)"
             )
 
 
@@ -457,6 +499,8 @@ def plot(summary: dict[str, dict], path: Path, title: str) -> None:
     floor = summary.get("floor", {}).get("step_s", 0)
     sweep.sort(key=lambda m: summary[m]["trainable"])
     axes[2].plot([summary[m]["trainable"] for m in sweep], [summary[m]["step_s"] - floor for m in sweep], "o-", label="SaRA")
+    for method in (m for m in summary if m.startswith("supertuning@")):
+        axes[2].plot(summary[method]["trainable"], summary[method]["step_s"] - floor, "s", label=f"PEFT {method}")
     for method, style in (("full", "--"), ("lora", ":"), ("shira", "-.")):
         if method in summary:
             axes[2].axhline(summary[method]["step_s"] - floor, color="grey", linestyle=style, label=method)
@@ -467,7 +511,7 @@ def plot(summary: dict[str, dict], path: Path, title: str) -> None:
     axes[2].legend(fontsize="small")
     for ax in axes[:2]:
         ax.invert_yaxis()
-    fig.suptitle(f"sparsedelta vs full fine-tuning, PEFT LoRA and PEFT SHiRA: {title}")
+    fig.suptitle(f"sparsedelta vs full fine-tuning and PEFT LoRA, SHiRA, Super-Tuning: {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

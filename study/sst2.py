@@ -85,6 +85,7 @@ CONFIGS: dict[str, Config] = {
             "magnitude-1%": m("--method", "magnitude", "--density", "0.01", lr=2e-3),
             "sora-r8": m("--method", "sora", "--option", "r=8", lr=1e-3),
             "sora-r16": m("--method", "sora", "--option", "r=16", lr=1e-3),
+            "supertuning-1%": m("--method", "supertuning", "--density", "0.01", lr=2e-3),
         },
         steps=200,
         seeds=(0, 1, 2),
@@ -109,6 +110,7 @@ CONFIGS: dict[str, Config] = {
             "diff-pruning-0.5%-p50": m("--method", "diff-pruning", "--density", "0.005", "--option",
                                        "phase1_fraction=0.5", lr_from="diff-pruning-0.5%-p30"),  # fmt: skip
             "sora-r8": m("--method", "sora", "--option", "r=8", lr=2e-3),
+            "supertuning-1%": m("--method", "supertuning", "--density", "0.01", lr_from="sara-1%"),
         },
         steps=1500,
         seeds=(0, 1),
@@ -120,7 +122,7 @@ CONFIGS: dict[str, Config] = {
             ("sara-1%", "full"), ("diff-pruning-0.5%-p30", "full"), ("diff-pruning-0.5%-p50", "full"),
             ("diff-pruning-0.5%-p50", "diff-pruning-0.5%-p30"), ("sara-1%", "random-1%"),
             ("sara-1%", "sara-1%-no-penalty"), ("sara-1%", "sara-1%-no-reselection"), ("sara-1%", "sara-1%-neither"),
-            ("sara-1%", "lora"), ("sara-1%", "shira"), ("sora-r8", "lora"),
+            ("sara-1%", "lora"), ("sara-1%", "shira"), ("sora-r8", "lora"), ("sara-1%-neither", "supertuning-1%"),
         ),  # fmt: skip
         results="results/realistic",
         work="runs/sst2-realistic",

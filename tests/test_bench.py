@@ -74,3 +74,20 @@ def test_sora_worker_trains_loras_count_plus_gates_and_writes_a_peft_adapter(ben
     assert sora["trainable"] == expected
     assert sora["file_bytes"] > 4 * (expected - head - bench.LORA_RANK * len(layers))  # the A and B of rank 8
     assert sora["step_s"] > 0
+
+
+def test_supertuning_worker_against_sara_at_the_same_density(bench, minilm_path, capsys):
+    """PEFT Super-Tuning (select_top=False) on SaRA's layers at SaRA's density: the same k up to PEFT's
+    per-layer rounding, a file of the same layout (int32 positions, float32 values, the head), and
+    more memory than SaRA (its forward composes a dense copy of every adapted weight)."""
+    st = bench.worker(worker_args(minilm_path, "supertuning@1%"))
+    sara = bench.worker(worker_args(minilm_path, "sara-no-penalty@1%"))
+    model = bench.load_model(worker_args(minilm_path, "full"))
+    layers = bench.adapted_linears(model, "classification")
+    head = sum(p.numel() for p in model.classifier.parameters())
+    assert st["trainable"] - head == sum(int(m.weight.numel() * (1 - (1 - 0.01))) for m in layers)
+    assert 0 <= sara["trainable"] - st["trainable"] < len(layers)
+    assert abs(st["file_bytes"] - sara["file_bytes"]) < 0.02 * sara["file_bytes"]
+    assert st["peak_tensor_mib"] > sara["peak_tensor_mib"]
+    bench.print_supertuning(bench.summarise([st, sara]))
+    assert "PEFT Super-Tuning (select_top=False) against SaRA at 1%" in capsys.readouterr().out

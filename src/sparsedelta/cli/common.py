@@ -1,8 +1,11 @@
-"""Small helpers the subcommands share: printing results, durations, reading a run folder."""
+"""Small helpers the subcommands share: printing results, durations, a new output folder."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from ..errors import UsageError
 
 
 def print_result(result: dict, as_json: bool, line: str) -> int:
@@ -13,3 +16,11 @@ def print_result(result: dict, as_json: bool, line: str) -> int:
 def duration(seconds: float) -> str:
     minutes, s = divmod(round(seconds), 60)
     return f"{minutes}m {s:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def new_folder(path: str) -> Path:
+    """--output: a folder that does not exist yet or is empty."""
+    output = Path(path)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UsageError(f"--output {output} exists and is not empty; choose a new folder")
+    return output

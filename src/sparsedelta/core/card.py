@@ -83,7 +83,8 @@ def render_card(
     lines += ["", "## How to load it", "", "```python", *_load_snippet(model, base, folder_name), "```", ""]
     lines += [
         "The base fingerprint makes `sparsedelta.load` refuse any other base model. A PEFT user can export it "
-        "with `sparsedelta.interop.export_shira`.",
+        "as a SHiRA adapter: `sparsedelta export FOLDER --model BASE --output shira/` (or "
+        "`sparsedelta.interop.export_shira`).",
         "",
     ]
     for title, body in card.items():

@@ -102,6 +102,7 @@ class MethodRunner:
     takes_budget: ClassVar[bool] = False  # accepts --threshold / --density
     swaps_parameters: ClassVar[bool] = False  # changes its trainable tensors mid-run (a new phase)
     lrs: ClassVar[dict[str, float]] = {}  # default learning rate per task; "default" for the others
+    default_options: ClassVar[dict[str, Any]] = {}  # --option defaults that differ from the option class's own
 
     def __init__(self, settings: MethodSettings):
         self.settings = settings
@@ -154,12 +155,19 @@ class MethodRunner:
     def report(self, model: nn.Module) -> dict | None:
         return None
 
+    def resizes_parameters(self) -> bool:
+        """Whether `on_step` may shrink the trainable tensors in place (SaRA's re-selection). The
+        built-in loop follows that; DistributedDataParallel, fixed to the sizes it was built with, cannot."""
+        return False
+
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         """The tensors the optimizer updates (for gradient averaging and clipping)."""
         return [p for g in self.param_groups(model) for p in g["params"]]
 
     # -- products ----------------------------------------------------------------------------------
-    def save(self, model: nn.Module, tokenizer, folder: Path) -> Path:
+    def save(self, model: nn.Module, tokenizer, folder: Path, card: dict | None = None) -> Path:
+        """Write the product into `folder`; returns its path. `card`: sections of the model card that a
+        runner writing a delta passes on to `sparsedelta.save` (data, metrics, ...); others may ignore it."""
         raise NotImplementedError
 
     def load(self, model: nn.Module, folder: Path) -> nn.Module:
@@ -253,11 +261,27 @@ def options_help(runner: type[MethodRunner]) -> list[tuple[str, Any, str]]:
             if f.name in exclude or not f.init:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = runner.default_options.get(f.name, default)
             rows.append((f.name, default, help_of(f)))
     return rows
 
 
 # -- sparse deltas ---------------------------------------------------------------------------------
+def targeting_fields(
+    settings: MethodSettings, head_modules: list[str], default_targets: dict | None, default_kinds: tuple[str, ...]
+) -> dict:
+    """DeltaConfig's targeting fields: the user's flags over the task's defaults; modules_to_save
+    defaults to the new head."""
+    s, defaults = settings, default_targets or {}
+    saved = s.modules_to_save if s.modules_to_save is not None else (head_modules or None)
+    return {
+        "target_modules": s.target_modules if s.target_modules is not None else defaults.get("target_modules"),
+        "exclude_modules": s.exclude_modules if s.exclude_modules is not None else defaults.get("exclude_modules"),
+        "parameter_kinds": tuple(s.parameter_kinds or defaults.get("parameter_kinds") or default_kinds),
+        "modules_to_save": saved or None,
+    }
+
+
 _DELTA_STATE = ("indices", "base", "values", "frozen_indices", "frozen_base", "frozen_values")
 
 
@@ -279,15 +303,7 @@ class DeltaRunner(MethodRunner):
         return {*TARGETING, "threshold", "density"}
 
     def targeting(self, head_modules: list[str], default_targets: dict | None = None) -> dict:
-        """The user's targeting flags over the task's defaults; modules_to_save defaults to the new head."""
-        s, defaults = self.settings, default_targets or {}
-        saved = s.modules_to_save if s.modules_to_save is not None else (head_modules or None)
-        return {
-            "target_modules": s.target_modules if s.target_modules is not None else defaults.get("target_modules"),
-            "exclude_modules": s.exclude_modules if s.exclude_modules is not None else defaults.get("exclude_modules"),
-            "parameter_kinds": tuple(s.parameter_kinds or defaults.get("parameter_kinds") or self.default_parameter_kinds),
-            "modules_to_save": saved or None,
-        }
+        return targeting_fields(self.settings, head_modules, default_targets, self.default_parameter_kinds)
 
     def budget_fields(self, model: nn.Module, targeting: dict) -> dict:
         return {}
@@ -322,8 +338,8 @@ class DeltaRunner(MethodRunner):
         return self.settings.head_lr if self.settings.head_lr is not None else DEFAULT_HEAD_LR
 
     # -- products ----------------------------------------------------------------------------------
-    def save(self, model, tokenizer, folder):
-        return io.save(model, folder)
+    def save(self, model, tokenizer, folder, card=None):
+        return io.save(model, folder, card=card)
 
     def load(self, model, folder):
         return io.load(model, folder)

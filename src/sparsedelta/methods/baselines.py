@@ -11,7 +11,7 @@ from ..core.config import DeltaConfig, SelectionReport
 from ..core.selection import smallest_fraction
 from ..core.targeting import find_targets
 from ..errors import UsageError
-from .base import DeltaRunner
+from .base import DeltaRunner, MethodSettings
 from .registry import register_method
 from .sara import DEFAULT_THRESHOLD, SaRAConfig, SaRARunner
 
@@ -63,15 +63,10 @@ class _BaselineRunner(DeltaRunner):
     lrs = SaRARunner.lrs
 
     def default_lr(self, task):
-        if task in self.lrs:
-            return self.lrs[task]
-        return SaRAConfig(threshold=self.settings.threshold, density=self.settings.density).default_lr
+        return sara_lr(self.settings, task)
 
     def budget_fields(self, model, targeting):
-        if self.settings.density is not None:
-            return {"density": self.settings.density}
-        threshold = self.settings.threshold if self.settings.threshold is not None else DEFAULT_THRESHOLD
-        return {"density": density_below(model, targeting, threshold)}
+        return {"density": sara_density(self.settings, model, targeting)}
 
 
 @register_method
@@ -89,6 +84,21 @@ class MagnitudeRunner(_BaselineRunner):
     name = "magnitude"
     summary = "baseline: the largest |θ| at SaRA's budget (the opposite of SaRA's rule)"
     config_class = MagnitudeConfig
+
+
+def sara_lr(settings: MethodSettings, task: str) -> float:
+    """SaRA's learning rate for the same budget flags (its rule 1e-3·exp(−350·T), or its per-task rate)."""
+    if task in SaRARunner.lrs:
+        return SaRARunner.lrs[task]
+    return SaRAConfig(threshold=settings.threshold, density=settings.density).default_lr
+
+
+def sara_density(settings: MethodSettings, model: nn.Module, targeting: dict) -> float:
+    """--density, or the density SaRA's --threshold (default 1e-3) selects on the same targets."""
+    if settings.density is not None:
+        return settings.density
+    threshold = settings.threshold if settings.threshold is not None else DEFAULT_THRESHOLD
+    return density_below(model, targeting, threshold)
 
 
 def density_below(model: nn.Module, targeting: dict, threshold: float) -> float:

@@ -25,7 +25,7 @@ class FullRunner(MethodRunner):
         body = [p for p in model.parameters() if id(p) not in ids]
         return [g for g in ({"params": body, "lr": self.lr}, {"params": head, "lr": self.head_lr}) if g["params"]]
 
-    def save(self, model, tokenizer, folder):
+    def save(self, model, tokenizer, folder, card=None):
         target = Path(folder) / "model"
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)

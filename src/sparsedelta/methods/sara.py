@@ -221,6 +221,9 @@ class SaRARunner(DeltaRunner):
             return None
         return rank_penalty(model, self.config.rank_penalty, self.config.rank_penalty_scope, self.rng)
 
+    def resizes_parameters(self):
+        return self.config.reselect_step is not None
+
     def on_step(self, model, step, optimizer):
         if self.config.reselect_step is None or step != self.config.reselect_step:
             return None

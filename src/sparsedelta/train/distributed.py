@@ -1,4 +1,14 @@
-"""Data-parallel training across processes started by torchrun (gloo on CPU, nccl on GPUs).
+"""Data-parallel training across processes started by torchrun or `accelerate launch` (gloo on
+CPU, nccl on GPUs).
+
+Launchers and what they set: torchrun, and accelerate's multi-GPU launcher (`--multi_gpu`, which is
+torchrun inside and also starts CPU processes on a machine without GPUs), set RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Accelerate's multi-CPU mode (`--cpu` with
+`--mpirun_hostfile`) starts the processes with mpirun, which sets only MPI's own variables (Open
+MPI's OMPI_COMM_WORLD_*, MPICH / Intel MPI's PMI_*, MVAPICH's MV2_COMM_WORLD_*) and accelerate the
+master address: they are read the way accelerate reads them. `accelerate launch --cpu
+--num_processes N` without a hostfile starts one process only; that is refused rather than run as
+one process with a global batch N times smaller than asked.
 
 Gradients are averaged by hand (one flat all-reduce per step) instead of wrapping the model in
 DistributedDataParallel: DDP fixes its gradient buckets to the parameters' sizes when it is built,
@@ -15,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import UsageError
+
 
 @dataclass
 class World:
@@ -30,11 +42,41 @@ class World:
         return self.size > 1
 
 
+RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+LOCAL_RANK_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def _first(env: dict, names: tuple[str, ...], default: int) -> int:
+    return next((int(env[n]) for n in names if env.get(n, "") != ""), default)
+
+
+def world_from_env(env: dict) -> World:
+    """This process's rank and the number of processes, from the launcher's variables (see above)."""
+    size = _first(env, SIZE_VARS, 1)
+    if size <= 1 and env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env:
+        raise UsageError(
+            "accelerate launch --cpu started one process although more were asked for: its multi-CPU mode needs "
+            "mpirun (--mpirun_hostfile). For N processes on CPUs use `accelerate launch --multi_gpu --num_processes N` "
+            "(on a machine without GPUs it starts N CPU processes, like torchrun) or `torchrun --nproc_per_node N` "
+            "(one process was meant? then MASTER_ADDR must not be set)"
+        )
+    return World(_first(env, RANK_VARS, 0), size)
+
+
 def setup() -> World:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a world of one."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the process group when launched with several processes; otherwise a world of one."""
+    world = world_from_env(dict(os.environ))
+    size = world.size
     if size <= 1:
         return World()
+    # torch's env:// rendezvous reads RANK and WORLD_SIZE; under mpirun only MPI's names are set
+    os.environ.setdefault("RANK", str(world.rank))
+    os.environ.setdefault("WORLD_SIZE", str(size))
+    os.environ.setdefault("LOCAL_RANK", str(_first(dict(os.environ), LOCAL_RANK_VARS, 0)))
+    if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+        raise UsageError(f"{size} processes but no MASTER_ADDR / MASTER_PORT to meet at; start them with torchrun or "
+                         "accelerate launch, or set both")  # fmt: skip
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("SPARSEDELTA_BACKEND") != "gloo" else "gloo"
         if backend == "nccl":

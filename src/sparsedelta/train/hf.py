@@ -21,6 +21,18 @@ accumulation; right after each optimizer step it runs the runner's post-step wor
 step on its gates, at the lr of that step); it runs the runner's schedule (SaRA's re-selection) after
 each step, and writes the delta into each checkpoint folder the Trainer saves.
 
+Several processes (`accelerate launch` or torchrun running a Trainer script): the Trainer wraps the
+model in DistributedDataParallel, which averages the delta's gradients; the callback's penalty
+gradient, added after that average, is the same on every process (same weights, same seeded choice
+of matrix), so the processes stay identical and train as one process with the global batch would
+(tests/test_accelerate.py). Two cautions: SaRA's re-selection shrinks the trainable tensors in place,
+which DDP cannot follow (its gradient buckets keep their sizes), so it is refused under several
+processes (`sparsedelta train` under torchrun or accelerate does it); and the Trainer multiplies the
+loss by the number of processes when `average_tokens_across_devices` is on (its default) and the
+model's forward takes `**kwargs`, assuming the model divides by the global token count, which a
+sequence classifier's mean cross-entropy does not: pass `average_tokens_across_devices=False` for
+classifiers, or their gradient (not the penalty's) is that many times too large.
+
 A method that swaps its trainable tensors mid-run (Diff Pruning's projection) is refused: the
 Trainer's optimizer and scheduler keep the tensors they were built with, so the second phase would
 silently train nothing. Run it as two Trainer runs instead (phase 1 on `diff_pruning.param_groups`,
@@ -52,6 +64,14 @@ class SparseDeltaCallback(TrainerCallback):
         self.runner = runner
         self.save_delta = save_delta
         self.events: list[tuple[int, str]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.world_size > 1 and self.runner.resizes_parameters():
+            raise UsageError(
+                f"method {self.runner.name!r} shrinks its trainable tensors mid-run (SaRA's re-selection), which the "
+                f"Trainer's DistributedDataParallel cannot follow with {args.world_size} processes; drop reselect_step, "
+                "run one process, or use `sparsedelta train` under torchrun / accelerate launch (it re-selects)"
+            )
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         extra = self.runner.extra_loss(model, state.global_step)

@@ -28,6 +28,7 @@ from ..errors import UsageError
 from ..methods import Budget, MethodRunner, make_runner
 from ..report import plots
 from . import distributed
+from .card import run_card
 from .config import TrainConfig
 from .runfolder import CONFIG, METRICS, RunFolder, new_run_path, peak_memory_mib
 from .schedule import phased_lr_factor
@@ -242,7 +243,7 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     metrics["timings"]["steps_per_s"] = step / max(metrics["timings"]["train_s"], 1e-9)
     product = None
     if world.main:
-        product = runner.save(model, task.tokenizer, folder.path)
+        product = runner.save(model, task.tokenizer, folder.path, card=run_card(cfg, task, metrics, folder.path))
         metrics["product"] = str(Path(product).relative_to(folder.path))
         folder.write_json(METRICS, metrics)
         plots.training_plot(metrics, folder.path / "training.png")

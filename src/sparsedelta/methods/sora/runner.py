@@ -107,7 +107,7 @@ class SoRARunner(MethodRunner):
         return f"stage {self.stage} (ξ = {self.xis[self.stage]:g}) ended with {record['nonzero_gates']:,} of {total:,} gates"
 
     # -- products ----------------------------------------------------------------------------------
-    def save(self, model, tokenizer, folder):
+    def save(self, model, tokenizer, folder, card=None):
         folder = Path(folder)
         save(model, folder / STATE)
         if any(gate_counts(model).values()):  # an adapter PEFT loads as it is: the pruned LoRA
