@@ -162,6 +162,9 @@ def add_delta(
         state = DeltaState()
         model._sparsedelta = state
         _track(model)
+        from .mixed import install  # adapter_names=[...] on forward and generate (mixed.py imports this module)
+
+        install(model)
         for p in model.parameters():
             p.requires_grad_(False)
     with _all_unmerged(model):  # capture θ, not another adapter's merged values
@@ -304,7 +307,10 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 def _remove_all(model: nn.Module) -> None:
+    from .mixed import uninstall
+
     state = state_of(model)
+    uninstall(model)
     for owners in state.owners.values():
         for module, _ in owners:
             patching.unwrap(module, LAYER_KEY)
