@@ -228,12 +228,12 @@ def report(results: dict) -> str:
     ]
     for tasks, e in results["tasks"].items():
         s = e["median_s"]
-        ratio = lambda a, b: f"{s[a] / s[b]:.2f}" if a in s and b in s else "-"  # noqa: E731
-        ms = lambda m: f"{s[m] * 1e3:.1f}" if m in s else "-"  # noqa: E731
+        times = [f"{s[m] * 1e3:.1f}" if m in s else "-" for m in ("mixed", "switch", "lora", "base")]
+        pairs = [("mixed", "base"), ("switch", "base"), ("lora", "base"), ("mixed", "lora")]
+        ratios = [f"{s[a] / s[b]:.2f}" if a in s and b in s else "-" for a, b in pairs]
         lines.append(
-            f"{tasks:>3} {ms('mixed'):>9} {ms('switch'):>9} {ms('lora'):>9} {ms('base'):>9}  "
-            f"{ratio('mixed', 'base'):>10} {ratio('switch', 'base'):>11} {ratio('lora', 'base'):>9} "
-            f"{ratio('mixed', 'lora'):>10}  {e['k']:>8,} {e['lora_rank']:>6} {e['delta_bytes'] / 2**20:>9.1f} "
+            f"{tasks:>3} {times[0]:>9} {times[1]:>9} {times[2]:>9} {times[3]:>9}  {ratios[0]:>10} {ratios[1]:>11} "
+            f"{ratios[2]:>9} {ratios[3]:>10}  {e['k']:>8,} {e['lora_rank']:>6} {e['delta_bytes'] / 2**20:>9.1f} "
             f"{e['lora_bytes'] / 2**20:>8.1f}"
         )
     lines += ["", "times in ms (best of the repeats, median over rounds); memory: what the T tasks hold", "",
