@@ -119,11 +119,12 @@ def delta_bytes(model) -> int:
     for adapter in state.adapters.values():
         for delta in adapter.deltas.values():
             total += sum(t.numel() * t.element_size() for t in [*delta.buffers(), delta.values])
+            if delta in rowwise._CACHE:
+                prepared = rowwise._CACHE[delta][1]
+                parts = [prepared.crow_indices(), prepared.col_indices(), prepared.values()] if hasattr(
+                    prepared, "crow_indices") else list(prepared)  # fmt: skip
+                total += sum(t.numel() * t.element_size() for t in parts)
         total += sum(p.numel() * p.element_size() for p in adapter.saved.values())
-    for _, prepared in rowwise._CACHE.values():
-        parts = [prepared.crow_indices(), prepared.col_indices(), prepared.values()] if hasattr(
-            prepared, "crow_indices") else list(prepared)  # fmt: skip
-        total += sum(t.numel() * t.element_size() for t in parts)
     return total
 
 
