@@ -62,6 +62,18 @@ class Routing:
         self.tasks = list(dict.fromkeys(names))
         self._codes = torch.tensor([self.tasks.index(n) for n in names])
         self._groups: dict[tuple[int, torch.device], list[tuple[str, slice | torch.Tensor]]] = {}
+        self._input: tuple[torch.Tensor, int] | None = None  # the last input transposed, and its version
+        self._transposed: dict[tuple, torch.Tensor] = {}
+
+    def transposed(self, x: torch.Tensor, task: str, rows, dtype: torch.dtype) -> torch.Tensor:
+        """`rowwise.transposed_rows` of a task's rows, kept while the same input comes again: the
+        query, key and value projections (and gate and up) read one input, transposed once."""
+        if self._input is None or self._input[0] is not x or self._input[1] != x._version:
+            self._input, self._transposed = (x, x._version), {}
+        key = (task, x.shape[0], dtype)
+        if key not in self._transposed:
+            self._transposed[key] = rowwise.transposed_rows(x, rows, dtype)
+        return self._transposed[key]
 
     def groups(self, n: int, device: torch.device) -> list[tuple[str, slice | torch.Tensor]] | None:
         """(task, its rows) for a first dimension of size n: a slice when the rows are contiguous,
@@ -138,11 +150,24 @@ class MixedLayer:
                     continue
                 if fast is not None and all(_fast_ok(fast, p) for p, _ in bound):
                     for pname, delta in bound:
-                        _update(y, rows, _fast_fix(module, fast, pname, delta, x[rows]))
+                        self._fast_fix(module, fast, pname, delta, x, y, task, rows)
                 else:
                     swapped = {pname: rowwise.merged_tensor(delta, module._parameters[pname]) for pname, delta in bound}
                     y[rows] = _run_with(module, swapped, inner, put(x[rows]))
         return y
+
+    def _fast_fix(self, module, fast: patching.FastPath, pname: str, delta: SparseDelta, x, y, task: str, rows) -> None:
+        """One task's correction of its rows, from the delta's entries (rowwise.py)."""
+        param = module._parameters[pname]
+        if pname == "bias":
+            entries = rowwise.bias_entries(delta, param)
+            _update(y, rows, lambda part: rowwise.add_bias(entries, part))
+        elif fast.kind == "embedding":
+            table = rowwise.embedding_rows(delta, param)
+            _update(y, rows, lambda part: rowwise.add_embedding(table, x[rows], part))
+        else:
+            matrix = rowwise.linear_matrix(delta, param, fast.transposed)
+            rowwise.add_linear(matrix, self.routing.transposed(x, task, rows, matrix.dtype), y, rows)
 
     def _with_heads(self, module, inner, x, put, args, kwargs, groups):
         """The module once per distinct head, on the rows that use it."""
@@ -190,16 +215,6 @@ def _fast_ok(fast: patching.FastPath, pname: str) -> bool:
     return pname == "weight" or (pname == "bias" and fast.kind == "linear")
 
 
-def _fast_fix(module: nn.Module, fast: patching.FastPath, pname: str, delta: SparseDelta, x: torch.Tensor):
-    param = module._parameters[pname]
-    if pname == "bias":
-        entries = rowwise.bias_entries(delta, param)
-        return lambda y: rowwise.add_bias(entries, y)
-    if fast.kind == "embedding":
-        table = rowwise.embedding_rows(delta, param)
-        return lambda y: rowwise.add_embedding(table, x, y)
-    matrix = rowwise.linear_matrix(delta, param, fast.transposed)
-    return lambda y: rowwise.add_linear(matrix, x, y)
 
 
 def _run_with(module: nn.Module, tensors: dict[str, torch.Tensor], inner, call: tuple[tuple, dict]):
