@@ -14,7 +14,7 @@ NAME = "compose"
 def add(sub) -> None:
     p = sub.add_parser(NAME, help="combine deltas of one base model into one delta (task arithmetic, TIES, DARE, ...)")
     p.add_argument("deltas", nargs="+", metavar="DELTA", help="run folders, delta folders or delta files")
-    p.add_argument("--output", required=True, help="the folder to write (a new or empty one)")
+    p.add_argument("--output", required=True, metavar="FOLDER", help="the folder to write (a new or empty one)")
     p.add_argument("--how", choices=HOWS, default="sum",
                    help="sum: Σ wᵢδᵢ; mean: Σ wᵢδᵢ / Σ wᵢ; ties: trim, elect signs, disjoint mean; dare: drop and "
                         "rescale, then sum; magnitude: sum, then keep the largest (default sum)")  # fmt: skip
@@ -26,14 +26,14 @@ def add(sub) -> None:
     p.add_argument("--per-tensor", action="store_true", help="ties/magnitude: count the budget in each tensor")
     p.add_argument("--drop", type=float, metavar="P", help="dare: the probability to drop each entry")
     p.add_argument("--seed", type=int, default=0, help="dare: the seed of the draws (default 0)")
-    p.add_argument("--heads", default="average",
+    p.add_argument("--heads", default="average", metavar="average|I",
                    help="the densely saved tensors (a head): 'average' (weighted) or an input's index, from 0")  # fmt: skip
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="values' storage")
     p.add_argument("--index-encoding", choices=("int32", "elias-fano"), default="int32", help="positions' storage")
     base = p.add_argument_group("base model (default: the one the first run folder records)")
-    base.add_argument("--model", help="the base model: needed when every input is a bare delta folder")
+    base.add_argument("--model", metavar="PATH_OR_HUB_ID", help="the base model: needed when every input is a bare delta folder")
     base.add_argument("--task", choices=("classification", "causal-lm"), help="bare deltas: the model's kind")
-    base.add_argument("--labels", help="bare classification deltas: the label names, comma-separated")
+    base.add_argument("--labels", metavar="A,B,...", help="bare classification deltas: the label names, comma-separated")
     p.set_defaults(func=run)
 
 

@@ -18,18 +18,18 @@ def add(sub) -> None:
                    help="csv, tsv, jsonl, json or parquet: row, task, label, score, probabilities (causal LM: generation)")  # fmt: skip
     p.add_argument("--text-column", action="append", metavar="NAME",
                    help="the text column (default: the run's, else guessed); twice for sentence pairs")  # fmt: skip
-    p.add_argument("--task-column", default="task",
+    p.add_argument("--task-column", default="task", metavar="NAME",
                    help="the column naming each row's task, '__base__' for the base model (default task; not needed "
                         "with one --adapter)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=32, help="rows per batch (default 32)")
-    p.add_argument("--max-length", type=int, help="tokens per text (default: the run's)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="causal LM: tokens generated per row (default 32)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="rows per batch (default 32)")
+    p.add_argument("--max-length", type=int, metavar="N", help="tokens per text (default: the run's)")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="causal LM: tokens generated per row (default 32)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     base = p.add_argument_group("base model (default: the one the first run folder records)")
-    base.add_argument("--model", help="the base model: needed when every adapter is a bare delta folder")
+    base.add_argument("--model", metavar="PATH_OR_HUB_ID", help="the base model: needed when every adapter is a bare delta folder")
     base.add_argument("--task", choices=("classification", "causal-lm"), help="bare deltas: the model's kind")
-    base.add_argument("--labels", help="bare classification deltas: the label names, comma-separated")
+    base.add_argument("--labels", metavar="A,B,...", help="bare classification deltas: the label names, comma-separated")
     p.set_defaults(func=run)
 
 
