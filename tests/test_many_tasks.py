@@ -178,6 +178,7 @@ def test_predict_refuses_bad_input_and_writes_nothing(runs, foreign, table, tmp_
     assert "newly initialised" in cli_error(capsys, *args[:5], "--input-file",
                                             write_csv(tmp_path / "base.csv", [{"text": "x", "task": "__base__"}]), "--output", out)  # fmt: skip
     assert "unknown file type .xlsx" in cli_error(capsys, *args[:7], "--output", tmp_path / "p.xlsx")
+    assert "does not exist; create it" in cli_error(capsys, *args[:7], "--output", tmp_path / "no" / "p.csv")
     assert "given twice" in cli_error(capsys, *args[:3], "--adapter", f"a={runs['b']}", *args[5:])
     assert out.read_text() == "earlier\n"  # untouched
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
@@ -205,3 +206,7 @@ def test_predict_generates_each_row_with_its_task(tiny_llama_dir, kjv_text, tmp_
                                  pad_token_id=tok.pad_token_id)[0, ids.shape[1] :]  # fmt: skip
         assert text == tok.decode(new, skip_special_tokens=True)
     assert generated[0] != generated[1] or generated[2] != generated[3]  # the run changed the model
+    # the bare delta file with its base named: no head saved, so a causal LM; the same generations
+    bare = ["predict", "--adapter", f"kjv={run / 'delta.safetensors'}", "--model", tiny_llama_dir, *args[3:]]
+    assert main([str(a) for a in bare]) == 0
+    assert [json.loads(line)["generation"] for line in out.read_text().splitlines()] == generated

@@ -32,7 +32,8 @@ def add(sub) -> None:
     p.add_argument("--index-encoding", choices=("int32", "elias-fano"), default="int32", help="positions' storage")
     base = p.add_argument_group("base model (default: the one the first run folder records)")
     base.add_argument("--model", metavar="PATH_OR_HUB_ID", help="the base model: needed when every input is a bare delta folder")
-    base.add_argument("--task", choices=("classification", "causal-lm"), help="bare deltas: the model's kind")
+    base.add_argument("--task", choices=("classification", "causal-lm"),
+                      help="bare deltas: the model's kind (default: a classifier when the delta saves a head)")  # fmt: skip
     base.add_argument("--labels", metavar="A,B,...", help="bare classification deltas: the label names, comma-separated")
     p.set_defaults(func=run)
 

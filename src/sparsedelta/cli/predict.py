@@ -28,7 +28,8 @@ def add(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     base = p.add_argument_group("base model (default: the one the first run folder records)")
     base.add_argument("--model", metavar="PATH_OR_HUB_ID", help="the base model: needed when every adapter is a bare delta folder")
-    base.add_argument("--task", choices=("classification", "causal-lm"), help="bare deltas: the model's kind")
+    base.add_argument("--task", choices=("classification", "causal-lm"),
+                      help="bare deltas: the model's kind (default: a classifier when the delta saves a head)")  # fmt: skip
     base.add_argument("--labels", metavar="A,B,...", help="bare classification deltas: the label names, comma-separated")
     p.set_defaults(func=run)
 

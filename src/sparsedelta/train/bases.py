@@ -2,9 +2,9 @@
 
 A delta comes as a run folder (its config names the base model, the task and the label order) or as
 a delta folder / file (a bare delta, which knows its base only by fingerprint). The base is built
-from the first run folder among the inputs, as training built it, or, with none, from `--model`
-(a classifier for the labels given, or for as many labels as the delta's saved head has outputs;
-or a causal LM). Every delta is checked against it by fingerprint when it is loaded.
+from the first run folder among the inputs, as training built it, or, with none, from `--model`:
+a classifier when the delta saves a head (for as many labels as the head has outputs, or the
+labels given), else a causal LM. Every delta is checked against it by fingerprint when it is loaded.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def base_for(sources: list[DeltaSource], model: str | None = None, task: str | N
     Args:
         sources: the deltas, as `delta_source` resolved them.
         model: the base model (required when every source is a bare delta).
-        task: "classification" or "causal-lm" for bare deltas (default classification).
+        task: "classification" or "causal-lm" for bare deltas (default: a classifier when the delta
+            saves a head, else a causal LM, as `export`/`import` decide).
         labels: label names for bare classification deltas (default: from the saved head's size).
     """
     run = next((s for s in sources if s.run is not None), None)
@@ -88,9 +89,10 @@ def base_for(sources: list[DeltaSource], model: str | None = None, task: str | N
         raise UsageError(
             f"{sources[0].given} is a bare delta: name its base model with --model (or pass a run folder, which records it)"
         )
-    task = task or "classification"
+    saved_head = head_labels(sources[0].file)
+    task = task or ("classification" if saved_head or labels else "causal-lm")
     if task == "classification":
-        labels = labels or head_labels(sources[0].file)
+        labels = labels or saved_head
         if labels is None:
             raise UsageError(f"{sources[0].given} saves no classification head; give the label names with --labels")
     return bare_base(model, task, labels)

@@ -215,13 +215,16 @@ def predict(
         progress: show a progress bar.
 
     Returns:
-        {"rows", "tasks", "seconds", "rows_per_s", "output"}.
+        {"rows", "tasks", "seconds", "rows_per_s", "output"}: the seconds and throughput of the
+        predictions themselves (loading the models and reading the input excluded).
 
     Raises:
         UsageError, DeltaFileError: bad input (nothing is written)."""
     output = Path(output_file)
     if output.suffix.lower() not in OUTPUTS:
         raise UsageError(f"--output {output}: unknown file type {output.suffix or '(none)'}; use one of {', '.join(OUTPUTS)}")
+    if not output.parent.is_dir():
+        raise UsageError(f"--output {output}: the folder {output.parent} does not exist; create it first")
     if output.exists() and output.resolve() == Path(input_file).resolve():
         raise UsageError(f"--output {output} is the input file; write the predictions elsewhere")
     if batch_size < 1:
