@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..core.algebra import HOWS
 from ..errors import UsageError
+from .flags import add_base_flags
 
 NAME = "compose"
 
@@ -30,11 +31,7 @@ def add(sub) -> None:
                    help="the densely saved tensors (a head): 'average' (weighted) or an input's index, from 0")  # fmt: skip
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="values' storage")
     p.add_argument("--index-encoding", choices=("int32", "elias-fano"), default="int32", help="positions' storage")
-    base = p.add_argument_group("base model (default: the one the first run folder records)")
-    base.add_argument("--model", metavar="PATH_OR_HUB_ID", help="the base model: needed when every input is a bare delta folder")
-    base.add_argument("--task", choices=("classification", "causal-lm"),
-                      help="bare deltas: the model's kind (default: a classifier when the delta saves a head)")  # fmt: skip
-    base.add_argument("--labels", metavar="A,B,...", help="bare classification deltas: the label names, comma-separated")
+    add_base_flags(p)
     p.set_defaults(func=run)
 
 
@@ -58,8 +55,7 @@ def run(args) -> int:
         raise UsageError(f"{len(args.weights)} --weights for {len(args.deltas)} deltas; give one weight per delta")
     heads = heads_option(args.heads)
     sources = [delta_source(p) for p in args.deltas]
-    labels = args.labels.split(",") if args.labels else None
-    _, task = base_for(sources, args.model, args.task, labels)
+    _, task = base_for(sources, args.model, args.task, args.labels)
     written = compose(
         task.model, [s.file for s in sources], output, weights=args.weights, how=args.how, density=args.density,
         k=args.k, drop=args.drop, seed=args.seed, per_tensor=args.per_tensor, heads=heads, dtype=args.dtype,

@@ -4,6 +4,7 @@ its tasks' deltas in mixed-task batches (`sparsedelta.train.predict.predict`).""
 from __future__ import annotations
 
 from .common import duration
+from .flags import add_base_flags
 
 NAME = "predict"
 
@@ -26,11 +27,7 @@ def add(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="causal LM: tokens generated per row (default 32)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    base = p.add_argument_group("base model (default: the one the first run folder records)")
-    base.add_argument("--model", metavar="PATH_OR_HUB_ID", help="the base model: needed when every adapter is a bare delta folder")
-    base.add_argument("--task", choices=("classification", "causal-lm"),
-                      help="bare deltas: the model's kind (default: a classifier when the delta saves a head)")  # fmt: skip
-    base.add_argument("--labels", metavar="A,B,...", help="bare classification deltas: the label names, comma-separated")
+    add_base_flags(p)
     p.set_defaults(func=run)
 
 
@@ -40,7 +37,7 @@ def run(args) -> int:
     result = predict(
         parse_adapters(args.adapter), args.input_file, args.output, text_columns=args.text_column,
         task_column=args.task_column, model=args.model, task=args.task,
-        labels=args.labels.split(",") if args.labels else None, batch_size=args.batch_size,
+        labels=args.labels, batch_size=args.batch_size,
         max_length=args.max_length, max_new_tokens=args.max_new_tokens, device=args.device,
         progress=not args.no_progress,
     )  # fmt: skip
