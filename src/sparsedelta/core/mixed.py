@@ -233,11 +233,8 @@ def _check_names(state: DeltaState, adapter_names) -> list[str]:
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
         raise TypeError(f"{ADAPTER_NAMES} must be a list of adapter names, one per row; got {type(adapter_names).__name__}")
     names = list(adapter_names)
-    if not names:
-        raise ValueError(f"{ADAPTER_NAMES} is empty; give one adapter name (or '{BASE}') per row")
-    bad = [n for n in names if not isinstance(n, str)]
-    if bad:
-        raise TypeError(f"{ADAPTER_NAMES} must hold strings, got {type(bad[0]).__name__} {bad[0]!r}")
+    if not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{ADAPTER_NAMES} must hold one adapter name (a string, or '{BASE}') per row; got {names[:3]}")
     unknown = sorted({n for n in names if n != BASE and n not in state.adapters})
     if unknown:
         raise ValueError(
@@ -253,9 +250,8 @@ def _plan(model: nn.Module, state: DeltaState, routing: Routing) -> list[tuple[n
     layers: dict[int, tuple[nn.Module, MixedLayer]] = {}
 
     def layer(module: nn.Module) -> MixedLayer:
-        if id(module) not in layers:
-            layers[id(module)] = (module, MixedLayer(routing, names.get(id(module), type(module).__name__)))
-        return layers[id(module)][1]
+        made = layers.setdefault(id(module), (module, MixedLayer(routing, names.get(id(module), "a module"))))
+        return made[1]
 
     tasks = [t for t in routing.tasks if t != BASE]
     for task in tasks:
@@ -266,8 +262,8 @@ def _plan(model: nn.Module, state: DeltaState, routing: Routing) -> list[tuple[n
     for path in heads:
         module_name, _, pname = path.rpartition(".")
         module = model.get_submodule(module_name)
-        per_task = {t: (state.adapters[t].saved.get(path) if t != BASE else None) for t in routing.tasks}
-        per_task = {t: state.base_saved[path] if p is None else p for t, p in per_task.items()}
+        own = {t: state.adapters[t].saved.get(path) if t != BASE else None for t in routing.tasks}
+        per_task = {t: state.base_saved[path] if p is None else p for t, p in own.items()}  # none: the base's
         shapes = {tuple(p.shape) for p in per_task.values()}
         if len(shapes) > 1:
             described = ", ".join(f"{t}: {tuple(p.shape)}" for t, p in per_task.items())
