@@ -20,12 +20,14 @@ from .core.compose import ComposedConfig, compose
 from .core.config import DeltaConfig, SelectionReport
 from .core.delta import SparseDelta
 from .core.io import DeltaFileError, load, read, save
+from .core.mixed import BASE, mixed_batch
 from .interop import export_shira, import_peft
 from .methods import DiffPruningConfig, MagnitudeConfig, RandomConfig, SaRAConfig, SoRAConfig, diff_pruning, sora
 
 prepare = add_delta  # prepare(model, config): select positions by the config's rule and attach
 
 __all__ = [
+    "BASE",
     "ComposedConfig",
     "DeltaConfig",
     "DeltaFileError",
@@ -48,6 +50,7 @@ __all__ = [
     "load",
     "merge",
     "merge_and_unload",
+    "mixed_batch",
     "prepare",
     "print_trainable_parameters",
     "read",

@@ -89,3 +89,13 @@ def parse_options(items: list[str]) -> dict:
         except json.JSONDecodeError:
             options[key] = value  # a plain string
     return options
+
+
+def add_base_flags(parser: argparse.ArgumentParser) -> None:
+    """--model, --task, --labels: the base model of deltas given without a run folder (compose, predict)."""
+    base = parser.add_argument_group("base model (default: the one the first run folder records)")
+    base.add_argument("--model", metavar="PATH_OR_HUB_ID", help="the base model: needed when every input is a bare delta")
+    base.add_argument("--task", choices=("classification", "causal-lm"),
+                      help="bare deltas: the model's kind (default: a classifier when the delta saves a head)")  # fmt: skip
+    base.add_argument("--labels", type=lambda text: text.split(","), metavar="A,B,...",
+                      help="bare classification deltas: the label names, comma-separated")  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,9 @@ class DeltaState:
 
 
 _LIVE_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+# (attach, detach) pairs run when a model gets its first delta and when its last one goes: how other
+# core modules extend a model with deltas without this module importing them (mixed.py: adapter_names=)
+MODEL_HOOKS: list[tuple[Callable[[nn.Module], None], Callable[[nn.Module], None]]] = []
 _STEP_HOOK = None
 
 
@@ -162,6 +166,8 @@ def add_delta(
         state = DeltaState()
         model._sparsedelta = state
         _track(model)
+        for attach, _ in MODEL_HOOKS:
+            attach(model)
         for p in model.parameters():
             p.requires_grad_(False)
     with _all_unmerged(model):  # capture θ, not another adapter's merged values
@@ -305,6 +311,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 def _remove_all(model: nn.Module) -> None:
     state = state_of(model)
+    for _, detach in MODEL_HOOKS:
+        detach(model)
     for owners in state.owners.values():
         for module, _ in owners:
             patching.unwrap(module, LAYER_KEY)

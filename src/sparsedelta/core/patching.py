@@ -73,6 +73,11 @@ class Inner:
     def plain(self) -> bool:
         return self.depth == 0 and self.patch.own_forward is None
 
+    def plain_but(self, *keys: str) -> bool:
+        """Whether below it lies only the class's forward and layers under `keys` (layers the
+        caller knows to pass the call through unchanged)."""
+        return self.patch.own_forward is None and all(k in keys for k, _ in self.patch.layers[: self.depth])
+
     def __call__(self, *args, **kwargs):
         return _run(self.module, self.patch, self.depth, args, kwargs)
 

@@ -34,10 +34,37 @@ def load_run(
     """The trained model of the run in `path`. `model` replaces the recorded base model; `overrides`
     replace recorded settings (e.g. another test file); `splits` are the data splits to load."""
     folder = RunFolder.existing(path)
-    config = folder.config
-    cfg = TrainConfig.from_dict({**config["train"], **(overrides or {})}).resolved()
+    cfg, task = load_base(path, model, overrides, splits, log)
     runner = make_runner(cfg)
-    task = make_task(cfg)
-    task.load(log, model_override=model, labels=config.get("labels"), splits=splits)
     trained = runner.load(task.model, Path(folder.path)).eval()
     return FinishedRun(folder, cfg, task, runner, trained)
+
+
+def load_base(
+    path: str | os.PathLike,
+    model: str | None = None,
+    overrides: dict | None = None,
+    splits: tuple[str, ...] = (),
+    log=lambda *a, **k: None,
+) -> tuple[TrainConfig, Task]:
+    """The base model of the run in `path` without its product, as training built it (a new head
+    initialised from the run's seed, for its labels), with its tokenizer: `task.model`, in eval mode.
+    Arguments as for `load_run`."""
+    config = RunFolder.existing(path).config
+    cfg = TrainConfig.from_dict({**config["train"], **(overrides or {})}).resolved()
+    task = make_task(cfg)
+    task.load(log, model_override=model, labels=config.get("labels"), splits=splits)
+    task.model.eval()
+    return cfg, task
+
+
+def bare_base(
+    model: str | None, task: str = "classification", labels: list[str] | None = None, log=lambda *a, **k: None
+) -> tuple[TrainConfig, Task]:
+    """A base model named directly (no run folder): a classifier for `labels` (its new head seeded
+    as a run's default) or a causal LM, with its tokenizer, in eval mode."""
+    cfg = TrainConfig(task=task, model=model).resolved()
+    made = make_task(cfg)
+    made.load(log, labels=labels, splits=())
+    made.model.eval()
+    return cfg, made

@@ -1,0 +1,402 @@
+"""Mixed-task batches: each row of a batch runs with its own task's delta, in one forward pass.
+
+    model(**batch, adapter_names=["news", "__base__", "sport", ...])   # PEFT's convention, one name per row
+    model.generate(input_ids, adapter_names=[...])                      # generation, each row with its task
+    with sparsedelta.mixed_batch(model, names): model(**batch)          # for any forward (no extra kwargs)
+
+The base model runs once, unmerged, for the whole batch (switching every delta off costs O(k)), and
+each module that holds a delta adds, for each task in the batch, that task's correction to that
+task's rows only (rowwise.py). No weight is copied per task. Per kind of tensor:
+
+- `nn.Linear` and transformers' `Conv1D` weights: y_rows += x_rows Δᵀ, a sparse product over the k
+  entries; their biases: y_rows[..., j] += Δb_j; `nn.Embedding` weights: the entries of the looked-up
+  rows are added. These are the fast paths of `patching.FAST_PATHS`.
+- Any other tensor (norms, conv kernels, embeddings that renormalise, a module with a forward of
+  its own): the module runs again on the task's rows with θ + Δ in place of that tensor, a transient
+  copy freed after the call. Exact, and cheap for norms and biases; a conv kernel costs one more
+  convolution per task present.
+- Densely saved modules (`modules_to_save`, e.g. a classifier head): the module runs once per
+  distinct head on the rows that use it ("__base__" rows and tasks without a head of their own use
+  the base's). Tasks whose heads differ in shape (other label counts) cannot share a batch, since
+  their outputs cannot be stacked: refused, naming the tensor; `sparsedelta predict` groups its
+  tasks by head. (One model cannot even hold two heads of different shapes: `load` refuses it.)
+
+Rows: a module's first input has the batch as its first dimension, or a multiple of it (the batch
+flattened with the tokens, B·T, or repeated for beam search / num_return_sequences, as
+`generate` does with repeat_interleave): element i then belongs to the row i // r. A first
+dimension of 1 that broadcasts over the batch (e.g. position embeddings) is expanded to the batch.
+
+Inference only: refused in training mode, and no gradient flows through the corrections (train one
+task at a time with `set_adapter`). How `adapter_names` reaches the layers: a forward pre-hook on the
+model (installed when its first delta is attached) takes the argument out and opens a mixed batch
+for that call; every module involved gets a patching layer under the key "mixed" for its duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from . import patching, rowwise
+from .adapters import LAYER_KEY as DELTA_KEY
+from .adapters import MODEL_HOOKS, DeltaState, disabled, set_adapter, state_of
+from .delta import SparseDelta
+
+BASE = "__base__"  # the name of a row that runs on the bare base model (PEFT's)
+ADAPTER_NAMES = "adapter_names"
+LAYER_KEY = "mixed"
+_OPEN = "_sparsedelta_mixed"  # model attribute: the Routing of the batch being run
+_CALL = "_sparsedelta_mixed_call"  # model attribute: the mixed batch a forward call opened
+
+
+class Routing:
+    """Which rows of a module's input belong to which task, for every size the batch takes inside
+    the model (rows, rows × tokens, rows × beams): cached per (size, device)."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.tasks = list(dict.fromkeys(names))
+        self._codes = torch.tensor([self.tasks.index(n) for n in names])
+        self._groups: dict[tuple[int, torch.device], list[tuple[str, slice | torch.Tensor]]] = {}
+        self._input: tuple[torch.Tensor, int] | None = None  # the last input transposed, and its version
+        self._transposed: dict[tuple, torch.Tensor] = {}
+
+    def transposed(self, x: torch.Tensor, task: str, rows, dtype: torch.dtype) -> torch.Tensor:
+        """`rowwise.transposed_rows` of a task's rows, kept while the same input comes again: the
+        query, key and value projections (and gate and up) read one input, transposed once."""
+        if self._input is None or self._input[0] is not x or self._input[1] != x._version:
+            self._input, self._transposed = (x, x._version), {}
+        key = (task, x.shape[0], dtype)
+        if key not in self._transposed:
+            self._transposed[key] = rowwise.transposed_rows(x, rows, dtype)
+        return self._transposed[key]
+
+    def groups(self, n: int, device: torch.device) -> list[tuple[str, slice | torch.Tensor]] | None:
+        """(task, its rows) for a first dimension of size n: a slice when the rows are contiguous,
+        else an index tensor. None for n = 1 under several tasks (the caller broadcasts)."""
+        key = (n, device)
+        if key in self._groups:
+            return self._groups[key]
+        rows = len(self.names)
+        if len(self.tasks) == 1:
+            groups = [(self.tasks[0], slice(None))]
+        elif n == 1:
+            return None
+        elif n % rows:
+            raise ValueError(
+                f"a module of this model got an input with first dimension {n}, but the batch has {rows} rows "
+                f"({ADAPTER_NAMES} has {rows} names): mixed-task batches need the batch as the first dimension "
+                "(or a multiple of it); give one name per row"
+            )
+        else:
+            codes = self._codes.repeat_interleave(n // rows)
+            groups = []
+            for code, task in enumerate(self.tasks):
+                idx = torch.nonzero(codes == code).squeeze(1)
+                first, last = int(idx[0]), int(idx[-1])
+                groups.append((task, slice(first, last + 1) if last - first + 1 == len(idx) else idx.to(device)))
+        self._groups[key] = groups
+        return groups
+
+
+def _update(y: torch.Tensor, rows: slice | torch.Tensor, fix) -> None:
+    """Apply the in-place `fix` to y[rows] (a view where it can be, else a copy written back)."""
+    part = y[rows]
+    if isinstance(rows, slice) and part.is_contiguous():
+        fix(part)
+        return
+    part = part.contiguous()
+    fix(part)
+    y[rows] = part
+
+
+class MixedLayer:
+    """A module's patching layer for one mixed batch: the base output, then each task's correction
+    for its rows (fast path), or the module run again on those rows with the task's tensors
+    (generic path, and densely saved heads)."""
+
+    __slots__ = ("routing", "deltas", "heads", "name")
+
+    def __init__(self, routing: Routing, name: str):
+        self.routing = routing
+        self.name = name  # the module's path, for messages
+        self.deltas: dict[str, list[tuple[str, SparseDelta]]] = {}  # task -> (parameter name, delta)
+        self.heads: dict[str, dict[str, torch.Tensor]] = {}  # task -> {parameter name: saved tensor}
+
+    def __call__(self, module: nn.Module, inner, *args, **kwargs):
+        x, put = _first_input(args, kwargs, self.name)
+        groups = self.routing.groups(x.shape[0], x.device)
+        if groups is None:  # a size-1 first dimension broadcast over several tasks' rows: expand it
+            x = x.expand(len(self.routing.names), *x.shape[1:])
+            args, kwargs = put(x)
+            groups = self.routing.groups(x.shape[0], x.device)
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError(
+                f"{self.name}: mixed-task batches compute no gradient; run them under torch.no_grad() "
+                "(to train, switch tasks with sparsedelta.set_adapter)"
+            )
+        y = self._with_heads(module, inner, x, put, args, kwargs, groups) if self.heads else inner(*args, **kwargs)
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"{self.name} returns {type(y).__name__}, not a tensor: mixed-task batches cannot split it by row")
+        fast = patching.fast_path(module) if inner.plain_but(DELTA_KEY) else None
+        with torch.no_grad():
+            for task, rows in groups:
+                bound = self.deltas.get(task)
+                if not bound:
+                    continue
+                if fast is not None and all(_fast_ok(fast, p) for p, _ in bound):
+                    for pname, delta in bound:
+                        self._fast_fix(module, fast, pname, delta, x, y, task, rows)
+                else:
+                    swapped = {pname: rowwise.merged_tensor(delta, module._parameters[pname]) for pname, delta in bound}
+                    y[rows] = _run_with(module, swapped, inner, put(x[rows]))
+        return y
+
+    def _fast_fix(self, module, fast: patching.FastPath, pname: str, delta: SparseDelta, x, y, task: str, rows) -> None:
+        """One task's correction of its rows, from the delta's entries (rowwise.py)."""
+        param = module._parameters[pname]
+        if pname == "bias":
+            entries = rowwise.bias_entries(delta, param)
+            _update(y, rows, lambda part: rowwise.add_bias(entries, part))
+        elif fast.kind == "embedding":
+            table = rowwise.embedding_rows(delta, param)
+            _update(y, rows, lambda part: rowwise.add_embedding(table, x[rows], part))
+        else:
+            matrix = rowwise.linear_matrix(delta, param, fast.transposed)
+            rowwise.add_linear(matrix, self.routing.transposed(x, task, rows, matrix.dtype), y, rows)
+
+    def _with_heads(self, module, inner, x, put, args, kwargs, groups):
+        """The module once per distinct head, on the rows that use it."""
+        by_head: dict[tuple[int, ...], tuple[dict, list]] = {}
+        for task, rows in groups:
+            tensors = self.heads[task]
+            key = tuple(id(t) for t in tensors.values())
+            by_head.setdefault(key, (tensors, []))[1].append(rows)
+        if len(by_head) == 1:
+            tensors, _ = next(iter(by_head.values()))
+            return _run_with(module, tensors, inner, (args, kwargs))
+        y = None
+        for tensors, parts in by_head.values():
+            rows = _join(parts, x.shape[0], x.device)
+            out = _run_with(module, tensors, inner, put(x[rows]))
+            if y is None:
+                y = out.new_empty((x.shape[0], *out.shape[1:]))
+            y[rows] = out
+        return y
+
+
+def _first_input(args: tuple, kwargs: dict, name: str):
+    """(the module's first input, a function giving (args, kwargs) with it replaced)."""
+    if args:
+        x = args[0]
+        put = lambda new: ((new, *args[1:]), kwargs)  # noqa: E731
+    elif kwargs:
+        key, x = next(iter(kwargs.items()))
+        put = lambda new: (args, {**kwargs, key: new})  # noqa: E731
+    else:
+        raise TypeError(f"{name} was called without an input: mixed-task batches split its first input by row")
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise TypeError(f"{name}'s first input is not a batch tensor: mixed-task batches split it by row")
+    return x, put
+
+
+def _join(parts: list, n: int, device: torch.device) -> slice | torch.Tensor:
+    if len(parts) == 1:
+        return parts[0]
+    index = torch.cat([torch.arange(n)[p] if isinstance(p, slice) else p.cpu() for p in parts]).sort().values
+    return index.to(device)
+
+
+def _fast_ok(fast: patching.FastPath, pname: str) -> bool:
+    return pname == "weight" or (pname == "bias" and fast.kind == "linear")
+
+
+
+
+def _run_with(module: nn.Module, tensors: dict[str, torch.Tensor], inner, call: tuple[tuple, dict]):
+    """inner(*args, **kwargs) with these tensors in place of the module's parameters of those names."""
+    args, kwargs = call
+    originals = {pname: module._parameters[pname] for pname in tensors}
+    try:
+        module._parameters.update(tensors)
+        return inner(*args, **kwargs)
+    finally:
+        module._parameters.update(originals)
+
+
+# -- opening a mixed batch ---------------------------------------------------------------------------
+def _check_names(state: DeltaState, adapter_names) -> list[str]:
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise TypeError(f"{ADAPTER_NAMES} must be a list of adapter names, one per row; got {type(adapter_names).__name__}")
+    names = list(adapter_names)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{ADAPTER_NAMES} must hold one adapter name (a string, or '{BASE}') per row; got {names[:3]}")
+    unknown = sorted({n for n in names if n != BASE and n not in state.adapters})
+    if unknown:
+        raise ValueError(
+            f"unknown adapter(s) {unknown} in {ADAPTER_NAMES}; this model has {sorted(state.adapters)} "
+            f"(and '{BASE}' for the bare base model)"
+        )
+    return names
+
+
+def _plan(model: nn.Module, state: DeltaState, routing: Routing) -> list[tuple[nn.Module, MixedLayer]]:
+    """A MixedLayer for every module that holds a delta or a saved tensor of a task in the batch."""
+    names = {id(m): n for n, m in model.named_modules()}
+    layers: dict[int, tuple[nn.Module, MixedLayer]] = {}
+
+    def layer(module: nn.Module) -> MixedLayer:
+        made = layers.setdefault(id(module), (module, MixedLayer(routing, names.get(id(module), "a module"))))
+        return made[1]
+
+    tasks = [t for t in routing.tasks if t != BASE]
+    for task in tasks:
+        for path, delta in state.adapters[task].deltas.items():
+            for module, pname in state.owners[path]:
+                layer(module).deltas.setdefault(task, []).append((pname, delta))
+    heads = sorted({path for t in tasks for path in state.adapters[t].saved})
+    for path in heads:
+        module_name, _, pname = path.rpartition(".")
+        module = model.get_submodule(module_name)
+        own = {t: state.adapters[t].saved.get(path) if t != BASE else None for t in routing.tasks}
+        per_task = {t: state.base_saved[path] if p is None else p for t, p in own.items()}  # none: the base's
+        shapes = {tuple(p.shape) for p in per_task.values()}
+        if len(shapes) > 1:
+            described = ", ".join(f"{t}: {tuple(p.shape)}" for t, p in per_task.items())
+            raise ValueError(
+                f"the tasks of this batch have heads of different shapes in {path} ({described}); their outputs cannot "
+                "share one batch: split the batch by head (sparsedelta predict groups tasks by head)"
+            )
+        for task, tensor in per_task.items():
+            layer(module).heads.setdefault(task, {})[pname] = tensor
+    return list(layers.values())
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
+    """Run every forward inside with one task per row of the batch.
+
+    Args:
+        model: a model with deltas attached (`load` / `add_delta` under several adapter names).
+        adapter_names: one adapter name per row of the batch, "__base__" for the bare base model.
+
+    Yields:
+        The model. Inside, each forward (and `generate`) computes row i with the delta of
+        adapter_names[i], exactly as the merged model of that task would; on leaving, the active
+        adapter is merged again as it was.
+
+    Raises:
+        ValueError: an unknown name, the model in training mode, or heads of different shapes.
+
+    Example:
+        with sparsedelta.mixed_batch(model, ["a", "b", "__base__"]):
+            logits = model(**batch).logits    # batch of 3 rows
+    """
+    state = state_of(model)
+    names = _check_names(state, adapter_names)
+    if model.training:
+        raise ValueError("mixed-task batches are for inference: call model.eval() first (as PEFT requires too)")
+    if model.__dict__.get(_OPEN) is not None:
+        raise RuntimeError("this model is already running a mixed-task batch; leave it before opening another")
+    routing = Routing(names)
+    if len(routing.tasks) == 1 and (state.merged or routing.tasks == [BASE]):
+        # one task for every row: its merged model is exact and runs at the base's speed (an O(k) switch)
+        with _only(model, state, routing.tasks[0]), _opened(model, routing):
+            yield model
+        return
+    layers = _plan(model, state, routing)
+    with disabled(model), _opened(model, routing):  # every delta unmerged: the base serves the whole batch
+        try:
+            for module, layer in layers:
+                patching.wrap(module, LAYER_KEY, layer)
+            yield model
+        finally:
+            for module, _ in layers:
+                patching.unwrap(module, LAYER_KEY)
+
+
+@contextlib.contextmanager
+def _opened(model: nn.Module, routing: Routing):
+    model.__dict__[_OPEN] = routing
+    try:
+        yield
+    finally:
+        del model.__dict__[_OPEN]
+
+
+@contextlib.contextmanager
+def _only(model: nn.Module, state: DeltaState, task: str):
+    """The model as `task`'s merged model (the base for "__base__"), then as it was."""
+    if task == BASE:
+        with disabled(model):
+            yield
+        return
+    previous = state.active
+    set_adapter(model, task)
+    try:
+        yield
+    finally:
+        set_adapter(model, previous)
+
+
+# -- adapter_names as an argument of forward and generate ------------------------------------------------
+def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
+    names = kwargs.pop(ADAPTER_NAMES, None)
+    if names is not None:
+        routing = model.__dict__.get(_OPEN)
+        if routing is not None:  # inside mixed_batch (or generate): the same names may be passed again
+            if list(names) != routing.names:
+                raise ValueError(f"{ADAPTER_NAMES} differs from the mixed batch this model is already running")
+        else:
+            stack = contextlib.ExitStack()
+            stack.enter_context(mixed_batch(model, names))
+            model.__dict__[_CALL] = stack
+    return args, kwargs
+
+
+def _post_forward(model: nn.Module, args: tuple, output):
+    stack = model.__dict__.pop(_CALL, None)
+    if stack is not None:
+        stack.close()
+
+
+def _generate(self: nn.Module, *args, **kwargs):
+    """`generate` that takes adapter_names (one per row; the rows that generation repeats, for beams
+    or several sequences per prompt, keep their row's task)."""
+    names = kwargs.pop(ADAPTER_NAMES, None)
+    generate = type(self).generate.__get__(self)
+    if names is None:
+        return generate(*args, **kwargs)
+    with mixed_batch(self, names):
+        return generate(*args, **kwargs)
+
+
+def install(model: nn.Module) -> None:
+    """Let `model(..., adapter_names=[...])` and `model.generate(..., adapter_names=[...])` run mixed
+    batches (done when a model gets its first delta)."""
+    if any(h is _pre_forward for h in model._forward_pre_hooks.values()):
+        return
+    model.register_forward_pre_hook(_pre_forward, with_kwargs=True)
+    model.register_forward_hook(_post_forward, always_call=True)
+    if callable(getattr(type(model), "generate", None)) and "generate" not in model.__dict__:
+        model.__dict__["generate"] = types.MethodType(_generate, model)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Undo `install` (when the last delta leaves the model)."""
+    for hooks, hook in ((model._forward_pre_hooks, _pre_forward), (model._forward_hooks, _post_forward)):
+        for key in [k for k, h in hooks.items() if h is hook]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
+            model._forward_hooks_with_kwargs.pop(key, None)
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
+    generate = model.__dict__.get("generate")
+    if isinstance(generate, types.MethodType) and generate.__func__ is _generate:
+        del model.__dict__["generate"]
+
+
+MODEL_HOOKS.append((install, uninstall))  # every model that gets a delta takes adapter_names=
