@@ -27,7 +27,7 @@ def run(args) -> int:
     from ..core.io import DELTA_FILE, read
     from ..core.remote import locate
     from ..interop import export_shira
-    from .bases import is_run, model_base, run_base, run_product
+    from ..train.bases import is_run, model_base, run_base, run_product
 
     output = new_folder(args.output)
     if is_run(args.source):

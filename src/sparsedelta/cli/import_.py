@@ -29,7 +29,7 @@ def add(sub) -> None:
 def run(args) -> int:
     from ..interop import import_peft
     from ..interop.peft_files import read_adapter
-    from .bases import is_run, model_base, run_base, run_product
+    from ..train.bases import is_run, model_base, run_base, run_product
 
     output = new_folder(args.output)
     if is_run(args.source):
