@@ -15,6 +15,7 @@ from ..errors import UsageError
 from ..methods.base import MethodSettings
 
 TASKS = ("classification", "causal-lm")
+PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 TASK_DEFAULTS = {
     "classification": {"epochs": 2.0, "batch_size": 16, "eval_batch_size": 64, "weight_decay": 0.01, "warmup_ratio": 0.06,
@@ -64,6 +65,9 @@ class TrainConfig(MethodSettings):
     warmup_ratio: float | None = _f(None, "share of the steps of linear warm-up (default 0.06; causal-lm 0.1)", "optimisation")  # fmt: skip
     schedule: str = _f("cosine", "the decay after warm-up: " + " | ".join(SCHEDULES), "optimisation")
     max_grad_norm: float = _f(1.0, "gradient clipping; 0: none", "optimisation")
+    precision: str = _f("fp32", "fp32, or bf16 / fp16: the forward (and so the backward) under autocast; delta values, "
+                        "optimizer state and the new head stay float32; fp16 scales the loss (docs/precision.md)",
+                        "optimisation")  # fmt: skip
     # samples (causal LM)
     prompt: str = _f("And God said unto Moses,", "the prompt of the greedy samples before and after", "run", tasks=CAUSAL_LM)  # fmt: skip
     max_new_tokens: int = _f(32, "tokens of each sample", "run", tasks=CAUSAL_LM)
@@ -85,6 +89,8 @@ class TrainConfig(MethodSettings):
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.epochs is not None and not self.epochs > 0:
             raise UsageError(f"--epochs must be > 0, got {self.epochs}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if self.split_by not in ("chapter", "book"):
             raise UsageError(f"--split-by {self.split_by}: choose chapter or book")
 
