@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import TinyNet
 from torch import nn
 
 import sparsedelta as sd
+from conftest import TinyNet
 from sparsedelta.core import ops
 from sparsedelta.core.adapters import state_of
 
@@ -135,7 +135,7 @@ def test_dtype_changes_switch_between_merged_and_corrected(tiny):
     tiny.float()  # merged again: bit-exact θ + delta in float32 (θ here: its bf16 rounding)
     sd.sync(tiny)
     with torch.no_grad():
-        for name, delta in deltas_of(tiny).items():
+        for delta in deltas_of(tiny).values():
             assert delta.holds_delta
             merged = delta.weight.reshape(-1)[delta.indices]
             torch.testing.assert_close(merged, delta.base + delta.values, rtol=0, atol=0)
