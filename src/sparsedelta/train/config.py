@@ -77,6 +77,8 @@ class TrainConfig(MethodSettings):
     checkpoint_every: int = _f(50, "checkpoint every N steps; 0: never", "run")
     threads: int | None = _f(None, "CPU threads (default: one per idle core)", "run")
     device: str | None = _f(None, "cpu, cuda or cuda:N (default: this process's GPU if any, else the CPU)", "run")
+    fsdp: bool = _f(False, "under torchrun: shard the frozen base across the processes (FSDP2), the deltas replicated "
+                    "(docs/distributed.md)", "run")  # fmt: skip
 
     def __post_init__(self):
         if self.task not in TASKS:

@@ -26,7 +26,7 @@ from .. import __version__, seeds
 from ..errors import UsageError
 from ..methods import Budget, MethodRunner, make_runner
 from ..report import plots
-from . import distributed
+from . import distributed, sharding
 from .config import TrainConfig
 from .precision import Precision
 from .runfolder import CONFIG, METRICS, RunFolder, new_run_path, peak_memory_mib
@@ -97,6 +97,8 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     started = time.perf_counter()
     torch.set_num_threads(pick_threads(cfg.threads))
     runner = make_runner(cfg)  # an unknown method or option fails before anything is loaded
+    if cfg.fsdp:
+        sharding.check(runner, world)
     if resume:
         folder = RunFolder.existing(cfg.output_dir)
     else:
@@ -136,6 +138,10 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     t = time.perf_counter()
     runner.folder = folder.path if world.main else None
     model = runner.prepare(model, task.head_modules, total_steps, task.default_targets(model))
+    if cfg.fsdp:  # the frozen base split across the processes, which must now all run every forward
+        model = sharding.shard(model, world, device)
+        task.world = distributed.World()
+        metrics["sharding"] = {"local_parameter_entries": distributed.gather(sharding.local_entries(model), world)}
     metrics["timings"]["select_s"] = time.perf_counter() - t
     budget = runner.budget(model)
     log(f"model: {task.model_name} ({budget.total:,} parameters); new head trained densely: {task.head_modules}")
