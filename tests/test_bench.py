@@ -62,3 +62,25 @@ def test_switch_worker_times_every_density_against_lora(bench, minilm_path):
     ks = [result[bench.switch_key(label) + "_k"] for label in ["", *bench.SWITCH_DENSITIES]]
     assert ks == sorted(ks, reverse=True) and ks[-1] > 0  # SHiRA's k, then 1%, then 0.1%
     assert all(result[key] > 0 for key in result if key.endswith("_s"))
+
+
+def test_bf16_worker_runs_under_autocast(bench, minilm_path):
+    args = worker_args(minilm_path, "sara@1%")
+    args.worker_precision = "bf16"
+    result = bench.worker(args)
+    assert result["precision"] == "bf16" and result["step_s"] > 0 and result["trainable"] > 0
+
+
+@pytest.mark.slow
+def test_quick_run_in_both_precisions_gives_ratios_within_each(bench, tmp_path, capsys):
+    name = tmp_path / "quick"  # an absolute name: the results go there, not into bench/results
+    bench.main(["--quick", "--precision", "fp32", "bf16", "--methods", "full", "sara@1%", "--no-switch",
+                "--threads", "1", "--name", str(name)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "batch 4 x 32, fp32" in out and "batch 4 x 32, bf16" in out and "bf16 / fp32" in out
+    record = __import__("json").loads(name.with_suffix(".json").read_text())
+    assert set(record["summaries"]) == {"fp32", "bf16"}
+    for summary in record["summaries"].values():
+        assert set(summary) == {"full", "sara@1%"} and all(r["runs"] == 1 for r in summary.values())
+    assert {r["precision"] for r in record["runs"]} == {"fp32", "bf16"}
+    assert name.with_suffix(".png").exists() and (tmp_path / "quick-bf16.png").exists()
