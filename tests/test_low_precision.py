@@ -207,3 +207,21 @@ def test_bf16_gradient_path_follows_the_cpu(monkeypatch):
     assert ops.sampled_pays(weight, 40, torch.float16) and ops.sampled_pays(weight, 40, torch.float32)
     monkeypatch.setattr(ops, "native_bf16_matmul", lambda: False)
     assert ops.sampled_pays(weight, 40, torch.bfloat16)
+
+
+def test_a_float32_delta_goes_onto_a_bf16_model_through_model_bfloat16(tiny, tmp_path):
+    ids = torch.randint(1, 50, (2, 5))
+    base = copy.deepcopy(tiny)
+    sd.prepare(tiny, sd.RandomConfig(density=0.2, parameter_kinds=ALL_KINDS))
+    with torch.no_grad():
+        for delta in deltas_of(tiny).values():
+            delta.values.normal_(0, 1e-2)
+        expected = tiny(ids)
+    sd.save(tiny, tmp_path / "d")
+    with pytest.raises(sd.DeltaFileError, match="dtype mismatch"):
+        sd.load(copy.deepcopy(base).bfloat16(), tmp_path / "d")
+    model = sd.load(base, tmp_path / "d").bfloat16()
+    with torch.no_grad():
+        got = model(ids)
+    assert got.dtype == torch.bfloat16 and all(not d.holds_delta for d in deltas_of(model).values())
+    torch.testing.assert_close(got.float(), expected, atol=float(expected.abs().max()) / 32, rtol=0)

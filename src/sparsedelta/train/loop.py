@@ -109,7 +109,7 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     task = make_task(cfg, world)
     task.load(log)
     device = pick_device(cfg.device, world)
-    model = task.model.to(device)
+    model = task.model if cfg.fsdp else task.model.to(device)  # --fsdp: only the shards go to the device
     precision = Precision(cfg.precision, device)
     per_epoch = steps_per_epoch(task.train_size, cfg.batch_size, world)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))

@@ -49,8 +49,8 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def shard(model: nn.Module, world: World, device: torch.device) -> nn.Module:
-    """fully_shard the frozen base of a model carrying sparse deltas; the deltas become corrections,
-    and the deltas and densely trained tensors stay whole on every process."""
+    """fully_shard the frozen base of a model carrying sparse deltas (on the CPU) onto `device`; the
+    deltas become corrections, and they and the densely trained tensors stay whole on every process."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -63,6 +63,12 @@ def shard(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     for block in blocks(model):
         fully_shard(block, mesh=mesh, ignored_params=kept)
     fully_shard(model, mesh=mesh, ignored_params=kept)
+    with torch.no_grad():  # fully_shard moves what it shards; the replicated tensors follow by hand
+        for adapter in state.adapters.values():
+            for delta in adapter.deltas.values():
+                delta.to(device)
+            for param in adapter.saved.values():
+                param.data = param.data.to(device)
     return model
 
 

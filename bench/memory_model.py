@@ -1,0 +1,182 @@
+"""Measure the peak tensor memory of a training step, per method, model size, batch and precision, and
+check `sparsedelta.train.memory.estimate` against it.
+
+Each measurement runs in its own process: the model is loaded, the method attached (the same
+setups as bench/bench.py: full fine-tuning, SaRA at 1%, PEFT LoRA r=8), one warm-up step taken (so
+AdamW's state exists), and one step profiled: the peak of the bytes held by live tensors over the
+step, split by what torch's memory profiler calls each tensor (parameter, gradient, optimizer
+state, activation, temporary) at that moment. Live tensor bytes are what a GPU's allocator would
+hold (plus its CUDA context); peak RSS on a CPU adds the libraries (~0.5 GiB) and the allocator's
+caching, so it is not what is modelled.
+
+    .venv/bin/python bench/memory_model.py            # MiniLM-L6 and SmolLM2-135M, 3 shapes, 3 methods, fp32 + bf16
+    .venv/bin/python bench/memory_model.py --fit      # the activation coefficients from the saved measurements
+
+Writes bench/results/memory-model.json: every measurement with the estimate beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "memory-model.json"
+SHAPES = {"classification": [(4, 64), (8, 64), (4, 128)], "causal-lm": [(1, 64), (2, 64), (1, 128)]}
+METHODS = {"full": "full", "sara@1%": "sara", "lora": "lora"}  # bench.py's setup name -> estimate's method
+PRECISIONS = ["fp32", "bf16"]
+
+
+def bench_module():
+    spec = importlib.util.spec_from_file_location("bench", HERE / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def peak_by_category(step) -> dict:
+    """The peak of live tensor bytes during `step()` and what those bytes were at that moment."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        step()
+    profile_ = p._memory_profile()
+    live: dict = {}  # tensor key -> (bytes, category)
+    totals: dict[str, int] = {}
+    peak, at_peak = 0, {}
+    for _, action, (key, version), size in profile_.timeline:
+        if action in (Action.PREEXISTING, Action.CREATE):
+            category = profile_._categories.get(key, version)
+            name = category.name.lower() if category is not None else "other"
+            live[key] = (size, name)
+            totals[name] = totals.get(name, 0) + size
+        elif action == Action.DESTROY and key in live:
+            size, name = live.pop(key)
+            totals[name] -= size
+        total = sum(totals.values())
+        if total > peak:
+            peak, at_peak = total, dict(totals)
+    return {"peak_bytes": peak, "at_peak": {k: v for k, v in at_peak.items() if v}}
+
+
+def worker(args) -> dict:
+    import torch
+
+    bench = bench_module()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = bench.load_model(args)
+    params, extra_loss, _ = bench.setup(args.worker, model, args)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    inputs = bench.make_batch(args)
+    model.train()
+
+    def step():
+        with bench.autocast(args.precision):
+            loss = model(**inputs).loss.float()
+        if extra_loss:
+            loss = loss + extra_loss(model)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    return {
+        "model": args.model_label,
+        "task": args.task,
+        "method": args.worker,
+        "precision": args.precision,
+        "batch": args.batch,
+        "seq": args.seq,
+        "trainable": sum(p.numel() for p in params),
+        **peak_by_category(step),
+    }
+
+
+def run_worker(task: str, model: Path, label: str, method: str, precision: str, batch: int, seq: int, threads: int):
+    cmd = [sys.executable, __file__, "--worker", method, "--task", task, "--model", str(model), "--model-label", label,
+           "--precision", precision, "--batch", str(batch), "--seq", str(seq), "--threads", str(threads)]  # fmt: skip
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{label} {method} {precision} {batch}x{seq} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def with_estimates(runs: list[dict], models: dict[str, str]) -> list[dict]:
+    """Each run with the estimate for its setting and the relative error."""
+    from sparsedelta.train.memory import estimate
+
+    for r in runs:
+        est = estimate(models[r["model"]], METHODS[r["method"]], batch=r["batch"], seq=r["seq"],
+                       precision=r["precision"], density=0.01, lora_rank=8, task=r["task"])  # fmt: skip
+        r["estimate_bytes"] = est.total
+        r["error"] = est.total / r["peak_bytes"] - 1
+    return runs
+
+
+def print_runs(runs: list[dict]) -> None:
+    print(f"\n{'model':<14}{'method':<10}{'prec':<6}{'batch':>8}{'measured MiB':>14}{'estimate MiB':>14}{'error':>8}  at the peak (MiB)")
+    for r in runs:
+        parts = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(r["at_peak"].items(), key=lambda kv: -kv[1]))
+        print(
+            f"{r['model']:<14}{r['method']:<10}{r['precision']:<6}{r['batch']:>4}x{r['seq']:<3}"
+            f"{r['peak_bytes'] / 2**20:>14.0f}{r.get('estimate_bytes', 0) / 2**20:>14.0f}{r.get('error', 0):>8.1%}  {parts}"
+        )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--check", action="store_true", help="only compare the saved measurements with the estimate")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--task", default="classification", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model-label", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=4, help=argparse.SUPPRESS)
+    parser.add_argument("--seq", type=int, default=64, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    bench = bench_module()
+    models = {"MiniLM-L6": ("classification", bench.default_model("classification")),
+              "SmolLM2-135M": ("causal-lm", bench.default_model("causal-lm"))}  # fmt: skip
+    paths = {label: str(path) for label, (_, path) in models.items()}
+    if args.check:
+        record = json.loads(RESULTS.read_text())
+        runs = with_estimates(record["runs"], paths)
+    else:
+        started, runs = time.time(), []
+        for label, (task, path) in models.items():
+            for method in METHODS:
+                for precision in PRECISIONS:
+                    for batch, seq in SHAPES[task]:
+                        print(f"{label} {method} {precision} {batch}x{seq}", flush=True)
+                        runs.append(run_worker(task, path, label, method, precision, batch, seq, args.threads))
+        runs = with_estimates(runs, paths)
+        record = {"date": time.strftime("%Y-%m-%d"), "wall_s": time.time() - started}
+    import torch
+
+    record.update({"torch": torch.__version__, "runs": runs})
+    errors = [abs(r["error"]) for r in runs]
+    record["max_abs_error"] = max(errors)
+    print_runs(runs)
+    print(f"\nlargest |error| {max(errors):.1%}, mean {sum(errors) / len(errors):.1%} over {len(runs)} measurements")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
