@@ -10,7 +10,8 @@ hold (plus its CUDA context); peak RSS on a CPU adds the libraries (~0.5 GiB) an
 caching, so it is not what is modelled.
 
     .venv/bin/python bench/memory_model.py            # MiniLM-L6 and SmolLM2-135M, 3 shapes, 3 methods, fp32 + bf16
-    .venv/bin/python bench/memory_model.py --fit      # the activation coefficients from the saved measurements
+    .venv/bin/python bench/memory_model.py --fit      # refit the activation coefficients to the saved measurements
+    .venv/bin/python bench/memory_model.py --check    # compare the saved measurements with the estimate
 
 Writes bench/results/memory-model.json: every measurement with the estimate beside it.
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "memory-model.json"
 SHAPES = {"classification": [(4, 64), (8, 64), (4, 128)], "causal-lm": [(1, 64), (2, 64), (1, 128)]}
+HELD_OUT = {"classification": [(16, 128)], "causal-lm": [(4, 128)]}  # not fitted to: checks the fit
 METHODS = {"full": "full", "sara@1%": "sara", "lora": "lora"}  # bench.py's setup name -> estimate's method
 PRECISIONS = ["fp32", "bf16"]
 
@@ -111,16 +113,56 @@ def run_worker(task: str, model: Path, label: str, method: str, precision: str, 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def with_estimates(runs: list[dict], models: dict[str, str]) -> list[dict]:
-    """Each run with the estimate for its setting and the relative error."""
+def estimate_of(run: dict, shapes: dict):
     from sparsedelta.train.memory import estimate
 
+    return estimate(shapes[run["model"]], METHODS[run["method"]], batch=run["batch"], seq=run["seq"],
+                    precision=run["precision"], density=0.01, lora_rank=8, task=run["task"])  # fmt: skip
+
+
+def with_estimates(runs: list[dict], shapes: dict) -> list[dict]:
+    """Each run with the estimate for its setting and the relative error."""
     for r in runs:
-        est = estimate(models[r["model"]], METHODS[r["method"]], batch=r["batch"], seq=r["seq"],
-                       precision=r["precision"], density=0.01, lora_rank=8, task=r["task"])  # fmt: skip
-        r["estimate_bytes"] = est.total
-        r["error"] = est.total / r["peak_bytes"] - 1
+        r["estimate_bytes"] = estimate_of(r, shapes).total
+        r["error"] = r["estimate_bytes"] / r["peak_bytes"] - 1
     return runs
+
+
+def fit(runs: list[dict], shapes: dict) -> dict[str, list[float]]:
+    """Activation bytes per token (per layer x hidden, x intermediate, x heads x seq where the attention
+    keeps its probabilities, per output width), per precision, from the runs whose peak holds the
+    activations (not full fine-tuning's, which peaks at the optimizer step): least squares on the
+    relative error, coefficients kept non-negative."""
+    import torch
+
+    from sparsedelta.train.memory import activation_bytes
+
+    coefficients = {}
+    for precision in PRECISIONS:
+        rows, targets = [], []
+        for r in runs:
+            if r["precision"] != precision or r["method"] == "full" or r.get("held_out"):
+                continue
+            shape, est = shapes[r["model"]], estimate_of(r, shapes)
+            measured = r["peak_bytes"] - est.weights - est.state - (est.activations - activation_bytes(shape, r["batch"], r["seq"], precision))
+            tokens = r["batch"] * r["seq"]
+            probs = shape.heads * r["seq"] if shape.keeps_attention_probs else 0
+            features = [tokens * shape.layers * shape.hidden, tokens * shape.layers * shape.intermediate,
+                        tokens * shape.layers * probs, tokens * shape.output_width]  # fmt: skip
+            rows.append([f / measured for f in features])
+            targets.append(1.0)
+        a, b = torch.tensor(rows, dtype=torch.float64), torch.tensor(targets, dtype=torch.float64)
+        active = list(range(a.shape[1]))
+        while True:  # drop the coefficients that come out negative and refit
+            solution = torch.linalg.lstsq(a[:, active], b[:, None]).solution[:, 0]
+            if (solution >= 0).all():
+                break
+            active = [i for i, v in zip(active, solution.tolist(), strict=True) if v >= 0]
+        full = [0.0] * a.shape[1]
+        for i, v in zip(active, solution.tolist(), strict=True):
+            full[i] = round(v, 2)
+        coefficients[precision] = full
+    return coefficients
 
 
 def print_runs(runs: list[dict]) -> None:
@@ -128,7 +170,7 @@ def print_runs(runs: list[dict]) -> None:
     for r in runs:
         parts = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(r["at_peak"].items(), key=lambda kv: -kv[1]))
         print(
-            f"{r['model']:<14}{r['method']:<10}{r['precision']:<6}{r['batch']:>4}x{r['seq']:<3}"
+            f"{r['model']:<14}{r['method']:<10}{r['precision']:<6}{r['batch']:>4}x{r['seq']:<3}{'*' if r.get('held_out') else ' '}"
             f"{r['peak_bytes'] / 2**20:>14.0f}{r.get('estimate_bytes', 0) / 2**20:>14.0f}{r.get('error', 0):>8.1%}  {parts}"
         )
 
@@ -137,6 +179,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--check", action="store_true", help="only compare the saved measurements with the estimate")
+    parser.add_argument("--fit", action="store_true", help="fit the activation coefficients to the saved measurements")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--task", default="classification", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -149,30 +192,39 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args)))
         return
 
+    from sparsedelta.train.memory import model_shape
+
     bench = bench_module()
     models = {"MiniLM-L6": ("classification", bench.default_model("classification")),
               "SmolLM2-135M": ("causal-lm", bench.default_model("causal-lm"))}  # fmt: skip
-    paths = {label: str(path) for label, (_, path) in models.items()}
+    shapes = {label: model_shape(str(path), task) for label, (task, path) in models.items()}
+    if args.fit:
+        print(json.dumps(fit(json.loads(RESULTS.read_text())["runs"], shapes)))
+        return
     if args.check:
         record = json.loads(RESULTS.read_text())
-        runs = with_estimates(record["runs"], paths)
+        runs = with_estimates(record["runs"], shapes)
     else:
         started, runs = time.time(), []
         for label, (task, path) in models.items():
             for method in METHODS:
                 for precision in PRECISIONS:
-                    for batch, seq in SHAPES[task]:
+                    for batch, seq in SHAPES[task] + HELD_OUT[task]:
                         print(f"{label} {method} {precision} {batch}x{seq}", flush=True)
-                        runs.append(run_worker(task, path, label, method, precision, batch, seq, args.threads))
-        runs = with_estimates(runs, paths)
+                        run = run_worker(task, path, label, method, precision, batch, seq, args.threads)
+                        runs.append({**run, "held_out": (batch, seq) in HELD_OUT[task]})
+        runs = with_estimates(runs, shapes)
         record = {"date": time.strftime("%Y-%m-%d"), "wall_s": time.time() - started}
     import torch
 
     record.update({"torch": torch.__version__, "runs": runs})
-    errors = [abs(r["error"]) for r in runs]
-    record["max_abs_error"] = max(errors)
     print_runs(runs)
-    print(f"\nlargest |error| {max(errors):.1%}, mean {sum(errors) / len(errors):.1%} over {len(runs)} measurements")
+    for held_out in (False, True):
+        errors = [abs(r["error"]) for r in runs if bool(r.get("held_out")) == held_out]
+        if errors:
+            what = "held-out settings (not fitted to)" if held_out else "settings the activations were fitted to"
+            print(f"{what}: largest |error| {max(errors):.1%}, mean {sum(errors) / len(errors):.1%} over {len(errors)}")
+            record["max_abs_error_held_out" if held_out else "max_abs_error_fitted"] = max(errors)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {RESULTS}")

@@ -1,4 +1,4 @@
-"""`sparsedelta train | eval | inspect | merge | analyze | methods`: a thin argparse layer over the
+"""`sparsedelta train | eval | inspect | merge | analyze | methods | estimate`: a thin argparse layer over the
 public API, one module per subcommand.
 
 Mistakes a user can fix are printed as one line naming the problem and the fix (exit status 2);
@@ -13,10 +13,10 @@ import sys
 
 from ..core.io import DeltaFileError
 from ..errors import UsageError
-from . import analyze, evaluate, inspect, merge, methods, train
+from . import analyze, estimate, evaluate, inspect, merge, methods, train
 
 ERRORS = (UsageError, DeltaFileError, FileNotFoundError, ValueError, KeyError)
-SUBCOMMANDS = (train, evaluate, inspect, merge, analyze, methods)
+SUBCOMMANDS = (train, evaluate, inspect, merge, analyze, methods, estimate)
 
 
 def build_parser() -> argparse.ArgumentParser:
