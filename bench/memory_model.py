@@ -12,6 +12,7 @@ caching, so it is not what is modelled.
     .venv/bin/python bench/memory_model.py            # MiniLM-L6 and SmolLM2-135M, 3 shapes, 3 methods, fp32 + bf16
     .venv/bin/python bench/memory_model.py --fit      # refit the activation coefficients to the saved measurements
     .venv/bin/python bench/memory_model.py --check    # compare the saved measurements with the estimate
+    .venv/bin/python bench/memory_model.py --table    # the largest model each method trains in 16 / 24 / 80 GB
 
 Writes bench/results/memory-model.json: every measurement with the estimate beside it.
 """
@@ -175,11 +176,38 @@ def print_runs(runs: list[dict]) -> None:
         )
 
 
+TABLE_ROWS = {  # label -> estimate settings
+    "full fine-tuning (float32 weights)": {"method": "full"},
+    "LoRA r=16, float32 base": {"method": "lora", "lora_rank": 16},
+    "LoRA r=16, bf16 base": {"method": "lora", "lora_rank": 16, "base_dtype": "bfloat16"},
+    "SaRA 1%, float32 base": {"method": "sara", "density": 0.01},
+    "SaRA 1%, bf16 base": {"method": "sara", "density": 0.01, "base_dtype": "bfloat16"},
+}
+
+
+def print_table(batch: int = 4, seq: int = 512, budgets=(16, 24, 80)) -> None:
+    """Markdown: per method, the largest REFERENCE model whose estimated peak fits each budget (less
+    1 GiB for the CUDA context), bf16 autocast, AdamW's foreach step, no activation checkpointing."""
+    from sparsedelta.train.memory import REFERENCE, estimate, largest_fitting, model_shape
+
+    print(f"batch {batch} x {seq} tokens, bf16 autocast, AdamW on a GPU (foreach), no activation checkpointing\n")
+    print("| method | " + " | ".join(f"{b} GB" for b in budgets) + " | peak for Llama-3.1-8B |")
+    print("|---|" + "---|" * (len(budgets) + 1))
+    eight = model_shape("llama-3.1-8b")
+    for label, settings in TABLE_ROWS.items():
+        common = {"batch": batch, "seq": seq, "precision": "bf16", "device": "cuda", **settings}
+        cells = [largest_fitting(b * 1e9 / 2**30, **common) or "none" for b in budgets]
+        peak = estimate(eight, task="causal-lm", **common).total / 2**30
+        print(f"| {label} | " + " | ".join(cells) + f" | {peak:.1f} GiB |")
+    print("\nmodels: " + ", ".join(REFERENCE))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--check", action="store_true", help="only compare the saved measurements with the estimate")
     parser.add_argument("--fit", action="store_true", help="fit the activation coefficients to the saved measurements")
+    parser.add_argument("--table", action="store_true", help="print the largest model each method trains in 16/24/80 GB")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--task", default="classification", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -190,6 +218,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if args.table:
+        print_table()
         return
 
     from sparsedelta.train.memory import model_shape

@@ -225,3 +225,45 @@ def test_a_float32_delta_goes_onto_a_bf16_model_through_model_bfloat16(tiny, tmp
         got = model(ids)
     assert got.dtype == torch.bfloat16 and all(not d.holds_delta for d in deltas_of(model).values())
     torch.testing.assert_close(got.float(), expected, atol=float(expected.abs().max()) / 32, rtol=0)
+
+
+def test_conv1d_on_a_bf16_base_matches_float64():
+    """transformers' Conv1D stores its weight (in, out): the correction's transposed layout."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(24, 16), nn.Tanh(), Conv1D(8, 24)).bfloat16()
+    reference = copy.deepcopy(model).double()
+    config = sd.RandomConfig(density=0.3, parameter_kinds=("weight", "bias"))
+    sd.prepare(model, config)
+    sd.prepare(reference, config)
+    for delta, ref in zip(deltas_of(model).values(), deltas_of(reference).values(), strict=True):
+        with torch.no_grad():
+            change = 0.3 * bf16_ulp(delta.base) * torch.randn(len(delta.indices)).sign()
+            delta.values.copy_(change)
+            ref.values.copy_(change.double())
+    x = torch.randn(4, 5, 16)
+    x16, x64 = x.bfloat16().requires_grad_(True), x.double().requires_grad_(True)
+    got, expected = model(x16), reference(x64)
+    torch.testing.assert_close(got.double(), expected, atol=float(expected.abs().max()) / 64, rtol=0)
+    got.float().pow(2).sum().backward()
+    expected.pow(2).sum().backward()
+    assert torch.nn.functional.cosine_similarity(x16.grad.double().flatten(), x64.grad.flatten(), dim=0) > 0.999
+    for delta, ref in zip(deltas_of(model).values(), deltas_of(reference).values(), strict=True):
+        assert torch.nn.functional.cosine_similarity(delta.values.grad.double(), ref.values.grad, dim=0) > 0.99
+
+
+def test_model_bfloat16_keeps_the_trained_values_float32(tiny):
+    sd.prepare(tiny, sd.RandomConfig(density=0.2))
+    with torch.no_grad():
+        for delta in deltas_of(tiny).values():
+            delta.values.normal_(0, 1e-4)
+    before = {n: d.values.detach().clone() for n, d in deltas_of(tiny).items()}
+    params = {n: d.values for n, d in deltas_of(tiny).items()}
+    tiny.bfloat16()
+    for name, delta in deltas_of(tiny).items():
+        assert delta.values is params[name]  # the same Parameter: an optimizer keeps following it
+        assert delta.values.dtype == torch.float32 and torch.equal(delta.values.detach(), before[name])
+        assert delta.base.dtype == torch.bfloat16
+    tiny.double()
+    assert all(d.values.dtype == torch.float64 for d in deltas_of(tiny).values())  # widening casts apply

@@ -80,19 +80,13 @@ def _linear(module, delta, path, x, bias_delta=None):
     if delta.holds_delta:
         pattern = delta.csr() if sampled else None
         return LinearDelta.apply(x, weight, module.bias, delta.values, delta.indices, path.transposed, pattern)
-    crow, col, order = delta.all_pattern()
     bias = module.bias if bias_delta is None else bias_delta.added_to(module.bias)
-    every = (crow, col, delta.all_values(order))
-    return LinearCorrected.apply(
-        x, weight, bias, delta.values, delta.indices, path.transposed, delta.csr(), every, sampled
-    )
+    pattern = delta.csr() if sampled else None
+    return LinearCorrected.apply(x, weight, bias, delta.values, delta.indices, path.transposed, pattern, delta.every_entry())
 
 
 def _embedding(module, delta, path, ids):
-    every = None
-    if not delta.holds_delta:
-        positions, order = torch.cat([delta.indices, delta.frozen_indices]), delta.all_pattern()[2]
-        every = (positions if order is None else positions[order], delta.all_values(order))
+    every = None if delta.holds_delta else delta.every_entry()
     return EmbeddingDelta.apply(ids, module.weight, delta.values, delta.indices, module.padding_idx, every)
 
 

@@ -97,6 +97,20 @@ class SparseDelta(nn.Module):
         self.register_buffer("frozen_values", self.values.detach()[:0].clone())
         self._merge = _MergeState()
 
+    def _apply(self, fn, recurse=True):
+        """Device moves and casts apply to everything but that a narrowing cast (model.bfloat16(),
+        .half()) reaches θ's values (`base`, as the weight's) and not the trained values, which stay
+        in at least float32."""
+        kept = {"values": self.values.data, "frozen_values": self.frozen_values}
+        super()._apply(fn, recurse)
+        with torch.no_grad():
+            if self.values.dtype.itemsize < kept["values"].dtype.itemsize:
+                self.values.data = kept["values"].to(self.values.device)
+            if self.frozen_values.dtype.itemsize < kept["frozen_values"].dtype.itemsize:
+                self.frozen_values = kept["frozen_values"].to(self.frozen_values.device)
+        self._merge.cache_key = self._merge.cache = None
+        return self
+
     # copies and pickles hold the weight strongly, so that a deep copy of the model points at the copy's weight
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -175,6 +189,7 @@ class SparseDelta(nn.Module):
                 state.written = "base"
             return
         if state.written != dtype:  # first write, or the weight's dtype changed since
+            state.cache_key = state.cache = None
             if self.frozen_indices.numel():
                 self._write(self.frozen_indices, self._merged_values(self.frozen_base, self.frozen_values))
             state.written, state.synced_version = dtype, -1
@@ -199,25 +214,12 @@ class SparseDelta(nn.Module):
             flat = flat.index_add(0, self.frozen_indices, self.frozen_values.float())
         return flat.index_add(0, self.indices, self.values.float()).view(tensor.shape)
 
-    def all_pattern(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """CSR (crow, col) of every entry, trained and frozen, and the order that puts
-        cat(values, frozen_values) in it (None when nothing is frozen); cached until the positions change."""
+    def every_entry(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, delta values in float32) of every entry, trained then frozen; not differentiable."""
         if not self.frozen_indices.numel():
-            return (*self.csr(), None)
-        cached = getattr(self, "_all_cache", None)
-        versions = (self.indices._version, self.frozen_indices._version)
-        same = cached is not None and cached[0] is self.indices and cached[1] is self.frozen_indices
-        if not same or cached[2] != versions:
-            positions = torch.cat([self.indices, self.frozen_indices])
-            order = torch.argsort(positions)
-            cached = (self.indices, self.frozen_indices, versions, (*csr_of(positions[order], self.shape), order))
-            self._all_cache = cached
-        return cached[3]
-
-    def all_values(self, order: torch.Tensor | None) -> torch.Tensor:
-        """Every entry's delta value in float32, in `all_pattern`'s order (not differentiable)."""
-        values = self.values.detach().float()
-        return values if order is None else torch.cat([values, self.frozen_values.float()])[order]
+            return self.indices, self.values.detach().float()
+        positions = torch.cat([self.indices, self.frozen_indices])
+        return positions, torch.cat([self.values.detach().float(), self.frozen_values.float()])
 
     def csr(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The trainable positions as the CSR pattern (crow, col) of the 2-D weight, for sampled
