@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "memory-model.json"
 SHAPES = {"classification": [(4, 64), (8, 64), (4, 128)], "causal-lm": [(1, 64), (2, 64), (1, 128)]}
 HELD_OUT = {"classification": [(16, 128)], "causal-lm": [(4, 128)]}  # not fitted to: checks the fit
+BF16_BASES = ["sara@1%", "lora"]  # also measured on a base loaded in bf16, at the held-out shapes
 METHODS = {"full": "full", "sara@1%": "sara", "lora": "lora"}  # bench.py's setup name -> estimate's method
 PRECISIONS = ["fp32", "bf16"]
 
@@ -77,6 +78,8 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = bench.load_model(args)
+    if args.base_dtype != "float32":
+        model = model.to(getattr(torch, args.base_dtype))
     params, extra_loss, _ = bench.setup(args.worker, model, args)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     inputs = bench.make_batch(args)
@@ -97,6 +100,7 @@ def worker(args) -> dict:
         "task": args.task,
         "method": args.worker,
         "precision": args.precision,
+        "base_dtype": args.base_dtype,
         "batch": args.batch,
         "seq": args.seq,
         "trainable": sum(p.numel() for p in params),
@@ -104,9 +108,11 @@ def worker(args) -> dict:
     }
 
 
-def run_worker(task: str, model: Path, label: str, method: str, precision: str, batch: int, seq: int, threads: int):
+def run_worker(task: str, model: Path, label: str, method: str, precision: str, batch: int, seq: int, threads: int,
+               base_dtype: str = "float32"):  # fmt: skip
     cmd = [sys.executable, __file__, "--worker", method, "--task", task, "--model", str(model), "--model-label", label,
-           "--precision", precision, "--batch", str(batch), "--seq", str(seq), "--threads", str(threads)]  # fmt: skip
+           "--precision", precision, "--batch", str(batch), "--seq", str(seq), "--threads", str(threads),
+           "--base-dtype", base_dtype]  # fmt: skip
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -118,7 +124,8 @@ def estimate_of(run: dict, shapes: dict):
     from sparsedelta.train.memory import estimate
 
     return estimate(shapes[run["model"]], METHODS[run["method"]], batch=run["batch"], seq=run["seq"],
-                    precision=run["precision"], density=0.01, lora_rank=8, task=run["task"])  # fmt: skip
+                    precision=run["precision"], base_dtype=run.get("base_dtype", "float32"), density=0.01,
+                    lora_rank=8, task=run["task"])  # fmt: skip
 
 
 def with_estimates(runs: list[dict], shapes: dict) -> list[dict]:
@@ -142,7 +149,7 @@ def fit(runs: list[dict], shapes: dict) -> dict[str, list[float]]:
     for precision in PRECISIONS:
         rows, targets = [], []
         for r in runs:
-            if r["precision"] != precision or r["method"] == "full" or r.get("held_out"):
+            if r["precision"] != precision or r["method"] == "full" or r.get("held_out") or r.get("base_dtype", "float32") != "float32":
                 continue
             shape, est = shapes[r["model"]], estimate_of(r, shapes)
             measured = r["peak_bytes"] - est.weights - est.state - (est.activations - activation_bytes(shape, r["batch"], r["seq"], precision))
@@ -167,11 +174,11 @@ def fit(runs: list[dict], shapes: dict) -> dict[str, list[float]]:
 
 
 def print_runs(runs: list[dict]) -> None:
-    print(f"\n{'model':<14}{'method':<10}{'prec':<6}{'batch':>8}{'measured MiB':>14}{'estimate MiB':>14}{'error':>8}  at the peak (MiB)")
+    print(f"\n{'model':<14}{'method':<19}{'prec':<6}{'batch':>8}{'measured MiB':>14}{'estimate MiB':>14}{'error':>8}  at the peak (MiB)")
     for r in runs:
         parts = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(r["at_peak"].items(), key=lambda kv: -kv[1]))
         print(
-            f"{r['model']:<14}{r['method']:<10}{r['precision']:<6}{r['batch']:>4}x{r['seq']:<3}{'*' if r.get('held_out') else ' '}"
+            f"{r['model']:<14}{r['method'] + (' bf16 base' if r.get('base_dtype', 'float32') != 'float32' else ''):<19}{r['precision']:<6}{r['batch']:>4}x{r['seq']:<3}{'*' if r.get('held_out') else ' '}"
             f"{r['peak_bytes'] / 2**20:>14.0f}{r.get('estimate_bytes', 0) / 2**20:>14.0f}{r.get('error', 0):>8.1%}  {parts}"
         )
 
@@ -213,6 +220,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model-label", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--base-dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=4, help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, default=64, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -244,6 +252,11 @@ def main(argv=None) -> None:
                         print(f"{label} {method} {precision} {batch}x{seq}", flush=True)
                         run = run_worker(task, path, label, method, precision, batch, seq, args.threads)
                         runs.append({**run, "held_out": (batch, seq) in HELD_OUT[task]})
+            if method in BF16_BASES:
+                for batch, seq in HELD_OUT[task]:
+                    print(f"{label} {method} on a bf16 base {batch}x{seq}", flush=True)
+                    run = run_worker(task, path, label, method, "bf16", batch, seq, args.threads, "bfloat16")
+                    runs.append({**run, "held_out": True})
         runs = with_estimates(runs, shapes)
         record = {"date": time.strftime("%Y-%m-%d"), "wall_s": time.time() - started}
     import torch
