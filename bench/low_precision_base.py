@@ -21,7 +21,7 @@ exact change (float32 weights and compute; correlation and size ratio):
                 to the delta's effect. Above ~1 no bf16 forward shows a delta this small faithfully,
                 merged or not: only float32 storage of the delta and its float32 add keep it.
 
-    .venv/bin/python bench/low_precision_base.py [--low 1e-4 --high 5e-4] [--dtype bfloat16|float16]
+    .venv/bin/python bench/low_precision_base.py [--low 1e-4 --high 5e-4] [--dtype bfloat16|float16] [--name NAME]
 
 Writes bench/results/low-precision-base.json.
 """
