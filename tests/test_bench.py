@@ -91,3 +91,25 @@ def test_supertuning_worker_against_sara_at_the_same_density(bench, minilm_path,
     assert st["peak_tensor_mib"] > sara["peak_tensor_mib"]
     bench.print_supertuning(bench.summarise([st, sara]))
     assert "PEFT Super-Tuning (select_top=False) against SaRA at 1%" in capsys.readouterr().out
+
+
+def test_bf16_worker_runs_under_autocast(bench, minilm_path):
+    args = worker_args(minilm_path, "sara@1%")
+    args.worker_precision = "bf16"
+    result = bench.worker(args)
+    assert result["precision"] == "bf16" and result["step_s"] > 0 and result["trainable"] > 0
+
+
+@pytest.mark.slow
+def test_quick_run_in_both_precisions_gives_ratios_within_each(bench, tmp_path, capsys):
+    name = tmp_path / "quick"  # an absolute name: the results go there, not into bench/results
+    bench.main(["--quick", "--precision", "fp32", "bf16", "--methods", "full", "sara@1%", "--no-switch",
+                "--threads", "1", "--name", str(name)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "batch 4 x 32, fp32" in out and "batch 4 x 32, bf16" in out and "bf16 / fp32" in out
+    record = __import__("json").loads(name.with_suffix(".json").read_text())
+    assert set(record["summaries"]) == {"fp32", "bf16"}
+    for summary in record["summaries"].values():
+        assert set(summary) == {"full", "sara@1%"} and all(r["runs"] == 1 for r in summary.values())
+    assert {r["precision"] for r in record["runs"]} == {"fp32", "bf16"}
+    assert name.with_suffix(".png").exists() and (tmp_path / "quick-bf16.png").exists()

@@ -1,5 +1,5 @@
-"""`sparsedelta train | eval | inspect | merge | compose | predict | export | import | analyze | methods`:
-a thin argparse layer over the public API, one module per subcommand.
+"""`sparsedelta train | eval | inspect | merge | compose | predict | export | import | analyze | methods |
+estimate`: a thin argparse layer over the public API, one module per subcommand.
 
 Mistakes a user can fix are printed as one line naming the problem and the fix (exit status 2);
 SPARSEDELTA_DEBUG=1 shows the traceback instead.
@@ -13,10 +13,10 @@ import sys
 
 from ..core.io import DeltaFileError
 from ..errors import UsageError
-from . import analyze, compose, evaluate, export, import_, inspect, merge, methods, predict, train
+from . import analyze, compose, estimate, evaluate, export, import_, inspect, merge, methods, predict, train
 
 ERRORS = (UsageError, DeltaFileError, FileNotFoundError, ValueError, KeyError)
-SUBCOMMANDS = (train, evaluate, inspect, merge, compose, predict, export, import_, analyze, methods)
+SUBCOMMANDS = (train, evaluate, inspect, merge, compose, predict, export, import_, analyze, methods, estimate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,8 +20,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import patching
 from .config import DeltaConfig, SelectionReport
+from .correction import bake_corrected, in_float32
 from .delta import SparseDelta
-from .ops import AddDelta, EmbeddingDelta, LinearDelta, sampled_pays
+from .ops import AddDelta, EmbeddingDelta, LinearCorrected, LinearDelta, compute_dtype, sampled_pays
 from .targeting import CONTAINER, Target, find_targets
 
 
@@ -77,13 +78,20 @@ def state_of(model: nn.Module) -> DeltaState:
 LAYER_KEY = "sparsedelta"
 
 
-def _linear(module, delta, path, x):
-    pattern = delta.csr() if sampled_pays(module.weight, len(delta.indices)) else None
-    return LinearDelta.apply(x, module.weight, module.bias, delta.values, delta.indices, path.transposed, pattern)
+def _linear(module, delta, path, x, bias_delta=None):
+    weight = module.weight
+    sampled = sampled_pays(weight, len(delta.indices), compute_dtype(weight))
+    if delta.holds_delta:
+        pattern = delta.csr() if sampled else None
+        return LinearDelta.apply(x, weight, module.bias, delta.values, delta.indices, path.transposed, pattern)
+    bias = module.bias if bias_delta is None else bias_delta.added_to(module.bias)
+    pattern = delta.csr() if sampled else None
+    return LinearCorrected.apply(x, weight, bias, delta.values, delta.indices, path.transposed, pattern, delta.every_entry())
 
 
 def _embedding(module, delta, path, ids):
-    return EmbeddingDelta.apply(ids, module.weight, delta.values, delta.indices, module.padding_idx)
+    every = None if delta.holds_delta else delta.every_entry()
+    return EmbeddingDelta.apply(ids, module.weight, delta.values, delta.indices, module.padding_idx, every)
 
 
 FAST = {"linear": _linear, "embedding": _embedding}
@@ -91,7 +99,10 @@ FAST = {"linear": _linear, "embedding": _embedding}
 
 class DeltaLayer:
     """A module's patching layer: keeps the active adapter's merged weights current and routes the
-    gradient to its values (the fast path of the module's type, else through `AddDelta`)."""
+    gradient to its values (the fast path of the module's type, else through `AddDelta`). A
+    corrected delta (a weight that holds θ only: bf16/fp16 or sharded) is added in the forward, also
+    without gradients: by the fast path's own correction, else by running the module in float32
+    on θ + delta (`_in_float32`)."""
 
     __slots__ = ("bindings", "active")
 
@@ -101,12 +112,18 @@ class DeltaLayer:
 
     def __call__(self, module: nn.Module, inner, *args, **kwargs):
         bound = self.bindings.get(self.active, ())
-        for _, delta in bound:
+        corrected = []
+        for name, delta in bound:
             delta.sync()
-        if not bound or not torch.is_grad_enabled() or not any(d.values.requires_grad for _, d in bound):
+            if not delta.holds_delta:
+                corrected.append(name)
+        training = torch.is_grad_enabled() and any(d.values.requires_grad for _, d in bound)
+        if not bound or not (training or corrected):
             return inner(*args, **kwargs)  # weights are merged: the ordinary forward is exact
         path = patching.fast_path(module) if inner.plain else None
         fast_delta = next((d for p, d in bound if p == "weight"), None) if path else None
+        if corrected:
+            return self._corrected(module, inner, bound, corrected, path, fast_delta, args, kwargs)
         swapped = []
         try:
             for pname, delta in bound:
@@ -122,6 +139,17 @@ class DeltaLayer:
         finally:
             for pname, original in swapped:
                 module._parameters[pname] = original
+
+    @staticmethod
+    def _corrected(module, inner, bound, corrected, path, fast_delta, args, kwargs):
+        others = {pname: d for pname, d in bound if d is not fast_delta}
+        fast = fast_delta is not None and "weight" in corrected
+        if fast and (not others or (path.kind == "linear" and set(others) == {"bias"} and "bias" in corrected)):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if path.kind == "linear":
+                return _linear(module, fast_delta, path, x, others.get("bias"))
+            return _embedding(module, fast_delta, path, x)
+        return in_float32(module, inner, dict(bound), args, kwargs)
 
 
 def delta_layer(module: nn.Module) -> DeltaLayer:
@@ -322,13 +350,28 @@ def _remove_all(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Make the active delta permanent and return a plain model without any sparsedelta parts."""
+    """Make the active delta permanent and return a plain model without any sparsedelta parts.
+
+    On a bfloat16/float16 base the merged weights are θ + delta rounded to that dtype, a different
+    model from the one trained (entries far below θ's last bit are lost): a warning says how many
+    entries lost more than half of their change. For the exact model call `model.float()` first."""
     state = state_of(model)
     if not state.merged:
         merge(model)
     sync(model)
+    adapter = state.adapters.get(state.active)
+    if adapter is not None:
+        bake_corrected(adapter.deltas)
     _remove_all(model)
     return model
+
+
+def use_correction(model: nn.Module) -> None:
+    """Apply every delta of the model as a correction in the forward (y = θx + Δx), never written into
+    the weights: what sharding the frozen base needs (FSDP), as no process holds a whole weight."""
+    for adapter in state_of(model).adapters.values():
+        for delta in adapter.deltas.values():
+            delta.use_correction()
 
 
 def unload(model: nn.Module) -> nn.Module:

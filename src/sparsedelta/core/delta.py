@@ -5,10 +5,18 @@ holds θ + delta at all times while the delta is active, so the forward pass is 
 ordinary forward. θ's original values at the selected positions (`base`) are kept, which makes
 unmerging bit-exact. Entries can later be frozen (SaRA's progressive re-selection): they stay
 merged and are saved, but are no longer trained.
+
+Two kinds of weight cannot hold θ + delta, and there the delta is applied as a *correction* instead
+(the weight keeps θ; the forward adds the delta's effect, `adapters.DeltaLayer`): a weight stored in
+bfloat16 or float16, where a delta below half of θ's last bit would round away (bf16 keeps 8
+significant bits: +1e-4 on θ = 0.05 is lost), and a weight sharded across processes (FSDP), which
+no process holds whole. `holds_delta` says which applies; it follows the weight's dtype, so
+`model.float()` turns a corrected delta into a merged one and `model.bfloat16()` the other way.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +30,16 @@ class _MergeState:
 
     merged: bool = False
     synced_version: int = -1
-    cache_key: tuple | None = None  # (values' storage, version) the cached merged values belong to
+    cache_key: tuple | None = None  # (values' storage, version, dtype) the cached merged values belong to
     cache: torch.Tensor | None = None
+    written: torch.dtype | str | None = None  # the weight holds θ + delta in this dtype, or "base": θ (corrected)
+    corrected: bool = False  # applied as a correction whatever the dtype (a sharded weight)
 
+
+def holds_delta(dtype: torch.dtype) -> bool:
+    """Whether a weight of this dtype can hold θ + delta (float32 and wider), rather than take the
+    delta as a correction in the forward (bfloat16, float16)."""
+    return dtype.itemsize >= 4
 
 def replace_data(param: torch.Tensor, data: torch.Tensor) -> None:
     """Give `param` new data of another size, keeping the same Parameter object (optimizers hold it).
@@ -66,7 +81,9 @@ class SparseDelta(nn.Module):
             raise IndexError(
                 f"delta positions must lie in [0, {weight.numel()}) for a tensor of shape {tuple(weight.shape)}"
             )
-        self.__dict__["weight"] = weight  # a reference, not a registered parameter of this module
+        # A weak reference, not a registered parameter: FSDP replaces the module's weight by its shards,
+        # and a strong one would keep the whole original tensor alive on every process.
+        self.__dict__["_weight_ref"] = weakref.ref(weight)
         self.shape = tuple(weight.shape)
         self.register_buffer("indices", indices)
         self.register_buffer("base", weight.detach().reshape(-1)[indices].clone())
@@ -80,6 +97,49 @@ class SparseDelta(nn.Module):
         self.register_buffer("frozen_values", self.values.detach()[:0].clone())
         self._merge = _MergeState()
 
+    def _apply(self, fn, recurse=True):
+        """Device moves and casts apply to everything but that a narrowing cast (model.bfloat16(),
+        .half()) reaches θ's values (`base`, as the weight's) and not the trained values, which stay
+        in at least float32."""
+        kept = {"values": self.values.data, "frozen_values": self.frozen_values}
+        super()._apply(fn, recurse)
+        with torch.no_grad():
+            if self.values.dtype.itemsize < kept["values"].dtype.itemsize:
+                self.values.data = kept["values"].to(self.values.device)
+            if self.frozen_values.dtype.itemsize < kept["frozen_values"].dtype.itemsize:
+                self.frozen_values = kept["frozen_values"].to(self.frozen_values.device)
+        self._merge.cache_key = self._merge.cache = None
+        return self
+
+    # copies and pickles hold the weight strongly, so that a deep copy of the model points at the copy's weight
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        ref = state.pop("_weight_ref")
+        state["_weight"] = ref()
+        return state
+
+    def __setstate__(self, state):
+        weight = state.pop("_weight")
+        super().__setstate__(state)
+        self.__dict__["_weight_ref"] = (lambda: None) if weight is None else weakref.ref(weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The tensor this delta is attached to."""
+        weight = self._weight_ref()
+        if weight is None:
+            raise RuntimeError(
+                f"the tensor of shape {self.shape} this delta was attached to no longer exists (its module's parameter "
+                "was replaced, e.g. by load_state_dict(assign=True) or FSDP's fully_shard); attach the delta again, or "
+                "call sparsedelta.core.adapters.use_correction(model) before sharding"
+            )
+        return weight
+
+    @property
+    def holds_delta(self) -> bool:
+        """True: the weight holds θ + delta (merged); False: the forward adds the delta as a correction."""
+        return not self._merge.corrected and holds_delta(self.weight.dtype)
+
     # -- keeping the weight up to date ------------------------------------------------------------
     # Switching tasks calls merge/unmerge for every tensor, so they stay lean: put_ on the flat
     # view (about twice as fast as index_copy_ here), numel() rather than len().
@@ -88,47 +148,85 @@ class SparseDelta(nn.Module):
             with torch.no_grad():
                 self.weight.view(-1).put_(indices, new.to(self.weight.dtype))
 
+    def _write_base(self) -> None:
+        self._write(self.indices, self.base)
+        self._write(self.frozen_indices, self.frozen_base)
+
     def _merged_values(self, base: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return base.to(values.dtype) + values.detach()
 
     def _merged_trained(self) -> torch.Tensor:
         """θ + delta at the trainable positions in the weight's dtype, kept until the values change,
         so switching back to this delta is a single write per tensor."""
-        state, key = self._merge, (self.values.data_ptr(), self.values._version)
+        state, key = self._merge, (self.values.data_ptr(), self.values._version, self.weight.dtype)
         if state.cache_key != key:
             state.cache = self._merged_values(self.base, self.values).to(self.weight.dtype)
             state.cache_key = key
         return state.cache
 
     def merge(self) -> None:
-        if self.frozen_indices.numel():
-            self._write(self.frozen_indices, self._merged_values(self.frozen_base, self.frozen_values))
         self._merge.merged = True
         self._merge.synced_version = -1
+        self._merge.written = None
         self.sync()
 
     def unmerge(self) -> None:
-        self._write(self.indices, self.base)
-        self._write(self.frozen_indices, self.frozen_base)
+        if self._merge.written not in ("base", None):  # a corrected delta never wrote into the weight
+            self._write_base()
         self._merge.merged = False
+        self._merge.written = None
 
     def sync(self) -> None:
-        """Bring the merged weight up to date after the values changed (e.g. an optimizer step)."""
-        state, version = self._merge, self.values._version
-        if state.merged and version != state.synced_version:
+        """Bring the merged weight up to date after the values changed (e.g. an optimizer step), or,
+        for a corrected delta, make sure the weight holds θ (after a change of dtype)."""
+        state = self._merge
+        if not state.merged or state.corrected:  # a sharded weight: never written
+            return
+        dtype = self.weight.dtype
+        if not holds_delta(dtype):
+            if state.written != "base":  # e.g. merged in float32, then model.bfloat16()
+                self._write_base()
+                state.written = "base"
+            return
+        if state.written != dtype:  # first write, or the weight's dtype changed since
+            state.cache_key = state.cache = None
+            if self.frozen_indices.numel():
+                self._write(self.frozen_indices, self._merged_values(self.frozen_base, self.frozen_values))
+            state.written, state.synced_version = dtype, -1
+        version = self.values._version
+        if version != state.synced_version:
             self._write(self.indices, self._merged_trained())
             state.synced_version = version
+
+    def use_correction(self) -> None:
+        """Apply this delta as a correction from now on, whatever the weight's dtype (before sharding
+        the weight): the weight gets θ back and is never written again."""
+        if self._merge.written not in ("base", None):
+            self._write_base()
+        self._merge.written = "base"
+        self._merge.corrected = True
+
+    def added_to(self, tensor: torch.Tensor) -> torch.Tensor:
+        """θ + delta in float32 from `tensor` (the weight holding θ, e.g. a bfloat16 one or an
+        all-gathered shard), differentiable with respect to `values`: a corrected delta's exact weight."""
+        flat = tensor.detach().reshape(-1).float()
+        if self.frozen_indices.numel():
+            flat = flat.index_add(0, self.frozen_indices, self.frozen_values.float())
+        return flat.index_add(0, self.indices, self.values.float()).view(tensor.shape)
+
+    def every_entry(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, delta values in float32) of every entry, trained then frozen; not differentiable."""
+        if not self.frozen_indices.numel():
+            return self.indices, self.values.detach().float()
+        positions = torch.cat([self.indices, self.frozen_indices])
+        return positions, torch.cat([self.values.detach().float(), self.frozen_values.float()])
 
     def csr(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The trainable positions as the CSR pattern (crow, col) of the 2-D weight, for sampled
         products; cached until the positions change."""
         cached = getattr(self, "_csr_cache", None)
         if cached is None or cached[0] is not self.indices or cached[1] != self.indices._version:
-            rows, cols = self.shape
-            index_dtype = torch.int32 if max(rows, cols, len(self.indices)) < 2**31 else torch.long
-            crow = torch.zeros(rows + 1, dtype=index_dtype, device=self.indices.device)
-            crow[1:] = torch.bincount(self.indices // cols, minlength=rows).cumsum(0)
-            cached = (self.indices, self.indices._version, (crow, (self.indices % cols).to(index_dtype)))
+            cached = (self.indices, self.indices._version, csr_of(self.indices, self.shape))
             self._csr_cache = cached
         return cached[2]
 
@@ -172,3 +270,12 @@ class SparseDelta(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, trainable={len(self.indices)}, frozen={len(self.frozen_indices)}"
+
+
+def csr_of(indices: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted flat positions in a 2-D tensor of `shape` as a CSR pattern (crow, col)."""
+    rows, cols = shape
+    index_dtype = torch.int32 if max(rows, cols, len(indices)) < 2**31 else torch.long
+    crow = torch.zeros(rows + 1, dtype=index_dtype, device=indices.device)
+    crow[1:] = torch.bincount(indices // cols, minlength=rows).cumsum(0)
+    return crow, (indices % cols).to(index_dtype)

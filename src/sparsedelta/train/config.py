@@ -15,6 +15,7 @@ from ..errors import UsageError
 from ..methods.base import MethodSettings
 
 TASKS = ("classification", "causal-lm")
+PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 TASK_DEFAULTS = {
     "classification": {"epochs": 2.0, "batch_size": 16, "eval_batch_size": 64, "weight_decay": 0.01, "warmup_ratio": 0.06,
@@ -66,6 +67,9 @@ class TrainConfig(MethodSettings):
     max_grad_norm: float = _f(1.0, "gradient clipping; 0: none", "optimisation")
     group_by_length: bool = _f(False, "batch examples of similar length together, as transformers' group_by_length: "
                                "less padding, the same examples per epoch", "optimisation", tasks=CLASSIFICATION)  # fmt: skip
+    precision: str = _f("fp32", "fp32, or bf16 / fp16: the forward (and so the backward) under autocast; delta values, "
+                        "optimizer state and the new head stay float32; fp16 scales the loss (docs/precision.md)",
+                        "optimisation")  # fmt: skip
     # samples (causal LM)
     prompt: str = _f("And God said unto Moses,", "the prompt of the greedy samples before and after", "run", tasks=CAUSAL_LM)  # fmt: skip
     max_new_tokens: int = _f(32, "tokens of each sample", "run", tasks=CAUSAL_LM)
@@ -75,6 +79,8 @@ class TrainConfig(MethodSettings):
     checkpoint_every: int = _f(50, "checkpoint every N steps; 0: never", "run")
     threads: int | None = _f(None, "CPU threads (default: one per idle core)", "run")
     device: str | None = _f(None, "cpu, cuda or cuda:N (default: this process's GPU if any, else the CPU)", "run")
+    fsdp: bool = _f(False, "under torchrun: shard the frozen base across the processes (FSDP2), the deltas replicated "
+                    "(docs/distributed.md)", "run")  # fmt: skip
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -87,6 +93,8 @@ class TrainConfig(MethodSettings):
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.epochs is not None and not self.epochs > 0:
             raise UsageError(f"--epochs must be > 0, got {self.epochs}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if self.split_by not in ("chapter", "book"):
             raise UsageError(f"--split-by {self.split_by}: choose chapter or book")
 

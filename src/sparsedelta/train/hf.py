@@ -33,6 +33,14 @@ model's forward takes `**kwargs`, assuming the model divides by the global token
 sequence classifier's mean cross-entropy does not: pass `average_tokens_across_devices=False` for
 classifiers, or their gradient (not the penalty's) is that many times too large.
 
+Mixed precision: `TrainingArguments(bf16=True)` (on a CPU also `use_cpu=True`) or `fp16=True` runs
+the forward under accelerate's autocast, as `--precision` does in `sparsedelta train`; the model, the
+delta values and the optimizer state stay float32. With fp16 on a GPU accelerate scales the loss and
+skips a step whose gradients overflowed: the callback then runs none of the runner's per-step work
+(it sees `optimizer.step_was_skipped`), and it unscales the gradients before adding the penalty's,
+whether or not the Trainer clipped them. (On a CPU accelerate applies no loss scaling to fp16: prefer
+bf16 there.)
+
 A method that swaps its trainable tensors mid-run (Diff Pruning's projection) is refused: the
 Trainer's optimizer and scheduler keep the tensors they were built with, so the second phase would
 silently train nothing. Run it as two Trainer runs instead (phase 1 on `diff_pruning.param_groups`,
@@ -73,15 +81,19 @@ class SparseDeltaCallback(TrainerCallback):
                 "run one process, or use `sparsedelta train` under torchrun / accelerate launch (it re-selects)"
             )
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         extra = self.runner.extra_loss(model, state.global_step)
         if extra is not None:
+            _unscale(optimizer)  # the penalty's gradient is added unscaled
             extra.backward()
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.runner.after_optimizer_step(model, optimizer)
+        if not _skipped(optimizer):
+            self.runner.after_optimizer_step(model, optimizer)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if _skipped(optimizer):  # fp16 overflow: no step was taken, so no step's schedule runs either
+            return
         event = self.runner.on_step(model, state.global_step, optimizer)
         if event:
             self.events.append((state.global_step, event))
@@ -93,3 +105,20 @@ class SparseDeltaCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.save_delta and isinstance(self.runner, DeltaRunner) and state.is_world_process_zero:
             save(model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT}-{state.global_step}" / "sparsedelta")
+
+
+def _skipped(optimizer) -> bool:
+    """Whether accelerate's loss scaler skipped the last optimizer step (fp16 gradients overflowed)."""
+    return bool(getattr(optimizer, "step_was_skipped", False))
+
+
+def _unscale(optimizer) -> None:
+    """Divide the gradients by fp16's loss scale if accelerate scales them and the Trainer has not
+    unscaled them yet (it does so only to clip)."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return
+    try:
+        scaler.unscale_(optimizer.optimizer)
+    except RuntimeError:  # "unscale_() has already been called on this optimizer since the last update()"
+        pass

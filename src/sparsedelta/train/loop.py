@@ -27,9 +27,10 @@ from ..data.batches import group_by_length
 from ..errors import UsageError
 from ..methods import Budget, MethodRunner, make_runner
 from ..report import plots
-from . import distributed
+from . import distributed, sharding
 from .card import run_card
 from .config import TrainConfig
+from .precision import Precision
 from .runfolder import CONFIG, METRICS, RunFolder, new_run_path, peak_memory_mib
 from .schedule import phased_lr_factor
 from .tasks import Task, make_task, to_device
@@ -103,6 +104,8 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     started = time.perf_counter()
     torch.set_num_threads(pick_threads(cfg.threads))
     runner = make_runner(cfg)  # an unknown method or option fails before anything is loaded
+    if cfg.fsdp:
+        sharding.check(runner, world)
     if resume:
         folder = RunFolder.existing(cfg.output_dir)
     else:
@@ -113,7 +116,8 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     task = make_task(cfg, world)
     task.load(log)
     device = pick_device(cfg.device, world)
-    model = task.model.to(device)
+    model = task.model if cfg.fsdp else task.model.to(device)  # --fsdp: only the shards go to the device
+    precision = Precision(cfg.precision, device)
     per_epoch = steps_per_epoch(task.train_size, cfg.batch_size, world)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     eval_every = cfg.eval_every or max(1, per_epoch // 2)
@@ -130,7 +134,8 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     }
     if not resume:
         t = time.perf_counter()
-        baseline = task.baseline(model)  # before the method changes anything
+        with precision.autocast():
+            baseline = task.baseline(model)  # before the method changes anything
         if baseline is not None:
             metrics["baseline"] = baseline
             if "validation" in baseline:
@@ -140,6 +145,10 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     t = time.perf_counter()
     runner.folder = folder.path if world.main else None
     model = runner.prepare(model, task.head_modules, total_steps, task.default_targets(model))
+    if cfg.fsdp:  # the frozen base split across the processes, which must now all run every forward
+        model = sharding.shard(model, world, device)
+        task.world = distributed.World()
+        metrics["sharding"] = {"local_parameter_entries": distributed.gather(sharding.local_entries(model), world)}
     metrics["timings"]["select_s"] = time.perf_counter() - t
     budget = runner.budget(model)
     log(f"model: {task.model_name} ({budget.total:,} parameters); new head trained densely: {task.head_modules}")
@@ -162,6 +171,7 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
         optimizer, scheduler = optimizer_at(step)  # after the runner's state: its groups may differ now
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        precision.load_state_dict(state.get("loss_scaler"))
         prior_total = metrics["timings"].get("total_s", 0.0)
         log(f"resumed {folder.path} at step {step} of {total_steps}")
     else:
@@ -180,20 +190,23 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
         bar.set_description(f"{cfg.method} epoch {epoch + 1}")
         for batch in task.batches(order, cfg.batch_size):
             t = time.perf_counter()
-            loss = task.loss(model, to_device(batch, device))
-            extra = runner.extra_loss(model, step)
-            (loss if extra is None else loss + extra).backward()
+            with precision.autocast():
+                loss = task.loss(model, to_device(batch, device)).float()
+            extra = runner.extra_loss(model, step)  # in float32: a penalty on the float32 values
+            precision.backward(loss if extra is None else loss + extra)
             params = runner.trainable(model)  # may change at a schedule event (e.g. SaRA's re-selection)
             distributed.average_gradients(params, world)
             if cfg.max_grad_norm:
+                precision.unscale(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            runner.after_optimizer_step(model, optimizer)
+            stepped = precision.step(optimizer)  # False: fp16 gradients overflowed, the step was skipped
+            if stepped:
+                runner.after_optimizer_step(model, optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            event = runner.on_step(model, step, optimizer)
+            event = runner.on_step(model, step, optimizer) if stepped else None
             if runner.params_changed:  # the method swapped its trainable tensors (e.g. a new phase)
                 optimizer, scheduler = optimizer_at(step)
                 runner.params_changed = False
@@ -213,21 +226,23 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
                     bar.write(f"step {step}: {event}")
             if step % eval_every == 0 or step == total_steps or step in phase_starts:
                 t = time.perf_counter()
-                val = task.evaluate(model, "validation")
+                with precision.autocast():
+                    val = task.evaluate(model, "validation")
                 metrics["timings"]["eval_s"] += time.perf_counter() - t
                 metrics["evals"].append({"step": step, "epoch": step / per_epoch, "split": "validation", **val})
                 bar.set_postfix(loss=f"{running:.4f}", **{f"val_{task.metric}": f"{val[task.metric]:.4f}"})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
                 metrics["timings"]["total_s"] = prior_total + time.perf_counter() - started
-                _checkpoint(folder, runner, model, optimizer, scheduler, step, metrics, world)
+                _checkpoint(folder, runner, model, optimizer, scheduler, precision, step, metrics, world)
             if step >= total_steps:
                 break
     bar.close()
     runner.finish(model)
 
     t = time.perf_counter()
-    test = task.evaluate(model, "test")
-    samples = task.samples(model)
+    with precision.autocast():
+        test = task.evaluate(model, "test")
+        samples = task.samples(model)
     metrics["timings"]["test_s"] = time.perf_counter() - t
     budget = runner.budget(model)
     metrics["test"] = test
@@ -271,7 +286,7 @@ def _resolved(cfg: TrainConfig, task: Task, runner, budget, total_steps, per_epo
     }
 
 
-def _checkpoint(folder, runner, model, optimizer, scheduler, step, metrics, world) -> None:
+def _checkpoint(folder, runner, model, optimizer, scheduler, precision, step, metrics, world) -> None:
     if world.main:
         folder.save_checkpoint(
             {
@@ -280,6 +295,7 @@ def _checkpoint(folder, runner, model, optimizer, scheduler, step, metrics, worl
                 "runner": runner.state_dict(model),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "loss_scaler": precision.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "metrics": metrics,
