@@ -1,24 +1,16 @@
 """The benchmark's measuring code, run in-process on a tiny batch (the timings themselves are not checked)."""
 
-import importlib.util
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["bench"]
+    return load_script("bench/bench.py", "bench")
 
 
 def worker_args(minilm_path, method):

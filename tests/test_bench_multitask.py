@@ -1,24 +1,16 @@
 """The many-tasks benchmark (bench/multitask.py) run in-process on a tiny model and batch (the timings
 themselves are not checked): every method and T is measured, the counts and memory are right."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "multitask.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_multitask", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    return load_script("bench/multitask.py", "bench_multitask")
 
 
 def test_quick_mode_is_a_small_run(bench, tmp_path):

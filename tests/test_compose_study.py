@@ -1,25 +1,17 @@
 """The composition study (study/compose_bbc.py) end to end on a tiny model and tiny files: two runs on
 skewed halves, four compositions, one predict call, the table; and resuming after a lost step."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import load_script
 from fixtures_cli import make_rows, tiny_bert_fixture, write_csv  # noqa: F401
-
-SCRIPT = Path(__file__).resolve().parents[1] / "study" / "compose_bbc.py"
 
 
 @pytest.fixture(name="study")
 def study_module():
-    spec = importlib.util.spec_from_file_location("compose_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("study/compose_bbc.py", "compose_study")
 
 
 def test_the_study_runs_resumes_and_reports(study, tiny_bert, tmp_path):

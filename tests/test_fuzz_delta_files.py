@@ -1,24 +1,16 @@
 """2,000 seeded mutations of valid delta files: each is refused (model unchanged) or loads the
 original delta exactly. The loop and the mutations live in bench/fuzz_delta_files.py, which runs more."""
 
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-FUZZER = Path(__file__).resolve().parents[1] / "bench" / "fuzz_delta_files.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def fuzz():
-    spec = importlib.util.spec_from_file_location("fuzz_delta_files", FUZZER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fuzz_delta_files"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["fuzz_delta_files"]
+    return load_script("bench/fuzz_delta_files.py", "fuzz_delta_files")
 
 
 def test_two_thousand_mutated_files_are_refused_or_load_the_original(fuzz, tmp_path):

@@ -2,14 +2,12 @@
 reads off models built on the meta device, and a measured step of a tiny model."""
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_script
 from fixtures_cli import tiny_bert_fixture  # noqa: F401
 from sparsedelta.cli import main
 from sparsedelta.train import memory
@@ -71,13 +69,7 @@ def test_reference_models_are_counted_exactly():
 
 
 def peak_by_category():
-    spec = importlib.util.spec_from_file_location(
-        "memory_model", Path(__file__).resolve().parents[1] / "bench" / "memory_model.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["memory_model"] = module
-    spec.loader.exec_module(module)
-    return module.peak_by_category
+    return load_script("bench/memory_model.py", "memory_model").peak_by_category
 
 
 @pytest.mark.parametrize("method", ["sara", "full"])

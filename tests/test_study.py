@@ -1,25 +1,17 @@
 """The SST-2 accuracy study (study/sst2.py) end to end on a tiny model and tiny files."""
 
-import importlib.util
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import load_script
 from fixtures_cli import make_rows, tiny_bert_fixture  # noqa: F401
-
-SCRIPT = Path(__file__).resolve().parents[1] / "study" / "sst2.py"
 
 
 @pytest.fixture(name="study")
 def study_module():
-    spec = importlib.util.spec_from_file_location("sst2_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("study/sst2.py", "sst2_study")
 
 
 def write_tsv(path, rows):
