@@ -9,11 +9,34 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from ..errors import UsageError
 
 HUB_ID = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(@(?P<revision>[\w./-]+))?")
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def offline_mode() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "on", "yes", "true")
+
+
+def unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached now (None: it can, or a proxy decides)."""
+    if offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return None  # a proxy may reach what this machine cannot resolve; let the download try
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"cannot connect to {url.hostname} ({e.strerror or e})"
+    return None
 
 
 def locate(location: str | os.PathLike, filename: str) -> Path:
@@ -34,8 +57,6 @@ def locate(location: str | os.PathLike, filename: str) -> Path:
     match = HUB_ID.fullmatch(str(location))
     if path.exists() or match is None:
         return path
-    from ..data.hub import unreachable_reason  # the data tier's offline check, reused; light at use
-
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError

@@ -5,30 +5,11 @@ Without this, an offline machine spends half a minute in retries and then raises
 from __future__ import annotations
 
 import os
-import socket
-from urllib.parse import urlparse
 
+from ..core.remote import offline_mode, unreachable_reason
 from ..errors import UsageError
 
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-
-
-def offline_mode() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "on", "yes", "true")
-
-
-def unreachable_reason(timeout: float = 3.0) -> str | None:
-    """Why the hub cannot be reached now (None: it can, or a proxy decides)."""
-    if offline_mode():
-        return "HF_HUB_OFFLINE is set"
-    if any(os.environ.get(v) for v in PROXY_VARIABLES):
-        return None  # a proxy may reach what this machine cannot resolve; let the download try
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-    except OSError as e:
-        return f"cannot connect to {url.hostname} ({e.strerror or e})"
-    return None
+__all__ = ["offline_mode", "require_hub", "unreachable_reason"]
 
 
 def require_hub(option: str, name: str, local_hint: str) -> None:
