@@ -119,8 +119,7 @@ def delta_bytes(model) -> int:
     for adapter in state.adapters.values():
         for delta in adapter.deltas.values():
             total += sum(t.numel() * t.element_size() for t in [*delta.buffers(), delta.values])
-            if delta in rowwise._CACHE:
-                prepared = rowwise._CACHE[delta][1]
+            for _, prepared in rowwise._CACHE.get(delta, {}).values():
                 parts = [prepared.crow_indices(), prepared.col_indices(), prepared.values()] if hasattr(
                     prepared, "crow_indices") else list(prepared)  # fmt: skip
                 total += sum(t.numel() * t.element_size() for t in parts)

@@ -30,11 +30,13 @@ def test_the_quick_run_measures_every_method_and_task_count(bench, minilm_path, 
         assert all(s > 0 for s in entry["median_s"].values())
         # LoRA at the rank whose count is nearest the delta's: within half a rank's worth
         assert abs(entry["lora_k"] - entry["k"]) < 0.5 * entry["lora_k"] / entry["lora_rank"]
-    # memory grows with the tasks held: their entries (+ the correction cache once a mixed batch ran:
-    # T = 1 runs the task's merged model), never a weight copy per task
+    # memory grows with the tasks held: their entries (+ the form a mixed batch prepared from them:
+    # T = 1 runs the task's merged model, T = 2 runs its rows merged, T = 8 corrects them), never a
+    # weight copy per task
     per_task = {t: rows[t]["delta_bytes"] / int(t) for t in rows}
-    assert per_task["2"] == pytest.approx(per_task["8"], rel=0.05) and per_task["1"] < per_task["2"]
+    assert per_task["1"] < per_task["2"] and per_task["1"] < per_task["8"]
+    assert per_task["2"] == pytest.approx(per_task["8"], rel=0.25)
     weights = sum(m.weight.numel() * 4 for m in bench.adapted(bench.load_base(str(minilm_path))).values())
-    assert per_task["8"] < 0.1 * weights  # 1% of the entries at about 24 bytes each, and the head
+    assert max(per_task.values()) < 0.1 * weights  # 1% of the entries at about 24 bytes each, and the head
     out = capsys.readouterr().out
     assert "mixed/base" in out and "profile of one mixed batch at T = 8" in out

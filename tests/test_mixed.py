@@ -8,7 +8,7 @@ from torch import nn
 
 import sparsedelta as sd
 from conftest import TinyNet
-from sparsedelta.core import rowwise
+from sparsedelta.core import mixed, rowwise
 from sparsedelta.core.mixed import BASE
 
 F64 = torch.float64
@@ -63,7 +63,14 @@ def assert_same_state(model, before):
     [["a"] * 5, ["a", "b", "a", "b", "b"], ["a", BASE, "c", "a", "b"], ["c", "c", BASE, "c", "a"], [BASE] * 5],
     ids=["one task", "two tasks", "many and base", "a task absent", "base only"],
 )
-def test_each_row_equals_its_tasks_merged_model(tied, names):
+@pytest.mark.parametrize(
+    "rerun_at, block",
+    [(0.0, rowwise.TOKEN_BLOCK), (float("inf"), rowwise.TOKEN_BLOCK), (float("inf"), 3)],
+    ids=["linear rows run again", "linear rows corrected", "corrected in blocks of 3 tokens"],
+)
+def test_each_row_equals_its_tasks_merged_model(tied, names, rerun_at, block, monkeypatch):
+    monkeypatch.setattr(mixed, "RERUN_AT", rerun_at)  # which of the two ways a linear layer's rows take
+    monkeypatch.setattr(rowwise, "TOKEN_BLOCK", block)  # 3: the blocks cut rows of 7 tokens mid-row
     torch.manual_seed(0)
     model = TinyNet(tied=tied).double().eval()
     attach(model, ["a", "b", "c"], heads=None if tied else ["head"])

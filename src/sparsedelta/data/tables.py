@@ -168,7 +168,7 @@ def load_hub_dataset(name: str, config: str | None = None) -> dict:
 
 
 # -- columns and labels ----------------------------------------------------------------------------
-def _is_text(feature) -> bool:
+def is_text_column(feature) -> bool:
     return getattr(feature, "dtype", None) in ("string", "large_string")
 
 
@@ -191,7 +191,7 @@ def choose_columns(table, text_columns: Sequence[str] | None, label_column: str 
     else:
         text_columns = next((list(g) for g in TEXT_COLUMN_GUESSES if all(c in columns for c in g)), None)
         if text_columns is None:
-            strings = [c for c in columns if c != label_column and _is_text(table.features[c])]
+            strings = [c for c in columns if c != label_column and is_text_column(table.features[c])]
             if len(strings) != 1:
                 raise UsageError(
                     f"{where}: cannot tell which column holds the text (columns: {columns}); "
@@ -199,8 +199,8 @@ def choose_columns(table, text_columns: Sequence[str] | None, label_column: str 
                 )
             text_columns = strings
     for c in text_columns:
-        if not _is_text(table.features[c]):
-            texts = [n for n in columns if _is_text(table.features[n])]
+        if not is_text_column(table.features[c]):
+            texts = [n for n in columns if is_text_column(table.features[n])]
             raise UsageError(
                 f"{where}: text column {c!r} holds {getattr(table.features[c], 'dtype', table.features[c])} "
                 f"values, not text; pick a column of strings with --text-column (text columns here: {texts})"
@@ -210,7 +210,7 @@ def choose_columns(table, text_columns: Sequence[str] | None, label_column: str 
     return text_columns, label_column
 
 
-def _missing(value) -> bool:
+def is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
 
 
@@ -227,7 +227,7 @@ def _label_key(value):
     return value
 
 
-def _rows_text(indices: list[int]) -> str:
+def describe_rows(indices: list[int]) -> str:
     shown = ", ".join(str(i) for i in indices[:5])
     return f"row{'s' if len(indices) > 1 else ''} {shown}{' …' if len(indices) > 5 else ''}"
 
@@ -238,11 +238,11 @@ def extract(table, text_columns: list[str], label_column: str) -> tuple[list[tup
     raw = table[label_column]
     feature = table.features[label_column]
     names = getattr(feature, "names", None)  # a hub ClassLabel: -1 means "no label"
-    missing = [i for i, v in enumerate(raw) if _missing(v) or (names is not None and v < 0)]
+    missing = [i for i, v in enumerate(raw) if is_missing(v) or (names is not None and v < 0)]
     if missing:
         raise UsageError(
             f"{where}: label column {label_column!r} is empty in {len(missing)} of {len(raw)} rows "
-            f"({_rows_text(missing)}, counting from 0); fill in those labels or remove the rows"
+            f"({describe_rows(missing)}, counting from 0); fill in those labels or remove the rows"
         )
     if names is not None:
         raw = [names[v] for v in raw]
@@ -251,7 +251,7 @@ def extract(table, text_columns: list[str], label_column: str) -> tuple[list[tup
         empty = [i for i, v in enumerate(values) if v is None]
         if empty:
             raise UsageError(
-                f"{where}: text column {c!r} is empty in {len(empty)} rows ({_rows_text(empty)}, counting from 0); "
+                f"{where}: text column {c!r} is empty in {len(empty)} rows ({describe_rows(empty)}, counting from 0); "
                 "fill in or remove those rows"
             )
     return list(zip(*columns, strict=True)), raw

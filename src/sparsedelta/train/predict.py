@@ -26,7 +26,7 @@ import torch
 from ..core.atomic import atomic_write
 from ..core.io import DeltaFileError, load
 from ..core.mixed import BASE
-from ..data.tables import TEXT_COLUMN_GUESSES, _is_text, _missing, _rows_text, read_table
+from ..data.tables import TEXT_COLUMN_GUESSES, describe_rows, is_missing, is_text_column, read_table
 from ..errors import UsageError
 from .bases import DeltaSource, base_for, delta_source
 from .runfolder import RunFolder
@@ -72,7 +72,7 @@ def read_rows(path, text_columns, task_column: str, names: list[str], default_te
         guesses = ([list(default_texts)] if default_texts else []) + [list(g) for g in TEXT_COLUMN_GUESSES]
         text_columns = next((g for g in guesses if all(c in columns for c in g)), None)
         if text_columns is None:
-            strings = [c for c in columns if c != task_column and _is_text(table.features[c])]
+            strings = [c for c in columns if c != task_column and is_text_column(table.features[c])]
             if len(strings) != 1:
                 raise UsageError(f"{path}: cannot tell which column holds the text (columns: {columns}); name it with --text-column")
             text_columns = strings
@@ -80,12 +80,12 @@ def read_rows(path, text_columns, task_column: str, names: list[str], default_te
     for column, values in zip(text_columns, cells, strict=True):
         empty = [i for i, v in enumerate(values) if v is None]
         if empty:
-            raise UsageError(f"{path}: text column {column!r} is empty in {_rows_text(empty)} (counting from 0); fill them in")
+            raise UsageError(f"{path}: text column {column!r} is empty in {describe_rows(empty)} (counting from 0); fill them in")
     if task_column in columns:
-        tasks = [None if _missing(v) else str(v).strip() for v in table[task_column]]
+        tasks = [None if is_missing(v) else str(v).strip() for v in table[task_column]]
         empty = [i for i, t in enumerate(tasks) if t is None]
         if empty:
-            raise UsageError(f"{path}: task column {task_column!r} is empty in {_rows_text(empty)} (counting from 0)")
+            raise UsageError(f"{path}: task column {task_column!r} is empty in {describe_rows(empty)} (counting from 0)")
         unknown = sorted({t for t in tasks if t not in names and t != BASE})
         if unknown:
             row = tasks.index(unknown[0])
