@@ -134,6 +134,26 @@ def test_merge_and_unload_and_unload(tiny):
     assert all(torch.equal(base[k], v) for k, v in snapshot(other).items())
 
 
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_a_model_with_deltas_pickles_and_trains_on(tiny, how, tmp_path):
+    import copy
+
+    ids = torch.randint(1, 50, (2, 6))
+    sd.prepare(tiny, sd.RandomConfig(density=0.2, modules_to_save=["head"]))
+    train_steps(tiny, tiny_loss(ids), steps=1)
+    if how == "torch.save":
+        torch.save(tiny, tmp_path / "model.pt")
+        copied = torch.load(tmp_path / "model.pt", weights_only=False)
+    else:
+        copied = copy.deepcopy(tiny)
+    assert torch.equal(copied(ids), tiny(ids))
+    for model in (tiny, copied):  # the same step on both: the copy's merged weights follow its values
+        train_steps(model, tiny_loss(ids), steps=2)
+    assert torch.equal(copied(ids), tiny(ids))
+    assert torch.equal(sd.merge_and_unload(copied)(ids), sd.merge_and_unload(tiny)(ids))
+    assert "forward" not in copied.proj.__dict__
+
+
 def test_modules_to_save_are_dense_per_adapter(tiny):
     ids = torch.randint(1, 50, (2, 6))
     head0 = tiny.head.weight.detach().clone()

@@ -229,8 +229,6 @@ def _fast_ok(fast: patching.FastPath, pname: str) -> bool:
     return pname == "weight" or (pname == "bias" and fast.kind == "linear")
 
 
-
-
 # A linear layer's rows of one task run again with θ + Δ written into the weight when that costs less
 # than the sparse correction: N tokens × k entries against one pass over the weight (measured on
 # MiniLM: the correction of 128 tokens at 1% took 3 × the write-and-restore of its 1% entries).

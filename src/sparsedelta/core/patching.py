@@ -15,7 +15,7 @@ called as it is.
 
 from __future__ import annotations
 
-import types
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -101,7 +101,7 @@ def wrap(module: nn.Module, key: str, layer: Layer) -> None:
     if patch is None:
         patch = _Patch(module.__dict__.get("forward"))
         module.__dict__[PATCH] = patch
-        module.forward = types.MethodType(_patched_forward, module)
+        module.forward = functools.partial(_patched_forward, module)  # picklable, unlike a bound method
     if any(k == key for k, _ in patch.layers):
         raise ValueError(f"{type(module).__name__} is already wrapped under {key!r}; unwrap it first")
     patch.layers.append((key, layer))
