@@ -118,19 +118,17 @@ def transposed_rows(x: torch.Tensor, rows: slice | torch.Tensor, dtype: torch.dt
 
 def add_linear(matrix: torch.Tensor, blocks: list[torch.Tensor], y: torch.Tensor, rows: slice | torch.Tensor) -> None:
     """y[rows] += x[rows] Δᵀ in place, from x[rows]'s tokens in column blocks (`transposed_rows`); y is (n, ..., out)."""
-    corrections = (torch.sparse.mm(matrix, block).t().to(y.dtype) for block in blocks)  # (tokens, out) views
     part = y[rows] if isinstance(rows, slice) else None
-    if part is not None and part.is_contiguous():  # added block by block, in place
-        flat, start = part.view(-1, y.shape[-1]), 0
-        for correction in corrections:
-            flat[start : start + correction.shape[0]].add_(correction)
-            start += correction.shape[0]
-        return
-    flat = y.new_zeros(sum(block.shape[1] for block in blocks), y.shape[-1])
+    in_place = part is not None and part.is_contiguous()
+    tokens = sum(block.shape[1] for block in blocks)
+    flat = part.view(-1, y.shape[-1]) if in_place else y.new_zeros(tokens, y.shape[-1])
     start = 0
-    for correction in corrections:
-        flat[start : start + correction.shape[0]] = correction
+    for block in blocks:
+        correction = torch.sparse.mm(matrix, block).t().to(y.dtype)  # (tokens, out), a transposed view
+        flat[start : start + correction.shape[0]].add_(correction)
         start += correction.shape[0]
+    if in_place:
+        return
     if part is not None:
         part.add_(flat.view(part.shape))
     else:  # scattered rows: added in place, no gather and write-back
