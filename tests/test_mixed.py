@@ -207,6 +207,18 @@ def test_causal_lm_logits_and_generation_per_row(llama):
     assert len(tasks) > 1  # the tasks do generate differently
 
 
+def test_a_causal_lm_with_mixed_generate_pickles(llama, tmp_path):
+    names = ["a", BASE, "b"]
+    ids, mask = left_padded(len(names), 6)
+    options = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, adapter_names=names)
+    torch.save(llama, tmp_path / "model.pt")
+    copied = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(copied.generate(ids, attention_mask=mask, **options), llama.generate(ids, attention_mask=mask, **options))
+    sd.unload(copied)
+    assert "generate" not in copied.__dict__  # the per-model generate (adapter_names=) goes with the last delta
+
+
 def test_gpt2_conv1d_and_broadcast_position_embeddings():
     from transformers import GPT2Config, GPT2LMHeadModel
 

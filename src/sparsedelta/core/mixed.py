@@ -39,8 +39,8 @@ for that call; every module involved gets a patching layer under the key "mixed"
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-import types
 from collections.abc import Sequence
 
 import torch
@@ -437,7 +437,7 @@ def install(model: nn.Module) -> None:
     model.register_forward_pre_hook(_pre_forward, with_kwargs=True)
     model.register_forward_hook(_post_forward, always_call=True)
     if callable(getattr(type(model), "generate", None)) and "generate" not in model.__dict__:
-        model.__dict__["generate"] = types.MethodType(_generate, model)
+        model.__dict__["generate"] = functools.partial(_generate, model)  # picklable, unlike a bound method
 
 
 def uninstall(model: nn.Module) -> None:
@@ -449,7 +449,7 @@ def uninstall(model: nn.Module) -> None:
             model._forward_hooks_with_kwargs.pop(key, None)
             model._forward_pre_hooks_with_kwargs.pop(key, None)
     generate = model.__dict__.get("generate")
-    if isinstance(generate, types.MethodType) and generate.__func__ is _generate:
+    if isinstance(generate, functools.partial) and generate.func is _generate:
         del model.__dict__["generate"]
 
 
