@@ -358,12 +358,15 @@ def summarize(args, tuned: dict[Run, dict], best: dict[str, float]) -> dict:
     records = args.records
     summary = {"config": args.config, "settings": settings(args), "methods": {}}
     for method in args.methods:
-        runs = [records.get(Run(method, best[method], s)) for s in args.seeds]
+        # a study cut short in stage 2 reports the seeds each method has (the first one always)
+        seeds = [s for s in args.seeds if records.get(Run(method, best[method], s)) is not None]
+        runs = [records.get(Run(method, best[method], s)) for s in seeds]
         test = [r["test"]["accuracy"] for r in runs]
         summary["methods"][method] = {
             "lr": best[method],
             "lr_from": args.config_spec.methods[method].lr_from,
             "validation_by_lr": {f"{r.lr:g}": validation_accuracy(rec) for r, rec in tuned.items() if r.method == method},
+            "seeds": seeds,
             "test_accuracy": test,
             "mean": statistics.fmean(test),
             "std": statistics.stdev(test) if len(test) > 1 else 0.0,
@@ -379,13 +382,16 @@ def summarize(args, tuned: dict[Run, dict], best: dict[str, float]) -> dict:
 
 
 def paired(summary: dict, pairs) -> list[dict]:
-    """Test-accuracy differences a − b seed by seed (the runs of one seed share the head's
+    """Test-accuracy differences a − b on the seeds both have (the runs of one seed share the head's
     initialisation and the data order), with their mean and standard deviation."""
     out = []
     for a, b in pairs:
         if a in summary["methods"] and b in summary["methods"]:
-            diffs = [x - y for x, y in zip(summary["methods"][a]["test_accuracy"], summary["methods"][b]["test_accuracy"], strict=True)]
-            out.append({"a": a, "b": b, "differences": diffs, "mean": statistics.fmean(diffs),
+            acc_a, acc_b = ({s: x for s, x in zip(r["seeds"], r["test_accuracy"], strict=True)}
+                            for r in (summary["methods"][a], summary["methods"][b]))  # fmt: skip
+            seeds = [s for s in acc_a if s in acc_b]
+            diffs = [acc_a[s] - acc_b[s] for s in seeds]
+            out.append({"a": a, "b": b, "seeds": seeds, "differences": diffs, "mean": statistics.fmean(diffs),
                         "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0})  # fmt: skip
     return out
 
@@ -430,6 +436,7 @@ def report(summary: dict, results: Path) -> None:
 
 
 def table(summary: dict) -> str:
+    seeds = summary["settings"]["seeds"]
     rows = [
         "| method | test accuracy, mean ± std | trainable entries | stored bytes per task | lr picked | validation accuracy by lr (seed 0) |",
         "|---|---|---:|---:|---:|---|",
@@ -439,15 +446,21 @@ def table(summary: dict) -> str:
             f"{lr}: {acc:.3f}" for lr, acc in sorted(r["validation_by_lr"].items(), key=lambda x: float(x[0]))
         ) or f"(the rate of {r['lr_from']})"
         ranks = f" (ranks kept: {', '.join(map(str, r['ranks']))} of {r['rank_max']})" if "ranks" in r else ""
+        n = only(r.get("seeds", seeds), seeds)
         rows.append(
-            f"| {method} | {r['mean']:.4f} ± {r['std']:.4f} | {r['trainable']:,}{ranks} | {r['stored_bytes']:,} | {r['lr']:g} | {by_lr} |"
+            f"| {method} | {r['mean']:.4f} ± {r['std']:.4f}{n} | {r['trainable']:,}{ranks} | {r['stored_bytes']:,} | {r['lr']:g} | {by_lr} |"
         )
     if summary.get("paired"):
         rows += ["", "| paired comparison (same seeds) | test accuracy difference per seed | mean ± std |", "|---|---|---|"]
         for c in summary["paired"]:
-            per_seed = ", ".join(f"{d:+.4f}" for d in c["differences"])
+            per_seed = ", ".join(f"{d:+.4f}" for d in c["differences"]) + only(c["seeds"], seeds)
             rows.append(f"| {c['a']} − {c['b']} | {per_seed} | {c['mean']:+.4f} ± {c['std']:.4f} |")
     return "\n".join(rows) + "\n"
+
+
+def only(have: list[int], seeds: list[int]) -> str:
+    """' (seed 0 only)' when a row has fewer seeds than the study."""
+    return f" (seed{'s' * (len(have) > 1)} {', '.join(map(str, have))} only)" if len(have) < len(seeds) else ""
 
 
 def _pyplot():
@@ -475,7 +488,8 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_xlabel("stored bytes per task (log scale)")
     ax.set_ylabel("SST-2 test accuracy (mean ± std over seeds)")
     n = len(summary["settings"]["seeds"])
-    ax.set_title(f"MiniLM-L6 on SST-2: {summary['settings']['steps']} steps, {n} seed{'s' * (n > 1)} per method")
+    up_to = "up to " if any(len(r.get("seeds", ())) < n for r in summary["methods"].values() if "seeds" in r) else ""
+    ax.set_title(f"MiniLM-L6 on SST-2: {summary['settings']['steps']} steps, {up_to}{n} seed{'s' * (n > 1)} per method")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     _save(fig, path)
@@ -504,7 +518,7 @@ def main(argv=None) -> int:
     if args.report_only:
         tuned = tune(args, lambda runs, label: {r: args.records.get(r) for r in runs})
         best = best_lrs(tuned, args) if None not in tuned.values() else None
-        if best is None or any(args.records.get(Run(m, best[m], s)) is None for m in best for s in args.seeds):
+        if best is None or any(args.records.get(Run(m, best[m], args.seeds[0])) is None for m in best):
             print(f"the records in {args.records.path} lack runs of this study; run it without --report-only", file=sys.stderr)
             return 2
         summary = summarize(args, tuned, best)

@@ -92,6 +92,31 @@ def test_the_realistic_configuration_ablations_share_their_parents_rate(study, t
     assert (tmp_path / "results" / "table.md").read_text() == table
 
 
+def test_a_study_cut_short_in_stage_2_reports_the_seeds_each_method_has(study, tiny_bert, tiny_sst2, tmp_path):
+    args = tiny_args(tiny_bert, tiny_sst2, tmp_path, "--config", "realistic", "--methods", "sara-1%", "random-1%",
+                     "--seeds", "0", "1", "--lr-multipliers", "1")  # fmt: skip
+    assert study.main(args) == 0
+    records_path = tmp_path / "results" / "runs.json"
+    records = json.loads(records_path.read_text())
+    lost = study.Run("random-1%", study.CONFIGS["realistic"].methods["random-1%"].lr, 1).name
+    del records[lost]  # as if the study stopped before random-1%'s second seed
+    records_path.write_text(json.dumps(records))
+    shutil.rmtree(tmp_path / "work")
+    assert study.main([*args, "--report-only"]) == 0
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    sara, rand = summary["methods"]["sara-1%"], summary["methods"]["random-1%"]
+    assert sara["seeds"] == [0, 1] and rand["seeds"] == [0] and rand["std"] == 0.0
+    assert rand["test_accuracy"] == [records[lost.replace("seed1", "seed0")]["test"]["accuracy"]]
+    (pair,) = summary["paired"]
+    assert pair["seeds"] == [0] and pair["differences"] == [sara["test_accuracy"][0] - rand["test_accuracy"][0]]
+    table = (tmp_path / "results" / "table.md").read_text()
+    assert "± 0.0000 (seed 0 only) |" in table and table.count("(seed 0 only) |") == 2  # the row and the pair
+    first = study.Run("random-1%", study.CONFIGS["realistic"].methods["random-1%"].lr, 0).name
+    del records[first]  # without a first-seed run there is no study to report
+    records_path.write_text(json.dumps(records))
+    assert study.main([*args, "--report-only"]) == 2
+
+
 def test_an_ablation_needs_its_parent(study, tmp_path, capsys):
     with pytest.raises(SystemExit):
         study.main(["--config", "realistic", "--methods", "sara-1%-neither", "--results", str(tmp_path)])
