@@ -1,5 +1,6 @@
 """The SST-2 accuracy study (study/sst2.py) end to end on a tiny model and tiny files."""
 
+import dataclasses
 import json
 import shutil
 
@@ -92,7 +93,9 @@ def test_the_realistic_configuration_ablations_share_their_parents_rate(study, t
     assert (tmp_path / "results" / "table.md").read_text() == table
 
 
-def test_a_study_cut_short_in_stage_2_reports_the_seeds_each_method_has(study, tiny_bert, tiny_sst2, tmp_path):
+def test_a_study_cut_short_in_stage_2_reports_the_seeds_each_method_has(study, tiny_bert, tiny_sst2, tmp_path, monkeypatch):
+    realistic = dataclasses.replace(study.CONFIGS["realistic"], eval_every=1, curves=("sara-1%",))
+    monkeypatch.setitem(study.CONFIGS, "realistic", realistic)  # a validation curve of two points
     args = tiny_args(tiny_bert, tiny_sst2, tmp_path, "--config", "realistic", "--methods", "sara-1%", "random-1%",
                      "--seeds", "0", "1", "--lr-multipliers", "1")  # fmt: skip
     assert study.main(args) == 0
@@ -109,6 +112,9 @@ def test_a_study_cut_short_in_stage_2_reports_the_seeds_each_method_has(study, t
     assert rand["test_accuracy"] == [records[lost.replace("seed1", "seed0")]["test"]["accuracy"]]
     (pair,) = summary["paired"]
     assert pair["seeds"] == [0] and pair["differences"] == [sara["test_accuracy"][0] - rand["test_accuracy"][0]]
+    assert [e["step"] for e in sara["validation_curve"]] == [1, 2]
+    assert study.curves_plot(summary, tmp_path / "curves.png", realistic.curves) == ["sara-1%"]
+    assert (tmp_path / "results" / "accuracy_vs_steps.png").stat().st_size > 0
     table = (tmp_path / "results" / "table.md").read_text()
     assert "± 0.0000 (seed 0 only) |" in table and table.count("(seed 0 only) |") == 2  # the row and the pair
     first = study.Run("random-1%", study.CONFIGS["realistic"].methods["random-1%"].lr, 0).name
