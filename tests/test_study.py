@@ -123,6 +123,17 @@ def test_a_study_cut_short_in_stage_2_reports_the_seeds_each_method_has(study, t
     assert study.main([*args, "--report-only"]) == 2
 
 
+def test_the_table_says_when_a_reselection_froze_entries(study):
+    row = {"mean": 0.9, "std": 0.0, "seeds": [0], "stored_bytes": 10, "lr": 4e-3, "validation_by_lr": {"0.004": 0.9}}
+    summary = {"settings": {"seeds": [0]}, "methods": {
+        "sara-1%": {**row, "trainable": 1_645, "delta_entries": 107_643},  # most entries left the mask
+        "sara-1%-neither": {**row, "trainable": 108_413, "delta_entries": 107_643},  # + a dense head
+    }}  # fmt: skip
+    table = study.table(summary)
+    assert "| sara-1% | 0.9000 ± 0.0000 | 107,643 + head, 1,645 after re-selection | 10 |" in table
+    assert "| sara-1%-neither | 0.9000 ± 0.0000 | 108,413 | 10 |" in table
+
+
 def test_an_ablation_needs_its_parent(study, tmp_path, capsys):
     with pytest.raises(SystemExit):
         study.main(["--config", "realistic", "--methods", "sara-1%-neither", "--results", str(tmp_path)])
