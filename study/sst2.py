@@ -124,16 +124,17 @@ CONFIGS: dict[str, Config] = {
         widen=("bottom",),
         extra=("--group-by-length",),
         pairs=(
-            ("sara-1%", "full"), ("diff-pruning-0.5%-p30", "full"), ("diff-pruning-0.5%-p50", "full"),
-            ("diff-pruning-0.5%-p50", "diff-pruning-0.5%-p30"), ("sara-1%", "random-1%"), ("sara-1%-neither", "random-1%"),
+            ("sara-1%", "full"), ("sara-1%-no-reselection", "full"),
+            ("diff-pruning-0.5%-p30", "full"), ("diff-pruning-0.5%-p50", "full"), ("diff-pruning-0.5%-p50", "diff-pruning-0.5%-p30"),
             ("sara-1%", "sara-1%-no-penalty"), ("sara-1%", "sara-1%-no-reselection"), ("sara-1%", "sara-1%-neither"),
+            ("sara-1%", "random-1%"), ("sara-1%-no-reselection", "random-1%"), ("sara-1%-neither", "random-1%"),
             ("sara-1%", "lora"), ("sara-1%", "shira"), ("sora-r8", "lora"), ("sara-1%-neither", "supertuning-1%"),
         ),  # fmt: skip
         results="results/realistic",
         work="runs/sst2-realistic",
         curves=("full", "lora", "sara-1%", "sara-1%-no-reselection", "diff-pruning-0.5%-p30", "diff-pruning-0.5%-p50"),
-        note="two seeds, not three, and a grid only for full, SaRA and Diff Pruning: more would not fit the 3-4 hour "
-        "budget on 2 cores (see RESULTS.md)",
+        note="three seeds for full, SaRA-1%, SaRA-1% without re-selection and random-1%, two for the rest, and an lr "
+        "grid only for full, SaRA, random and Diff Pruning: more would not fit 3-4 hours of 2 cores (see RESULTS.md)",
     ),
 }
 
@@ -487,8 +488,11 @@ def _save(fig, path: Path) -> None:
 def plot(summary: dict, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method, r in summary["methods"].items():
-        ax.errorbar(r["stored_bytes"], r["mean"], yerr=r["std"], fmt="o", capsize=3, label=method)
+    colors, markers = plt.cm.tab20.colors, "osD^v<>p"  # more methods than the default cycle's 10 colours
+    for i, (method, r) in enumerate(summary["methods"].items()):
+        style = {"color": colors[(2 * i) % 20 + (i >= 10)], "marker": markers[i % len(markers)]}
+        ax.errorbar(r["stored_bytes"], r["mean"], yerr=r["std"], fmt="none", capsize=3, ecolor=style["color"])
+        ax.plot(r["stored_bytes"], r["mean"], linestyle="none", label=method, **style)
     ax.set_xscale("log")
     ax.set_xlabel("stored bytes per task (log scale)")
     ax.set_ylabel("SST-2 test accuracy (mean ± std over seeds)")
