@@ -133,8 +133,9 @@ CONFIGS: dict[str, Config] = {
         results="results/realistic",
         work="runs/sst2-realistic",
         curves=("full", "lora", "sara-1%", "sara-1%-no-reselection", "diff-pruning-0.5%-p30", "diff-pruning-0.5%-p50"),
-        note="three seeds for full, SaRA-1%, SaRA-1% without re-selection and random-1%, two for the rest, and an lr "
-        "grid only for full, SaRA, random and Diff Pruning: more would not fit 3-4 hours of 2 cores (see RESULTS.md)",
+        note="three seeds for full, LoRA, SaRA-1%, SaRA-1% without re-selection or without either part and random-1%, "
+        "two for the rest, and an lr grid only for full, SaRA, random and Diff Pruning: more would not fit 3-4 hours "
+        "of 2 cores (see RESULTS.md)",
     ),
 }
 
