@@ -363,8 +363,8 @@ def summarize(args, tuned: dict[Run, dict], best: dict[str, float]) -> dict:
     summary = {"config": args.config, "settings": settings(args), "methods": {}}
     for method in args.methods:
         # a study cut short in stage 2 reports the seeds each method has (the first one always)
-        seeds = [s for s in args.seeds if records.get(Run(method, best[method], s)) is not None]
-        runs = [records.get(Run(method, best[method], s)) for s in seeds]
+        found = {s: rec for s in args.seeds if (rec := records.get(Run(method, best[method], s))) is not None}
+        seeds, runs = list(found), list(found.values())
         test = [r["test"]["accuracy"] for r in runs]
         summary["methods"][method] = {
             "lr": best[method],
@@ -498,7 +498,7 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_xlabel("stored bytes per task (log scale)")
     ax.set_ylabel("SST-2 test accuracy (mean ± std over seeds)")
     n = len(summary["settings"]["seeds"])
-    up_to = "up to " if any(len(r.get("seeds", ())) < n for r in summary["methods"].values() if "seeds" in r) else ""
+    up_to = "up to " if any(len(r["seeds"]) < n for r in summary["methods"].values() if "seeds" in r) else ""
     ax.set_title(f"MiniLM-L6 on SST-2: {summary['settings']['steps']} steps, {up_to}{n} seed{'s' * (n > 1)} per method")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
