@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import sparsedelta as sd
 from fixtures_cli import product_tensors, tiny_bert_fixture, topic_files_fixture  # noqa: F401
 from sparsedelta.cli import main
 from sparsedelta.train import precision as precision_module
@@ -38,24 +39,46 @@ def test_precision_is_checked(tiny_bert, topic_files, tmp_path, capsys):
     assert "--precision fp8: choose one of fp32, bf16, fp16" in capsys.readouterr().err
 
 
-def test_fp16_skipped_step_runs_no_runner_hook(tiny_bert, topic_files, tmp_path, monkeypatch):
-    """An fp16 overflow skips the optimizer step; the step's re-selection (SaRA, at step 2) must wait."""
-    sara = ["--method", "sara", "--threshold", "2e-2", "--option", "reselect_step=2"]
-    fine, _ = run(tiny_bert, topic_files, tmp_path / "fine", *sara, "--precision", "fp16")
-    assert [e["step"] for e in fine["events"]] == [2]
-
+def overflow_at(monkeypatch, *skipped: int):
+    """Make the loop's optimizer steps number `skipped` (1-based) overflow, as GradScaler does on
+    inf/NaN gradients: no step, the scale halved."""
     real_step, calls = Precision.step, []
 
-    def overflow_at_second(self, optimizer):
+    def step(self, optimizer):
         calls.append(1)
-        if len(calls) == 2:  # as GradScaler does on inf/NaN gradients: skip, halve the scale
+        if len(calls) in skipped:
             self.scaler.update(self.scaler.get_scale() / 2)
             return False
         return real_step(self, optimizer)
 
-    monkeypatch.setattr(precision_module.Precision, "step", overflow_at_second)
-    skipped, _ = run(tiny_bert, topic_files, tmp_path / "skipped", *sara, "--precision", "fp16")
-    assert skipped["events"] == []  # no re-selection: the step it belonged to was skipped
+    monkeypatch.setattr(precision_module.Precision, "step", step)
+
+
+def test_fp16_skipped_step_moves_sara_reselection_to_the_next_step_taken(tiny_bert, topic_files, tmp_path, monkeypatch):
+    """An fp16 overflow skips the optimizer step and its hooks; the re-selection due then (step 2) runs
+    at the next step taken, once."""
+    sara = ["--method", "sara", "--threshold", "2e-2", "--option", "reselect_step=2", "--precision", "fp16"]
+    fine, _ = run(tiny_bert, topic_files, tmp_path / "fine", *sara)
+    assert [e["step"] for e in fine["events"]] == [2]
+    overflow_at(monkeypatch, 2)
+    skipped, _ = run(tiny_bert, topic_files, tmp_path / "skipped", *sara)
+    assert [e["step"] for e in skipped["events"]] == [3]
+    assert skipped["events"][0]["event"].startswith("SaRA re-selection")
+
+
+@pytest.mark.parametrize("phase1, skipped, projected_at", [(0.3, (2,), 3), (0.9, (5, 6), None)])
+def test_fp16_skipped_steps_still_project_diff_pruning(
+    tiny_bert, topic_files, tmp_path, monkeypatch, phase1, skipped, projected_at
+):
+    """Diff Pruning's projection (step 2 of 6; step 5 of 6) moves to the next step taken, or, when every
+    step from it on was skipped, to the run's end: the run still saves a delta of the budget."""
+    overflow_at(monkeypatch, *skipped)
+    args = ("--method", "diff-pruning", "--density", "0.01", "--option", f"phase1_fraction={phase1}", "--precision", "fp16")
+    metrics, _ = run(tiny_bert, topic_files, tmp_path / "dp", *args)
+    assert [e["step"] for e in metrics["events"]] == ([projected_at] if projected_at else [])
+    assert metrics["budget"]["selected"] == pytest.approx(0.01 * metrics["budget"]["eligible"], rel=0.01)
+    _, tensors = sd.read(tmp_path / "dp" / metrics["product"])
+    assert sum(len(t) for k, t in tensors.items() if k.endswith(".indices")) == metrics["budget"]["selected"]
 
 
 def test_fp16_loss_scaler_skips_overflowing_steps_and_keeps_its_state():

@@ -10,13 +10,21 @@ A runner's hooks, in the order a loop calls them:
     extra_loss(model, step)            a term added to the task loss (e.g. SaRA's nuclear norm)
     after_optimizer_step(model, opt)   right after optimizer.step(), at the lr of that step (SoRA's
                                        proximal step on its gates)
-    on_step(model, step, optimizer)    after each optimizer step (re-selection, a new phase); set
+    on_step(model, step, optimizer)    after each optimizer step taken (re-selection, a new phase); set
                                        `params_changed` after swapping the trainable tensors and the
                                        loop builds a new optimizer
-    finish(model)                      after the last step
+    finish(model)                      after the last step; runs an event that is still overdue
     report(model)                      what the run's summary should show of the method (e.g. ranks)
     save(model, tokenizer, folder)     the run's product;  load(model, folder) puts it on a base again;
                                        merged(model) gives a plain model; disabled(model) the base
+
+Schedule events: `step` counts every step of the run, including one that fp16 loss scaling skipped
+(so it stays the lr schedule's step), but `after_optimizer_step` and `on_step` run only after a step
+the optimizer really took. An event scheduled at step N therefore fires at the first taken step at or
+after N: a runner tests `step >= N` and remembers that the event happened (in its state_dict, so a
+resumed run agrees), never `step == N`, which a skipped step N would lose for good. If the run ends
+before a taken step reaches it, `finish` runs the event when the product depends on it (Diff
+Pruning's projection).
 
 `folder` is the run folder while the built-in loop drives the runner (None otherwise), for files a
 method writes during training (SoRA's stage checkpoints).

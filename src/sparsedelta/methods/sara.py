@@ -206,6 +206,10 @@ class SaRARunner(DeltaRunner):
     # 25.1 at lr 2e-3, 23.2 at 4e-3, 21.8 at 8e-3, 21.3 at 1.6e-2
     lrs = {"causal-lm": 1e-2}
 
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.reselected = False
+
     def budget_fields(self, model, targeting):
         return {"threshold": self.settings.threshold, "density": self.settings.density}
 
@@ -225,10 +229,19 @@ class SaRARunner(DeltaRunner):
         return self.config.reselect_step is not None
 
     def on_step(self, model, step, optimizer):
-        if self.config.reselect_step is None or step != self.config.reselect_step:
+        due = self.config.reselect_step is not None and step >= self.config.reselect_step
+        if not due or self.reselected:  # at the first step taken from reselect_step on (fp16 may skip it)
             return None
+        self.reselected = True
         threshold = self.config.threshold
         if threshold is None:  # a density budget: the equivalent threshold is the largest selected |θ|
             threshold = max(float(d.base.abs().max()) for d in active_adapter(model).deltas.values() if len(d.base))
             threshold = math.nextafter(threshold, math.inf)
         return str(reselect(model, threshold, optimizer))
+
+    def state_dict(self, model):
+        return {**super().state_dict(model), "reselected": self.reselected}
+
+    def load_state_dict(self, model, state):
+        super().load_state_dict(model, state)
+        self.reselected = state.get("reselected", False)

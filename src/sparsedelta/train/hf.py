@@ -37,7 +37,8 @@ Mixed precision: `TrainingArguments(bf16=True)` (on a CPU also `use_cpu=True`) o
 the forward under accelerate's autocast, as `--precision` does in `sparsedelta train`; the model, the
 delta values and the optimizer state stay float32. With fp16 on a GPU accelerate scales the loss and
 skips a step whose gradients overflowed: the callback then runs none of the runner's per-step work
-(it sees `optimizer.step_was_skipped`), and it unscales the gradients before adding the penalty's,
+(it sees `optimizer.step_was_skipped`); an event due at that step (SaRA's re-selection) fires at the
+next step taken instead, as in `sparsedelta train` (the rule is in `methods/base.py`), and it unscales the gradients before adding the penalty's,
 whether or not the Trainer clipped them. (On a CPU accelerate applies no loss scaling to fp16: prefer
 bf16 there.)
 
@@ -92,7 +93,7 @@ class SparseDeltaCallback(TrainerCallback):
             self.runner.after_optimizer_step(model, optimizer)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if _skipped(optimizer):  # fp16 overflow: no step was taken, so no step's schedule runs either
+        if _skipped(optimizer):  # fp16 overflow: no step was taken; an event due now waits for the next one taken
             return
         event = self.runner.on_step(model, state.global_step, optimizer)
         if event:

@@ -206,6 +206,7 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            # only after a step taken; an event due at a skipped step fires at the next one taken (methods/base.py)
             event = runner.on_step(model, step, optimizer) if stepped else None
             if runner.params_changed:  # the method swapped its trainable tensors (e.g. a new phase)
                 optimizer, scheduler = optimizer_at(step)

@@ -81,11 +81,15 @@ class DiffPruningRunner(DeltaRunner):
         return penalty(model) if self.in_phase_one(model) else None
 
     def on_step(self, model, step, optimizer):
-        if step != self.project_step or not self.in_phase_one(model):
+        if step < self.project_step or not self.in_phase_one(model):  # the first step taken from project_step on
             return None
         project(model)
         self.params_changed = True
         return str(active_adapter(model).report)
+
+    def finish(self, model):
+        if self.in_phase_one(model):  # every step from project_step on was skipped (fp16): still end with a delta
+            project(model)
 
     def state_dict(self, model):
         return MethodRunner.state_dict(self, model) if self.in_phase_one(model) else super().state_dict(model)

@@ -81,7 +81,7 @@ class SoRARunner(MethodRunner):
         proximal_step(model, optimizer)
 
     def on_step(self, model, step, optimizer):
-        if self.stage + 1 < len(self.starts) and step == self.starts[self.stage + 1]:
+        if self.stage + 1 < len(self.starts) and step >= self.starts[self.stage + 1]:  # first taken step from there
             event = self._end_stage(model, step)
             self.stage += 1
             set_xi(model, self.xis[self.stage])
