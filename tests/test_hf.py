@@ -92,3 +92,22 @@ def test_trainer_refuses_a_method_that_swaps_its_tensors():
     runner = make_runner(MethodSettings(method="diff-pruning"))
     with pytest.raises(UsageError, match="swaps its trainable tensors mid-run.*separate Trainer runs"):
         SparseDeltaCallback(runner)
+
+
+def test_trainer_runs_sara_with_a_penalty_on_a_model_without_eligible_matrices(tmp_path):
+    """Every matrix 64 wide or narrower: the penalty has no term, and the callback adds none."""
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=16, num_labels=2)  # fmt: skip
+    model = BertForSequenceClassification(config)
+    runner = make_runner(MethodSettings(method="sara", density=0.1, options={"rank_penalty": 0.1}))
+    model = runner.prepare(model, head_modules=["classifier"], total_steps=2)
+    assert runner.extra_loss(model, 0) is None
+    before = [v.detach().clone() for v in sd.trainable_parameters(model)]
+    train_set = [{"input_ids": torch.randint(1, 50, (8,)), "labels": i % 2} for i in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, use_cpu=True,
+                             report_to=[], save_strategy="no", disable_tqdm=True)  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=train_set, callbacks=[SparseDeltaCallback(runner)]).train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, sd.trainable_parameters(model)))

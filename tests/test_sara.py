@@ -119,6 +119,30 @@ def test_rank_penalty_random_scope_picks_one_matrix():
     assert sorted(got) == [False, True]
 
 
+def test_rank_penalty_draws_from_the_models_own_generator():
+    """Without rng= the matrix comes from the model's seeded generator: the global `random` stays
+    untouched and two identical models draw the same matrices."""
+
+    def draws():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(70, 70) for _ in range(4)])
+        sd.prepare(model, sd.SaRAConfig(density=0.2))
+        picked = []
+        for _ in range(6):
+            sara.rank_penalty(model, 1.0).backward()
+            deltas = state_of(model).adapters["default"].deltas.values()
+            picked.append([d.values.grad is not None for d in deltas].index(True))
+            for d in deltas:
+                d.values.grad = None
+        return picked
+
+    random.seed(123)
+    state = random.getstate()
+    first = draws()
+    assert random.getstate() == state
+    assert draws() == first and len(set(first)) > 1
+
+
 def test_rank_penalty_changes_training():
     def train(weight):
         model = big_linear_model()

@@ -10,13 +10,12 @@ costs O(k).
 from __future__ import annotations
 
 import contextlib
-import weakref
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import patching
 from .config import DeltaConfig, SelectionReport
@@ -42,27 +41,12 @@ class DeltaState:
     merged: bool = True
     base_saved: dict[str, nn.Parameter] = field(default_factory=dict)  # originals of saved modules
     owners: dict[str, list[tuple[nn.Module, str]]] = field(default_factory=dict)
+    rng: random.Random = field(default_factory=lambda: random.Random(0))  # the model's own per-step choices
 
 
-_LIVE_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 # (attach, detach) pairs run when a model gets its first delta and when its last one goes: how other
 # core modules extend a model with deltas without this module importing them (mixed.py: adapter_names=)
 MODEL_HOOKS: list[tuple[Callable[[nn.Module], None], Callable[[nn.Module], None]]] = []
-_STEP_HOOK = None
-
-
-def _sync_after_optimizer_step(optimizer, args, kwargs) -> None:
-    """Global optimizer post-step hook: merged weights follow every step without a call."""
-    for model in list(_LIVE_MODELS):
-        if getattr(model, "_sparsedelta", None) is not None:
-            sync(model)
-
-
-def _track(model: nn.Module) -> None:
-    global _STEP_HOOK
-    _LIVE_MODELS.add(model)
-    if _STEP_HOOK is None:
-        _STEP_HOOK = register_optimizer_step_post_hook(_sync_after_optimizer_step)
 
 
 def state_of(model: nn.Module) -> DeltaState:
@@ -193,7 +177,6 @@ def add_delta(
     if state is None:
         state = DeltaState()
         model._sparsedelta = state
-        _track(model)
         for attach, _ in MODEL_HOOKS:
             attach(model)
         for p in model.parameters():
@@ -386,7 +369,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The active adapter's trainable tensors: delta values and densely trained modules."""
     state = state_of(model)
     adapter = state.adapters.get(state.active)
-    if adapter is None:
+    if adapter is None or not adapter.trainable:  # loaded frozen: nothing trains
         return []
     return [d.values for d in adapter.deltas.values()] + list(adapter.saved.values())
 

@@ -29,7 +29,7 @@ class _MergeState:
     updates it for every tensor."""
 
     merged: bool = False
-    synced_version: int = -1
+    synced_key: tuple | None = None  # (values' storage, version) last written: a copy's values have new storage
     cache_key: tuple | None = None  # (values' storage, version, dtype) the cached merged values belong to
     cache: torch.Tensor | None = None
     written: torch.dtype | str | None = None  # the weight holds θ + delta in this dtype, or "base": θ (corrected)
@@ -166,7 +166,7 @@ class SparseDelta(nn.Module):
 
     def merge(self) -> None:
         self._merge.merged = True
-        self._merge.synced_version = -1
+        self._merge.synced_key = None
         self._merge.written = None
         self.sync()
 
@@ -192,11 +192,11 @@ class SparseDelta(nn.Module):
             state.cache_key = state.cache = None
             if self.frozen_indices.numel():
                 self._write(self.frozen_indices, self._merged_values(self.frozen_base, self.frozen_values))
-            state.written, state.synced_version = dtype, -1
-        version = self.values._version
-        if version != state.synced_version:
+            state.written, state.synced_key = dtype, None
+        key = (self.values.data_ptr(), self.values._version)
+        if key != state.synced_key:
             self._write(self.indices, self._merged_trained())
-            state.synced_version = version
+            state.synced_key = key
 
     def use_correction(self) -> None:
         """Apply this delta as a correction from now on, whatever the weight's dtype (before sharding
@@ -264,7 +264,7 @@ class SparseDelta(nn.Module):
             replace_data(self.values, self.values.data[keep])
             if self.values.grad is not None:
                 self.values.grad = self.values.grad[keep]
-        self._merge.synced_version = -1
+        self._merge.synced_key = None
         self._merge.cache_key = self._merge.cache = None
         return keep
 

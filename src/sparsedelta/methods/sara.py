@@ -155,13 +155,14 @@ def rank_penalty(
     model: nn.Module, weight: float, scope: str = "random", rng: random.Random | None = None
 ) -> torch.Tensor:
     """λ_rank·Σ‖θ⊙M‖_* over one random eligible matrix ("random") or all of them ("all").
-    Add it to the loss before backward."""
+    Add it to the loss before backward. The matrix is drawn from `rng`, else from the model's own
+    generator (seeded, in the model's delta state), never from the process-wide `random`."""
     deltas = _active_deltas(model)
     names = penalty_matrices(model)
     if weight == 0 or not names:
         return torch.zeros((), device=next(iter(deltas.values())).values.device)
     if scope == "random":
-        names = [(rng or random).choice(names)]
+        names = [(rng or state_of(model).rng).choice(names)]
     total = sum(NuclearNorm.apply(masked_weight(deltas[n])) for n in names)
     return weight * total
 
@@ -221,7 +222,7 @@ class SaRARunner(DeltaRunner):
         return SaRAConfig(threshold=self.settings.threshold).default_lr
 
     def extra_loss(self, model, step):
-        if self.config.rank_penalty == 0:
+        if self.config.rank_penalty == 0 or not penalty_matrices(model):  # no term to differentiate
             return None
         return rank_penalty(model, self.config.rank_penalty, self.config.rank_penalty_scope, self.rng)
 
