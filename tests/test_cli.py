@@ -257,6 +257,10 @@ def test_eval_inspect_and_resume_refuse_wrong_folders(tmp_path, capsys):
     assert "does not exist" in cli_error(capsys, "eval", tmp_path / "none")
     assert "not a run folder" in cli_error(capsys, "eval", tmp_path)
     assert "no delta file" in cli_error(capsys, "inspect", tmp_path)
+    (tmp_path / "afile").write_text("")
+    err = cli_error(capsys, "inspect", tmp_path / "none", "--png", tmp_path / "afile" / "x.png")
+    assert "afile is a file, not a folder" in err  # checked before the delta is read
+    assert "is a folder; name a file" in cli_error(capsys, "inspect", tmp_path / "none", "--png", tmp_path)
     assert "not a run folder" in cli_error(capsys, "train", "--resume", tmp_path)
     assert "drop --epochs" in cli_error(capsys, "train", "--resume", tmp_path, "--epochs", 2, "--no-progress")
 
@@ -284,3 +288,23 @@ def test_shira_trains_r_times_in_plus_out_entries_per_linear_layer_and_eval_repr
     capsys.readouterr()
     assert main(["eval", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == pytest.approx(json.loads((run / "metrics.json").read_text())["test"])
+
+
+def test_output_paths_and_estimate_flags_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    err = cli_error(capsys, "train", "--output-dir", afile, "--model", tmp_path / "no-model")
+    assert f"--output-dir {afile} is a file" in err  # refused before the model is looked at
+    assert afile.read_text() == "keep me"
+    for flags, expected in [(("--density", -1), "--density -1"), (("--density", 5), "--density 5"),
+                            (("--batch", 0), "--batch 0"), (("--seq", 0), "--seq 0")]:  # fmt: skip
+        assert expected in cli_error(capsys, "estimate", "--model", "smollm2-135m", *flags)
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    from sparsedelta.train import runfolder
+
+    monkeypatch.setattr(runfolder.time, "strftime", lambda fmt: "20261205-070000")
+    first, second = (runfolder.new_run_path("sara", tmp_path) for _ in range(2))
+    assert first != second and first.is_dir() and second.is_dir()
+    assert second.name == "20261205-070000-sara-2"

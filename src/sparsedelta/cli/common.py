@@ -24,3 +24,15 @@ def new_folder(path: str) -> Path:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UsageError(f"--output {output} exists and is not empty; choose a new folder")
     return output
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """An output file's path must be creatable: no file where a folder is needed, no folder in its place."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{flag} {target} is a folder; name a file, e.g. {target / 'figure.png'}")
+    parent = next(p for p in target.parents if p.exists())
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {target}: {parent} is a file, not a folder; choose another path")

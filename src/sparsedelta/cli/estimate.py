@@ -38,6 +38,11 @@ def run(args) -> int:
     methods = SHOWN if args.method == "all" else [args.method]
     if args.method != "all" and args.method not in METHODS:
         raise UsageError(f"--method {args.method}: the memory model covers {', '.join(METHODS)} (or all)")
+    if not 0 < args.density <= 1:
+        raise UsageError(f"--density {args.density:g}: a delta's share of the targeted entries is in (0, 1], e.g. 0.01")
+    for flag in ("batch", "seq", "lora_rank"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive whole number")
     shape = model_shape(args.model, task)
     rows = []
     for method in methods:

@@ -24,7 +24,9 @@ def add(sub) -> None:
 
 def run(args) -> int:
     from ..report.inspection import delta_file, format_summary, sora_state_dir, summarize
+    from .common import check_output_file
 
+    check_output_file(None if args.no_png else args.png, "--png")
     if len(args.paths) > 1:
         return run_compare(args)
     args.path = args.paths[0]

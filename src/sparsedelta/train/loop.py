@@ -109,8 +109,11 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     if resume:
         folder = RunFolder.existing(cfg.output_dir)
     else:
-        folder = RunFolder(cfg.output_dir or distributed.broadcast(str(new_run_path(cfg.method)), world))
-        folder.check_new()
+        if cfg.output_dir:
+            folder = RunFolder(cfg.output_dir)
+            folder.check_new()
+        else:  # created by rank 0 alone, before the model loads
+            folder = RunFolder(distributed.broadcast(str(new_run_path(cfg.method)) if world.main else None, world))
         cfg = dataclasses.replace(cfg, output_dir=str(folder.path))
 
     task = make_task(cfg, world)

@@ -32,7 +32,18 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def new_run_path(method: str, root: str | os.PathLike = "runs") -> Path:
-    return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}"
+    """A new, empty folder `root/<date>-<time>-<method>[-N]`, created here: os.mkdir is atomic, so two
+    runs started in the same second get two folders."""
+    stem = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = stem if n == 1 else stem.with_name(f"{stem.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError(f"{stem.parent} holds thousands of runs named {stem.name}*; pass --output-dir")
 
 
 def peak_memory_mib() -> float:
@@ -47,7 +58,9 @@ class RunFolder:
 
     # -- creation and lookup -----------------------------------------------------------------------
     def check_new(self) -> None:
-        """Refuse to start a new run over an existing one."""
+        """Refuse to start a new run over an existing one or over a file."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"--output-dir {self.path} is a file, not a folder; choose a new folder")
         if (self.path / CONFIG).exists():
             raise UsageError(
                 f"{self.path} already holds a run; continue it with `sparsedelta train --resume {self.path}` "
