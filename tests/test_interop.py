@@ -91,6 +91,9 @@ def test_exported_shira_adapter_gives_the_same_logits_in_peft_without_sparsedelt
     adapter = json.loads((tmp_path / "shira" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "SHIRA" and adapter["r"] == report.r
     assert adapter["base_model_name_or_path"] == str(tmp_path / "base")
+    assert adapter["task_type"] == "SEQ_CLS"  # what AutoPeftModelFor* reads
+    auto = peft.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "shira").eval()
+    torch.testing.assert_close(logits(auto, ids), expected)
     # norms and embeddings travel as merged dense modules, the head as itself
     assert "bert.embeddings.word_embeddings" in adapter["modules_to_save"] and "classifier" in adapter["modules_to_save"]
     assert "bert.encoder.layer.0.output.LayerNorm" in adapter["modules_to_save"]

@@ -293,6 +293,9 @@ def test_export_peft_reloads_with_the_same_logits(bert_dir, tmp_path):
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert sorted(config["rank_pattern"].values()) == sorted(exported.values())
     assert config["modules_to_save"] == ["classifier"]
+    assert config["task_type"] == "SEQ_CLS" and config["base_model_name_or_path"] == str(bert_dir)
+    sora.export_peft(model, tmp_path / "unnamed")  # the base's name comes from the model itself
+    assert json.loads((tmp_path / "unnamed" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(bert_dir)
 
     peft_model = PeftModel.from_pretrained(load_bert(bert_dir), tmp_path / "adapter").eval()
     for name, k in exported.items():

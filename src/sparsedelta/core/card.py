@@ -92,6 +92,18 @@ def render_card(
     return "\n".join(lines)
 
 
+# PEFT's task_type by the head a transformers model class ends in: AutoPeftModelFor* needs it
+PEFT_TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+                   "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
+                   "ForSeq2SeqLM": "SEQ_2_SEQ_LM", "ForConditionalGeneration": "SEQ_2_SEQ_LM"}  # fmt: skip
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """The task_type a PEFT adapter of `model` records (None for a bare encoder or a non-HF model)."""
+    name = type(model).__name__
+    return next((task for suffix, task in PEFT_TASK_TYPES.items() if name.endswith(suffix)), None)
+
+
 def _load_snippet(model: nn.Module | None, base: str | None, folder_name: str) -> list[str]:
     kind = type(model) if model is not None else None
     name = repr(base or "BASE_MODEL")

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.card import peft_task_type
 from ..core.io import DELTA_FILE, load, read
 from ..core.remote import locate
 from ..core.targeting import CONTAINER, parameter_kind
@@ -106,7 +107,7 @@ def export_shira(
             report.dense[name] = sum(v.numel() for v in stored.values())
         config = {
             "peft_type": "SHIRA",
-            "task_type": None,
+            "task_type": peft_task_type(base_model),
             "base_model_name_or_path": base_model_name_or_path or getattr(base_model, "name_or_path", None) or None,
             "revision": None,
             "inference_mode": True,

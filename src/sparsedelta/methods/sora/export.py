@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ...core.atomic import atomic_write
+from ...core.card import peft_task_type
 from .config import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from .gates import ranks
 from .layer import _KINDS, SoRALinear, _replace, _saved_parameters, _state, layers
@@ -104,8 +105,8 @@ def export_peft(
     order = sorted(kept, key=len, reverse=True)
     peft_config = {
         "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": peft_task_type(model),
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None) or None,
         "r": config.r,
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,

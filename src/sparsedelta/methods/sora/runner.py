@@ -111,7 +111,7 @@ class SoRARunner(MethodRunner):
         folder = Path(folder)
         save(model, folder / STATE)
         if any(gate_counts(model).values()):  # an adapter PEFT loads as it is: the pruned LoRA
-            export_peft(model, folder / ADAPTER, base_model_name_or_path=None)
+            export_peft(model, folder / ADAPTER)
         return folder / STATE
 
     def load(self, model, folder):
