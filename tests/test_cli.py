@@ -308,3 +308,10 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
     first, second = (runfolder.new_run_path("sara", tmp_path) for _ in range(2))
     assert first != second and first.is_dir() and second.is_dir()
     assert second.name == "20261205-070000-sara-2"
+
+
+def test_importing_the_cli_leaves_plotting_and_hf_libraries_unloaded():
+    code = "import sys, sparsedelta.cli; print(sorted(m for m in ('matplotlib', 'transformers', 'peft') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(SRC)})  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr

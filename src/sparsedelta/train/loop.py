@@ -26,7 +26,6 @@ from .. import __version__, seeds
 from ..data.batches import group_by_length
 from ..errors import UsageError
 from ..methods import Budget, MethodRunner, make_runner
-from ..report import plots
 from . import distributed, sharding
 from .card import run_card
 from .config import TrainConfig
@@ -262,6 +261,8 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     metrics["timings"]["steps_per_s"] = step / max(metrics["timings"]["train_s"], 1e-9)
     product = None
     if world.main:
+        from ..report import plots  # matplotlib only once a run has something to draw (~0.5 s)
+
         product = runner.save(model, task.tokenizer, folder.path, card=run_card(cfg, task, metrics, folder.path))
         metrics["product"] = str(Path(product).relative_to(folder.path))
         folder.write_json(METRICS, metrics)
