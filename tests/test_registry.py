@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+import sparsedelta as sd
 from fixtures_cli import tiny_bert_fixture, topic_files_fixture  # noqa: F401
 from sparsedelta.cli import main
 from sparsedelta.core.config import DeltaConfig, SelectionReport
@@ -43,7 +44,7 @@ class RowStartRunner(DeltaRunner):
 def row_start():
     register_method(RowStartRunner)
     yield
-    registry._RUNNERS.pop("row-start")
+    registry._RUNNERS.remove("row-start")
 
 
 def test_a_registered_method_is_known_everywhere(row_start, tiny_bert, topic_files, tmp_path, capsys):
@@ -79,3 +80,21 @@ def test_methods_lists_every_registered_method(capsys):
     for name in method_names():
         assert f"\n{name}: " in "\n" + listing
     assert "--option rank_penalty=0.0005" in listing and "--option phase1_fraction=0.3" in listing
+
+
+def test_one_duplicate_rule_for_configs_and_runners():
+    """A user class under a built-in's name is refused, not silently put in the built-in's place."""
+    with pytest.raises(ValueError, match="a delta config method named 'sara' is registered already"):
+
+        @dataclass
+        class MySaRA(sd.SaRAConfig):
+            method = "sara"
+
+    assert type(DeltaConfig.from_dict({"method": "sara", "threshold": 1e-3})) is sd.SaRAConfig
+
+    class MySaRARunner(RowStartRunner):
+        name = "sara"
+
+    with pytest.raises(ValueError, match="a method named 'sara' is registered already"):
+        register_method(MySaRARunner)
+    assert registry.runner_class("sara").__name__ == "SaRARunner"

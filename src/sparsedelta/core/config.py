@@ -18,8 +18,10 @@ from typing import ClassVar
 
 import torch
 
+from .registry import Registry
+
 PARAMETER_KINDS = ("weight", "bias", "embedding", "norm")
-_CONFIG_TYPES: dict[str, type[DeltaConfig]] = {}
+_CONFIG_TYPES: Registry[type[DeltaConfig]] = Registry("delta config method")
 
 
 @dataclass
@@ -44,7 +46,7 @@ class DeltaConfig:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "method" in cls.__dict__:  # a shared base (e.g. one for budgets) names no method of its own
-            _CONFIG_TYPES[cls.method] = cls
+            _CONFIG_TYPES.add(cls.method, cls)
 
     def __post_init__(self):
         self.parameter_kinds = tuple(self.parameter_kinds)
@@ -75,7 +77,7 @@ class DeltaConfig:
         data = dict(data)
         method = data.pop("method", "custom")
         if not isinstance(method, str) or method not in _CONFIG_TYPES:
-            raise ValueError(f"unknown method {method!r} in delta config; known: {sorted(_CONFIG_TYPES)}")
+            raise ValueError(f"unknown method {method!r} in delta config; known: {sorted(_CONFIG_TYPES.names())}")
         cls = _CONFIG_TYPES[method]
         try:
             hints = typing.get_type_hints(cls)
@@ -93,7 +95,7 @@ class DeltaConfig:
         return cls(**kwargs)
 
 
-_CONFIG_TYPES["custom"] = DeltaConfig
+_CONFIG_TYPES.add("custom", DeltaConfig)
 
 
 def _conforms(value, hint) -> bool:

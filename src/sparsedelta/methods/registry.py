@@ -10,31 +10,29 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..core.registry import Registry
 from ..errors import UsageError
 
 if TYPE_CHECKING:
     from .base import MethodRunner, MethodSettings
 
-_RUNNERS: dict[str, type[MethodRunner]] = {}
+_RUNNERS: Registry[type[MethodRunner]] = Registry("method")
 
 
 def register_method(runner: type[MethodRunner]) -> type[MethodRunner]:
     """Add a runner class under its `name` (usable as a class decorator)."""
     if not runner.name:
         raise ValueError(f"{runner.__name__} has no name")
-    if runner.name in _RUNNERS and _RUNNERS[runner.name] is not runner:
-        raise ValueError(f"a method named {runner.name!r} is registered already ({_RUNNERS[runner.name].__name__})")
-    _RUNNERS[runner.name] = runner
-    return runner
+    return _RUNNERS.add(runner.name, runner)
 
 
 def method_names() -> list[str]:
-    return list(_RUNNERS)
+    return _RUNNERS.names()
 
 
 def runner_class(name: str) -> type[MethodRunner]:
     if name not in _RUNNERS:
-        raise UsageError(f"unknown method {name!r}; choose one of: {', '.join(_RUNNERS)}")
+        raise UsageError(f"unknown method {name!r}; choose one of: {', '.join(_RUNNERS.names())}")
     return _RUNNERS[name]
 
 
