@@ -290,3 +290,41 @@ def test_unload_removes_the_hooks():
     assert "generate" not in model.__dict__ and not model._forward_pre_hooks and not model._forward_hooks
     with pytest.raises(ValueError, match="not used by the model"):
         model.generate(torch.ones(1, 3, dtype=torch.long), adapter_names=["a"], max_new_tokens=1)
+
+
+# -- two threads on one model ----------------------------------------------------------------------
+def test_two_threads_hammering_one_model_with_mixed_and_plain_calls():
+    """Mixed batches write tasks' entries into shared weights: a plain or one-row forward on another
+    thread must wait for the batch and still get the active task's output, never a routed one."""
+    import threading
+    import time
+
+    torch.manual_seed(0)
+    model = attach(TinyNet().double().eval(), ["a", "b"])
+    sd.set_adapter(model, "a")
+    ids = torch.randint(1, 50, (4, 7))
+    names = ["a", "b", BASE, "b"]
+    with torch.no_grad():
+        expected_mixed = torch.cat([reference(model, n, lambda i=i: model(ids[i : i + 1])) for i, n in enumerate(names)])
+        expected_plain, expected_row = model(ids), model(ids[:1])
+    failures, deadline = [], time.monotonic() + 60
+
+    def hammer(call, expected):
+        for _ in range(40):  # bounded in count and in time
+            if time.monotonic() > deadline:
+                break
+            with torch.no_grad():
+                out = call()
+            if out.shape != expected.shape or not torch.equal(out, expected):
+                failures.append(call)
+
+    threads = [threading.Thread(target=hammer, args=(lambda: model(ids, adapter_names=names), expected_mixed)),
+               threading.Thread(target=hammer, args=(lambda: model(ids), expected_plain)),
+               threading.Thread(target=hammer, args=(lambda: model(ids[:1]), expected_row))]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert not any(t.is_alive() for t in threads) and not failures
+    with torch.no_grad():
+        assert torch.equal(model(ids), expected_plain)  # the active task is merged again afterwards

@@ -30,6 +30,13 @@ flattened with the tokens, B·T, or repeated for beam search / num_return_sequen
 `generate` does with repeat_interleave): element i then belongs to the row i // r. A first
 dimension of 1 that broadcasts over the batch (e.g. position embeddings) is expanded to the batch.
 
+Threads: one model runs one forward at a time. A mixed batch unmerges every delta and writes tasks'
+entries into the shared weights for its duration, so its `mixed_batch` block (and a `generate` with
+adapter_names) holds the model's lock, and every forward of a model with deltas takes the same lock
+in its pre-hook: a plain forward on another thread waits for the batch, then runs on the merged
+model. The lock is re-entrant (forwards inside a batch, generate's steps) and kept beside the model,
+not on it, so copies and pickles carry none. Calls into a submodule directly are not serialised.
+
 Inference only: refused in training mode, and no gradient flows through the corrections (train one
 task at a time with `set_adapter`). How `adapter_names` reaches the layers: a forward pre-hook on the
 model (installed when its first delta is attached) takes the argument out and opens a mixed batch
@@ -41,6 +48,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -56,6 +65,18 @@ ADAPTER_NAMES = "adapter_names"
 LAYER_KEY = "mixed"
 _OPEN = "_sparsedelta_mixed"  # model attribute: the Routing of the batch being run
 _CALL = "_sparsedelta_mixed_call"  # model attribute: the mixed batch a forward call opened
+
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, tuple[threading.RLock, threading.local]] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock(model: nn.Module) -> tuple[threading.RLock, threading.local]:
+    """The model's re-entrant lock and, per thread, the forwards that hold it."""
+    with _LOCKS_GUARD:
+        if model not in _LOCKS:
+            _LOCKS[model] = (threading.RLock(), threading.local())
+        return _LOCKS[model]
 
 
 class Routing:
@@ -354,6 +375,14 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
     names = _check_names(state, adapter_names)
     if model.training:
         raise ValueError("mixed-task batches are for inference: call model.eval() first (as PEFT requires too)")
+    lock, _ = _lock(model)
+    with lock:  # no other thread's forward while tasks' entries are in the shared weights
+        with _running(model, state, names) as ran:
+            yield ran
+
+
+@contextlib.contextmanager
+def _running(model: nn.Module, state: DeltaState, names: list[str]):
     if model.__dict__.get(_OPEN) is not None:
         raise RuntimeError("this model is already running a mixed-task batch; leave it before opening another")
     routing = Routing(names)
@@ -399,6 +428,24 @@ def _only(model: nn.Module, state: DeltaState, task: str):
 
 # -- adapter_names as an argument of forward and generate ------------------------------------------------
 def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
+    lock, held = _lock(model)
+    lock.acquire()  # released by _post_forward, which runs even when the forward raises
+    held.depth = getattr(held, "depth", 0) + 1
+    try:
+        return _take_names(model, args, kwargs)
+    except BaseException:
+        _release(model)
+        raise
+
+
+def _release(model: nn.Module) -> None:
+    lock, held = _lock(model)
+    if getattr(held, "depth", 0) > 0:
+        held.depth -= 1
+        lock.release()
+
+
+def _take_names(model: nn.Module, args: tuple, kwargs: dict):
     names = kwargs.pop(ADAPTER_NAMES, None)
     if names is not None:
         routing = model.__dict__.get(_OPEN)
@@ -413,9 +460,12 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
 
 
 def _post_forward(model: nn.Module, args: tuple, output):
-    stack = model.__dict__.pop(_CALL, None)
-    if stack is not None:
-        stack.close()
+    try:
+        stack = model.__dict__.pop(_CALL, None)
+        if stack is not None:
+            stack.close()
+    finally:
+        _release(model)
 
 
 def _generate(self: nn.Module, *args, **kwargs):
