@@ -315,3 +315,15 @@ def test_importing_the_cli_leaves_plotting_and_hf_libraries_unloaded():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(SRC)})  # fmt: skip
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(tiny_bert, topic_files, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_bert) / name, bare / name)
+    err = cli_error(capsys, *tiny_args(bare, topic_files, tmp_path / "run", "--max-steps", 1))
+    assert "maps every word to [UNK]" in err and "lacks its tokenizer files" in err
+    assert not (tmp_path / "run").exists()

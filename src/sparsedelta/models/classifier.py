@@ -70,9 +70,27 @@ class Loaded:
 def load_tokenizer(name: str):
     transformers = quiet_transformers()
     try:
-        return transformers.AutoTokenizer.from_pretrained(name)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise UsageError(f"--model {name}: cannot load its tokenizer ({_first_line(e)})") from e
+    return checked_tokenizer(tokenizer, name)
+
+
+PROBE = "The market rose 3% as the team won the final match."
+
+
+def checked_tokenizer(tokenizer, name: str):
+    """Refuse a tokenizer that knows no words: a model folder without its tokenizer files still loads
+    one (from config.json's model type, with an empty vocabulary) that maps every token to unk."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+    if not ids or (unk is not None and all(i == unk for i in ids)):
+        raise UsageError(
+            f"--model {name}: its tokenizer maps every word to {tokenizer.unk_token or 'nothing'}: the folder lacks "
+            "its tokenizer files (tokenizer.json, or vocab.txt / tokenizer.model); copy them from the model it was "
+            "made from (tokenizer.save_pretrained)"
+        )
+    return tokenizer
 
 
 def load_classifier(name: str | None, label_names: list[str], seed: int = 0) -> Loaded:
