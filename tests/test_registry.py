@@ -98,3 +98,29 @@ def test_one_duplicate_rule_for_configs_and_runners():
     with pytest.raises(ValueError, match="a method named 'sara' is registered already"):
         register_method(MySaRARunner)
     assert registry.runner_class("sara").__name__ == "SaRARunner"
+
+
+@pytest.mark.parametrize(("method", "flag", "value"), [
+    ("full", "--target-modules", "query"), ("full", "--exclude-modules", "query"), ("full", "--parameter-kinds", "bias"),
+    ("full", "--modules-to-save", "classifier"), ("sora", "--parameter-kinds", "bias"),
+    ("shira", "--exclude-modules", "query"), ("lora", "--parameter-kinds", "norm"),
+])  # fmt: skip
+def test_a_targeting_flag_a_method_cannot_honour_is_refused_before_loading(method, flag, value, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--method", method, flag, value, "--output-dir", str(out), "--model", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--method {method} cannot honour {flag}" in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_lora_honours_exclude_modules(tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+
+    from sparsedelta.methods import MethodSettings, make_runner
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    runner = make_runner(MethodSettings(method="lora", target_modules=["query", "value"], exclude_modules=["layer.0.attention.self.query"]))
+    adapted = runner.prepare(model, head_modules=["classifier"], total_steps=1)
+    lora = {n.rsplit(".lora_A", 1)[0] for n, _ in adapted.named_modules() if n.endswith("lora_A")}
+    assert any("layer.1.attention.self.query" in n for n in lora) and any("layer.0.attention.self.value" in n for n in lora)
+    assert not any("layer.0.attention.self.query" in n for n in lora)

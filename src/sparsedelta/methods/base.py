@@ -102,6 +102,9 @@ class Budget:
         return self.trainable / max(self.total, 1)
 
 
+TARGETING = ("target_modules", "exclude_modules", "parameter_kinds", "modules_to_save")
+
+
 class MethodRunner:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for the command line's help
@@ -111,6 +114,8 @@ class MethodRunner:
     swaps_parameters: ClassVar[bool] = False  # changes its trainable tensors mid-run (a new phase)
     lrs: ClassVar[dict[str, float]] = {}  # default learning rate per task; "default" for the others
     default_options: ClassVar[dict[str, Any]] = {}  # --option defaults that differ from the option class's own
+    # the targeting settings the method honours; any other one given is refused, never ignored
+    targeting_flags: ClassVar[frozenset[str]] = frozenset(TARGETING)
 
     def __init__(self, settings: MethodSettings):
         self.settings = settings
@@ -121,6 +126,10 @@ class MethodRunner:
             raise UsageError("give --threshold or --density, not both")
         if not self.takes_budget and (settings.threshold is not None or settings.density is not None):
             raise UsageError(f"--method {self.name} has no sparse budget; drop --threshold/--density")
+        ignored = [f"--{f.replace('_', '-')}" for f in TARGETING if getattr(settings, f) is not None and f not in self.targeting_flags]
+        if ignored:
+            honoured = ", ".join(f"--{f.replace('_', '-')}" for f in TARGETING if f in self.targeting_flags) or "none"
+            raise UsageError(f"--method {self.name} cannot honour {', '.join(ignored)} (it takes: {honoured}); drop it")
         options = parse_options(self.name, self.option_classes(), settings.options, self.option_exclusions())
         self.schedule, self.options = None, options
         if self.schedule_class is not None:  # the settings that are not the config's

@@ -11,6 +11,7 @@ from .registry import register_method
 @register_method
 class FullRunner(MethodRunner):
     name = "full"
+    targeting_flags = frozenset()  # every parameter trains
     summary = "reference: ordinary fine-tuning of every parameter"
     lrs = {"default": 5e-5}
 

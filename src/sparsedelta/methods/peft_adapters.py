@@ -11,7 +11,7 @@ from torch import nn
 from ..core.config import DeltaConfig
 from ..core.targeting import find_targets
 from ..errors import UsageError
-from .base import DEFAULT_HEAD_LR, Budget, MethodRunner, targeting_fields
+from .base import DEFAULT_HEAD_LR, TARGETING, Budget, MethodRunner, targeting_fields
 from .baselines import sara_density, sara_lr
 from .registry import register_method
 
@@ -28,6 +28,7 @@ def _peft():
 
 class PeftRunner(MethodRunner):
     peft_config_name = ""
+    targeting_flags = frozenset({"target_modules", "modules_to_save"})  # PEFT's layers, not parameter kinds
 
     @classmethod
     def option_classes(cls):
@@ -85,10 +86,19 @@ class LoRARunner(PeftRunner):
     """LoRA through PEFT: r = 8, α = 16, dropout 0.1 unless --option says otherwise."""
 
     name = "lora"
+    targeting_flags = PeftRunner.targeting_flags | {"exclude_modules"}
     summary = "comparison: PEFT LoRA (r = 8, alpha 16, dropout 0.1)"
     peft_config_name = "LoraConfig"
     lrs = {"default": 5e-4}
     default_options = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
+
+    @classmethod
+    def option_exclusions(cls):
+        return super().option_exclusions() | {"exclude_modules"}  # set by --exclude-modules
+
+    def defaults(self):
+        excluded = self.settings.exclude_modules
+        return {**super().defaults(), **({"exclude_modules": excluded} if excluded is not None else {})}
 
 
 @register_method
@@ -124,6 +134,7 @@ class SupertuningRunner(PeftRunner):
     it was trained on, even where |θ| ties at the boundary."""
 
     name = "supertuning"
+    targeting_flags = frozenset(TARGETING)  # SaRA's targeting; kinds other than linear weights refused by name
     summary = "comparison: PEFT Super-Tuning, the smallest |θ| per layer at SaRA's budget, no penalty (PaFi's rule)"
     peft_config_name = "SupertuningConfig"
     takes_budget = True

@@ -31,6 +31,7 @@ STAGES = "stages"
 @register_method
 class SoRARunner(MethodRunner):
     name = "sora"
+    targeting_flags = frozenset({"target_modules", "exclude_modules", "modules_to_save"})  # linear layers only
     summary = "SoRA (Ding et al., EMNLP 2023, arXiv 2311.11696): a gated LoRA whose rank sparsifies itself"
     config_class = SoRAConfig
     # measured on the default task (MiniLM-L6 + BBC News, 196 steps): see the README
