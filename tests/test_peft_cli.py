@@ -159,3 +159,19 @@ def test_a_run_folder_writes_a_model_card_with_data_and_metrics(sara_run, tiny_b
     assert f"`sparsedelta export {sara_run.name} --to shira --output shira/`" in text
     snippet = text.split("```python\n")[1].split("```")[0].splitlines()
     assert snippet[1] == f"model = transformers.BertForSequenceClassification.from_pretrained('{tiny_bert}', num_labels=3)"
+
+
+def test_import_refuses_a_plain_model_folder_and_nonfinite_values_before_writing(sara_run, tiny_bert, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    err = cli_error(capsys, "import", tiny_bert, "--output", tmp_path / "m")
+    assert "is not a PEFT adapter folder" in err and "is a run" not in err  # a model folder has config.json too
+    assert main(["export", str(sara_run), "--output", str(tmp_path / "shira")]) == 0
+    weights = tmp_path / "shira" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("shira_weight"))
+    tensors[name][0] = float("nan")
+    save_file(tensors, weights)
+    err = cli_error(capsys, "import", tmp_path / "shira", "--output", tmp_path / "out", "--model", tiny_bert)
+    assert "holds NaN or infinite values" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m").exists()

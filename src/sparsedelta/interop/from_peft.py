@@ -108,6 +108,12 @@ def import_peft(
         positions, values = _from_merged(adapter_dir, base_model, sparsify, report)
     if not positions:
         raise UsageError(f"the {peft_type} adapter in {adapter_dir} changes no entry of the base model")
+    nonfinite = sorted(n for n, v in {**(values or {}), **dense}.items() if not torch.isfinite(v).all())
+    if nonfinite:  # checked before anything is written: `load` would refuse the delta later
+        raise UsageError(
+            f"the {peft_type} adapter in {adapter_dir} holds NaN or infinite values in {', '.join(nonfinite[:3])}"
+            f"{' ...' if len(nonfinite) > 3 else ''}; it diverged in training: export it from an earlier checkpoint"
+        )
 
     delta_config = _config(base_model, positions, dense, ours.get("config"))
     card = {"base_model": config.get("base_model_name_or_path"), "Imported from PEFT": _provenance(report, sparsify)}

@@ -11,6 +11,7 @@ it by fingerprint when it is loaded.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,15 @@ class Base:
 
 
 def is_run(path: str | os.PathLike) -> bool:
-    return (Path(path) / CONFIG).is_file() and not (Path(path) / "adapter_config.json").is_file()
+    """A folder `sparsedelta train` wrote: its config.json has a "train" section (every Hugging Face
+    model folder has a config.json too)."""
+    config = Path(path) / CONFIG
+    if not config.is_file() or (Path(path) / "adapter_config.json").is_file():
+        return False
+    try:
+        return "train" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def run_base(path: str | os.PathLike, model: str | None) -> Base:
