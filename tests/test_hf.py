@@ -111,3 +111,34 @@ def test_trainer_runs_sara_with_a_penalty_on_a_model_without_eligible_matrices(t
                              report_to=[], save_strategy="no", disable_tqdm=True)  # fmt: skip
     Trainer(model=model, args=args, train_dataset=train_set, callbacks=[SparseDeltaCallback(runner)]).train()
     assert any(not torch.equal(a, b) for a, b in zip(before, sd.trainable_parameters(model)))
+
+
+def test_trainer_runs_an_event_whose_step_was_skipped_at_the_next_step_taken(tmp_path, monkeypatch):
+    """fp16 loss scaling skips a step (accelerate's step_was_skipped): SaRA's re-selection due at that
+    step runs at the next step taken, as in `sparsedelta train`."""
+    from accelerate.optimizer import AcceleratedOptimizer
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    original, calls = AcceleratedOptimizer.step, []
+
+    def step(self, closure=None):
+        calls.append(len(calls) + 1)
+        if len(calls) == 2:  # an overflow: no update, as GradScaler does
+            self._is_overflow = True
+            return None
+        self._is_overflow = False
+        return original(self, closure)
+
+    monkeypatch.setattr(AcceleratedOptimizer, "step", step)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=16, num_labels=2)  # fmt: skip
+    runner = make_runner(MethodSettings(method="sara", density=0.2, options={"reselect_step": 2}))
+    model = runner.prepare(BertForSequenceClassification(config), head_modules=["classifier"], total_steps=4)
+    callback = SparseDeltaCallback(runner)
+    train_set = [{"input_ids": torch.randint(1, 50, (8,)), "labels": i % 2} for i in range(16)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, use_cpu=True,
+                             report_to=[], save_strategy="no", disable_tqdm=True)  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=train_set, callbacks=[callback]).train()
+    assert calls == [1, 2, 3, 4]
+    assert [step for step, _ in callback.events] == [3]
