@@ -207,3 +207,8 @@ def test_weights_follow_an_optimizer_step_at_the_next_forward_or_sync(tiny):
     torch.testing.assert_close(merged(), delta.base)  # not yet written
     sd.sync(tiny)
     torch.testing.assert_close(merged(), delta.base + delta.values.detach())
+
+
+def test_no_matching_parameter_names_the_flags_and_the_python_fields(tiny):
+    with pytest.raises(ValueError, match=r"--target-modules, --parameter-kinds; in Python target_modules=, parameter_kinds="):
+        sd.prepare(tiny, sd.RandomConfig(target_modules=["norm"], parameter_kinds=("embedding",)))

@@ -115,7 +115,8 @@ def test_export_and_import_say_what_is_missing(sara_run, tiny_bert, topic_files,
     lora = tmp_path / "lora"
     assert main(tiny_args(tiny_bert, topic_files, lora, "--method", "lora", "--max-steps", 2, "--threads", 1)) == 0
     assert "already is a PEFT adapter" in cli_error(capsys, "export", lora, "--output", tmp_path / "a")
-    assert "not a sparse difference" in cli_error(capsys, "import", lora, "--output", tmp_path / "b")
+    err = cli_error(capsys, "import", lora, "--output", tmp_path / "b")
+    assert "not a sparse difference" in err and "pass --sparsify D" in err  # the flag, not only its Python name
     assert main(["import", str(lora), "--output", str(tmp_path / "c"), "--sparsify", "1.0"]) == 0
     assert "relative Frobenius error of ΔW: 0.000e+00 overall" in capsys.readouterr().out
     run = load_run(lora, splits=())

@@ -96,7 +96,8 @@ def find_targets(model: nn.Module, config: DeltaConfig) -> tuple[dict[str, Targe
         targets[path] = Target(path, param, kind, [(m, p) for _, m, p in owned_by])
     if not targets:
         raise ValueError(
-            f"no parameter matched target_modules={config.target_modules!r} with "
-            f"parameter_kinds={config.parameter_kinds}; check both (e.g. add 'embedding' or 'norm')"
+            f"no parameter matched the targets {config.target_modules!r} with the parameter kinds "
+            f"{list(config.parameter_kinds)}; check both (--target-modules, --parameter-kinds; in Python "
+            "target_modules=, parameter_kinds=), e.g. add 'embedding' or 'norm'"
         )
     return targets, saved

@@ -206,7 +206,7 @@ def _from_merged(adapter_dir, base_model, sparsify, report):
         if sparsify is None and changed > MAX_SPARSE_DENSITY * flat.numel():
             raise UsageError(
                 f"this {report.peft_type} adapter is not a sparse difference: it changes {changed / flat.numel():.0%} "
-                f"of {path}; pass sparsify=D to keep the D·n largest |ΔW| entries of each tensor (e.g. 0.01)"
+                f"of {path}; pass --sparsify D (in Python sparsify=D) to keep the D·n largest |ΔW| entries of each tensor (e.g. 0.01)"
             )
         k = changed if sparsify is None else min(changed, budget(flat.numel(), sparsify))
         keep = smallest_k({path: -flat.abs()}, k)[path]
