@@ -15,7 +15,7 @@ def add(sub) -> None:
 
 def run(args) -> int:
     from ..methods import method_names, runner_class
-    from ..methods.base import TARGETING, options_help
+    from ..methods.base import TARGETING, as_flag, options_help
 
     names = [runner_class(args.method).name] if args.method else method_names()
     for name in names:
@@ -23,7 +23,7 @@ def run(args) -> int:
         print(f"{name}: {runner.summary}")
         if runner.takes_budget:
             print("  budget: --threshold T or --density D")
-        flags = [f"--{f.replace('_', '-')}" for f in TARGETING if f in runner.targeting_flags]
+        flags = [as_flag(f) for f in TARGETING if f in runner.targeting_flags]
         print(f"  targeting: {', '.join(flags) or 'none (every parameter trains)'}")
         for option, default, text in options_help(runner):
             print(f"  --option {option}={default!r}")

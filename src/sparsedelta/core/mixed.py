@@ -73,10 +73,11 @@ _LOCKS_GUARD = threading.Lock()
 
 def _lock(model: nn.Module) -> tuple[threading.RLock, threading.local]:
     """The model's re-entrant lock and, per thread, the forwards that hold it."""
-    with _LOCKS_GUARD:
-        if model not in _LOCKS:
-            _LOCKS[model] = (threading.RLock(), threading.local())
-        return _LOCKS[model]
+    entry = _LOCKS.get(model)  # every forward asks: the guard only for a model's first
+    if entry is None:
+        with _LOCKS_GUARD:
+            entry = _LOCKS.setdefault(model, (threading.RLock(), threading.local()))
+    return entry
 
 
 class Routing:

@@ -26,9 +26,6 @@ class Registry(Generic[T]):
     def remove(self, name: str) -> None:
         self._table.pop(name, None)
 
-    def get(self, name: str) -> T | None:
-        return self._table.get(name)
-
     def __contains__(self, name: object) -> bool:
         return name in self._table
 

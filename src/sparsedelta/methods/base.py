@@ -59,6 +59,11 @@ DEFAULT_HEAD_LR = 5e-3  # learning rate of a densely trained new head next to a 
 TARGETING = ("target_modules", "exclude_modules", "parameter_kinds", "modules_to_save")
 
 
+def as_flag(field_name: str) -> str:
+    """A setting's command-line spelling (target_modules -> --target-modules)."""
+    return "--" + field_name.replace("_", "-")
+
+
 def help_of(f: dataclasses.Field) -> str:
     return f.metadata.get("help", "")
 
@@ -102,9 +107,6 @@ class Budget:
         return self.trainable / max(self.total, 1)
 
 
-TARGETING = ("target_modules", "exclude_modules", "parameter_kinds", "modules_to_save")
-
-
 class MethodRunner:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for the command line's help
@@ -126,9 +128,9 @@ class MethodRunner:
             raise UsageError("give --threshold or --density, not both")
         if not self.takes_budget and (settings.threshold is not None or settings.density is not None):
             raise UsageError(f"--method {self.name} has no sparse budget; drop --threshold/--density")
-        ignored = [f"--{f.replace('_', '-')}" for f in TARGETING if getattr(settings, f) is not None and f not in self.targeting_flags]
+        ignored = [as_flag(f) for f in TARGETING if getattr(settings, f) is not None and f not in self.targeting_flags]
         if ignored:
-            honoured = ", ".join(f"--{f.replace('_', '-')}" for f in TARGETING if f in self.targeting_flags) or "none"
+            honoured = ", ".join(as_flag(f) for f in TARGETING if f in self.targeting_flags) or "none"
             raise UsageError(f"--method {self.name} cannot honour {', '.join(ignored)} (it takes: {honoured}); drop it")
         options = parse_options(self.name, self.option_classes(), settings.options, self.option_exclusions())
         self.schedule, self.options = None, options
