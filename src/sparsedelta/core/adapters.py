@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import UnknownAdapterError, UsageError
 from . import patching
 from .config import DeltaConfig, SelectionReport
 from .correction import bake_corrected, in_float32
@@ -52,7 +53,7 @@ MODEL_HOOKS: list[tuple[Callable[[nn.Module], None], Callable[[nn.Module], None]
 def state_of(model: nn.Module) -> DeltaState:
     state = getattr(model, "_sparsedelta", None)
     if state is None:
-        raise ValueError(
+        raise UsageError(
             "this model has no sparse delta; call sparsedelta.prepare(model, config) or sparsedelta.load first"
         )
     return state
@@ -158,10 +159,10 @@ def add_delta(
     """Attach a delta named `adapter_name` at `positions` (parameter path -> flat positions; by
     default chosen by `config.select`), make it the active one, and freeze everything else."""
     if "." in adapter_name or not adapter_name:
-        raise ValueError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
+        raise UsageError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
     state: DeltaState | None = getattr(model, "_sparsedelta", None)
     if state is not None and adapter_name in state.adapters:
-        raise ValueError(
+        raise UsageError(
             f"adapter {adapter_name!r} exists already; pick another name or call sparsedelta.delete_adapter first"
         )
     targets, saved_modules = find_targets(model, config)
@@ -169,10 +170,10 @@ def add_delta(
         positions, report = config.select({name: t.param.detach() for name, t in targets.items()})
     unknown = set(positions) - set(targets)
     if unknown:
-        raise KeyError(f"positions given for tensors that are not targeted: {sorted(unknown)[:5]}")
+        raise UsageError(f"positions given for tensors that are not targeted: {sorted(unknown)[:5]}")
     positions = {name: idx for name, idx in positions.items() if len(idx)}  # a tensor may get no entry
     if not positions:
-        raise ValueError("the selection picked no entry at all; loosen the threshold or raise the density")
+        raise UsageError("the selection picked no entry at all; loosen the threshold or raise the density")
 
     if state is None:
         state = DeltaState()
@@ -234,7 +235,7 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
     """Make `adapter_name` the merged, active delta (None: the base model). Costs O(k)."""
     state = state_of(model)
     if adapter_name is not None and adapter_name not in state.adapters:
-        raise KeyError(f"no adapter {adapter_name!r}; this model has {sorted(state.adapters)}")
+        raise UnknownAdapterError(f"no adapter {adapter_name!r}; this model has {sorted(state.adapters)}")
     old = state.adapters.get(state.active)
     if old is not None and state.merged:
         for delta in old.deltas.values():
@@ -308,7 +309,7 @@ def sync(model: nn.Module) -> None:
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     state = state_of(model)
     if adapter_name not in state.adapters:
-        raise KeyError(f"no adapter {adapter_name!r}; this model has {sorted(state.adapters)}")
+        raise UnknownAdapterError(f"no adapter {adapter_name!r}; this model has {sorted(state.adapters)}")
     if state.active == adapter_name:
         set_adapter(model, None)
     adapter = state.adapters.pop(adapter_name)

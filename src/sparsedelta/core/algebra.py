@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import UsageError
 from .selection import budget, check_density, smallest_k
 
 HOWS = ("sum", "mean", "ties", "dare", "magnitude")
@@ -43,14 +44,14 @@ Delta = dict[str, Entries]  # by parameter path
 # -- one tensor ------------------------------------------------------------------------------------
 def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if n == 0:
-        raise ValueError("nothing to combine: pass at least one delta")
+        raise UsageError("nothing to combine: pass at least one delta")
     if weights is None:
         return [1.0] * n
     weights = [float(w) for w in weights]
     if len(weights) != n:
-        raise ValueError(f"{len(weights)} weights for {n} deltas; give one weight per delta")
+        raise UsageError(f"{len(weights)} weights for {n} deltas; give one weight per delta")
     if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"weights must be finite numbers, got {weights}")
+        raise UsageError(f"weights must be finite numbers, got {weights}")
     return weights
 
 
@@ -107,7 +108,7 @@ def dare(item: Entries, p: float, seed: int) -> Entries:
     The dropped entries leave the delta (their positions go). The draw comes from a CPU
     `torch.Generator` seeded with `seed`, so one seed gives one result on any device."""
     if not 0 <= p < 1:
-        raise ValueError(f"DARE's drop probability must lie in [0, 1), got {p}")
+        raise UsageError(f"DARE's drop probability must lie in [0, 1), got {p}")
     generator = torch.Generator().manual_seed(int(seed))
     keep = (torch.rand(len(item.values), generator=generator, dtype=torch.float64) >= p).to(item.values.device)
     return Entries(item.positions[keep], item.values[keep] / (1 - p))
@@ -165,13 +166,13 @@ def trim(
         The kept entries by tensor (a tensor may keep none); ties go to the earlier tensor, then
         the lower position, so the count is exact."""
     if (density is None) == (k is None):
-        raise ValueError("give exactly one of density (a fraction of the targeted entries) or k (a count)")
+        raise UsageError("give exactly one of density (a fraction of the targeted entries) or k (a count)")
     if density is not None:
         check_density(density)
         if numels is None or not set(delta) <= set(numels):
-            raise ValueError("a density needs every tensor's size: pass numels={name: number of entries}")
+            raise UsageError("a density needs every tensor's size: pass numels={name: number of entries}")
     elif k < 0:
-        raise ValueError(f"k must be ≥ 0, got {k}")
+        raise UsageError(f"k must be ≥ 0, got {k}")
     if per_tensor:
         return {
             name: trim({name: e}, k=k if density is None else budget(numels[name], density))[name]
@@ -202,19 +203,19 @@ def check_options(
 ) -> None:
     """Refuse option combinations `combine` would not use, before any file is read."""
     if how not in HOWS:
-        raise ValueError(f"how must be one of {list(HOWS)}, got {how!r}")
+        raise UsageError(f"how must be one of {list(HOWS)}, got {how!r}")
     budgeted = how in ("ties", "magnitude")
     if budgeted and (density is None) == (k is None):
-        raise ValueError(
+        raise UsageError(
             f"how={how!r} keeps the largest |values|: give density (a fraction of the targeted entries) or k"
         )
     if not budgeted and (density is not None or k is not None):
-        raise ValueError(f"density and k apply to how='ties' or 'magnitude', not {how!r}")
+        raise UsageError(f"density and k apply to how='ties' or 'magnitude', not {how!r}")
     if how == "dare":
         if drop is None or not 0 <= drop < 1:
-            raise ValueError(f"how='dare' needs drop, the probability in [0, 1) to drop each entry (got {drop})")
+            raise UsageError(f"how='dare' needs drop, the probability in [0, 1) to drop each entry (got {drop})")
     elif drop is not None:
-        raise ValueError(f"drop applies to how='dare', not {how!r}")
+        raise UsageError(f"drop applies to how='dare', not {how!r}")
     if density is not None:
         check_density(density)
 
@@ -253,7 +254,7 @@ def combine(
     check_options(how, density, k, drop)
     weights = _weights(weights, len(deltas))
     if how == "mean" and sum(weights) == 0:
-        raise ValueError(f"how='mean' divides by the sum of the weights, which is 0 for {weights}; use how='sum'")
+        raise UsageError(f"how='mean' divides by the sum of the weights, which is 0 for {weights}; use how='sum'")
     if how == "ties":
         deltas = [trim(d, numels, density, k, per_tensor) for d in deltas]
     if how == "dare":

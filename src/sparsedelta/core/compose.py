@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .adapters import add_delta, delete_adapter, set_adapter, state_of, unload
 from .algebra import Delta, Entries, check_options, combine
 from .config import PARAMETER_KINDS, DeltaConfig
@@ -94,9 +95,9 @@ def compose(
     paths = list(paths)
     check_options(how, density, k, drop)
     if not paths:
-        raise ValueError("nothing to compose: pass at least one delta")
+        raise UsageError("nothing to compose: pass at least one delta")
     if weights is not None and len(weights) != len(paths):
-        raise ValueError(f"{len(weights)} weights for {len(paths)} deltas; give one weight per delta")
+        raise UsageError(f"{len(weights)} weights for {len(paths)} deltas; give one weight per delta")
     weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
     inputs = [read(p) for p in paths]
     _check_alike(paths, [meta for meta, _ in inputs])
@@ -112,7 +113,7 @@ def compose(
     result = combine(deltas, how, weights, numels, density, k, drop, seed, per_tensor)
     result = {n: e for n, e in result.items() if len(e.positions)}
     if not result:
-        raise ValueError(
+        raise UsageError(
             f"composing with how={how!r} left no entry at all (e.g. the deltas cancel out, or the budget is 0); "
             "nothing was written"
         )
@@ -159,7 +160,7 @@ def _check_alike(paths: list, metas: list[dict]) -> None:
 def _dense_tensors(paths: list, inputs: list, weights: list[float], heads: str | int) -> dict[str, torch.Tensor]:
     if heads != "average":
         if isinstance(heads, bool) or not isinstance(heads, int) or not 0 <= heads < len(inputs):
-            raise ValueError(f"heads must be 'average' or an input's index in [0, {len(inputs)}), got {heads!r}")
+            raise UsageError(f"heads must be 'average' or an input's index in [0, {len(inputs)}), got {heads!r}")
         meta, tensors = inputs[heads]
         return {n: tensors[n] for n in meta["saved_tensors"]}
     names = [meta["saved_tensors"] for meta, _ in inputs]
@@ -167,18 +168,18 @@ def _dense_tensors(paths: list, inputs: list, weights: list[float], heads: str |
         return {}
     for path, own, (_, tensors) in zip(paths, names, inputs, strict=True):
         for name in set(names[0]) ^ set(own):
-            raise ValueError(
+            raise UsageError(
                 f"the inputs' densely saved tensors differ ({name} is not in all of them, e.g. {path}); "
                 "pick one input's with heads=i"
             )
         for name in own:
             if tensors[name].shape != inputs[0][1][name].shape:
-                raise ValueError(
+                raise UsageError(
                     f"densely saved {name} is {tuple(inputs[0][1][name].shape)} in {paths[0]} but "
                     f"{tuple(tensors[name].shape)} in {path} (different label sets?); pick one input's with heads=i"
                 )
     if any(w <= 0 for w in weights):
-        raise ValueError(
+        raise UsageError(
             f"densely saved tensors {names[0][:3]} are averaged with the weights, which must be positive ({weights}); "
             "pick one input's with heads=i"
         )

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import UsageError
 from .registry import Registry
 
 PARAMETER_KINDS = ("weight", "bias", "embedding", "norm")
@@ -52,14 +53,14 @@ class DeltaConfig:
         self.parameter_kinds = tuple(self.parameter_kinds)
         unknown = set(self.parameter_kinds) - set(PARAMETER_KINDS)
         if unknown:
-            raise ValueError(f"unknown parameter kinds {sorted(unknown)}; choose from {list(PARAMETER_KINDS)}")
+            raise UsageError(f"unknown parameter kinds {sorted(unknown)}; choose from {list(PARAMETER_KINDS)}")
         for option in ("target_modules", "exclude_modules"):
             pattern = getattr(self, option)
             if isinstance(pattern, str):
                 try:
                     re.compile(pattern)
                 except re.error as e:
-                    raise ValueError(f"{option} {pattern!r} is not a valid regular expression: {e}") from e
+                    raise UsageError(f"{option} {pattern!r} is not a valid regular expression: {e}") from e
 
     def select(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return flat positions to train for each targeted tensor (name -> int64 positions)."""
@@ -77,7 +78,7 @@ class DeltaConfig:
         data = dict(data)
         method = data.pop("method", "custom")
         if not isinstance(method, str) or method not in _CONFIG_TYPES:
-            raise ValueError(f"unknown method {method!r} in delta config; known: {sorted(_CONFIG_TYPES.names())}")
+            raise UsageError(f"unknown method {method!r} in delta config; known: {sorted(_CONFIG_TYPES.names())}")
         cls = _CONFIG_TYPES[method]
         try:
             hints = typing.get_type_hints(cls)

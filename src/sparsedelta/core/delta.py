@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import UsageError
+
 
 @dataclass(slots=True)
 class _MergeState:
@@ -56,14 +58,14 @@ def _sorted_pairs(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Te
     """Positions sorted with their values kept beside them; a repeated position is refused (which of
     its values would be meant?)."""
     if values.shape != indices.shape:
-        raise ValueError(f"{values.numel()} values of shape {tuple(values.shape)} for {len(indices)} positions")
+        raise UsageError(f"{values.numel()} values of shape {tuple(values.shape)} for {len(indices)} positions")
     if len(indices) > 1 and not bool((indices[1:] > indices[:-1]).all()):
         indices, order = torch.sort(indices, stable=True)
         values = values[order.to(values.device)]
         repeated = indices[1:] == indices[:-1]
         if bool(repeated.any()):
             position = int(indices[1:][repeated][0])
-            raise ValueError(f"position {position} is given twice with values; each position takes one value")
+            raise UsageError(f"position {position} is given twice with values; each position takes one value")
     return indices, values
 
 
@@ -71,7 +73,7 @@ class SparseDelta(nn.Module):
     def __init__(self, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor | None = None):
         super().__init__()
         if not weight.is_contiguous():
-            raise ValueError("sparse deltas need a contiguous weight tensor; call .contiguous() on the parameter first")
+            raise UsageError("sparse deltas need a contiguous weight tensor; call .contiguous() on the parameter first")
         indices = torch.as_tensor(indices, dtype=torch.long, device=weight.device).reshape(-1)
         if values is None:
             indices = torch.unique(indices)  # sorted, no duplicates

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import UnknownAdapterError, UsageError
 from .adapters import add_delta, state_of, sync
 from .atomic import atomic_write
 from .card import write_card
@@ -68,11 +69,11 @@ def save(
     state = state_of(model)
     name = adapter_name or state.active
     if name not in state.adapters:
-        raise KeyError(f"no adapter {name!r} to save; this model has {sorted(state.adapters)}")
+        raise UnknownAdapterError(f"no adapter {name!r} to save; this model has {sorted(state.adapters)}")
     if dtype not in VALUE_DTYPES:
-        raise ValueError(f"values dtype must be one of {list(VALUE_DTYPES)}, got {dtype!r}")
+        raise UsageError(f"values dtype must be one of {list(VALUE_DTYPES)}, got {dtype!r}")
     if index_encoding not in INDEX_ENCODINGS:
-        raise ValueError(f"index_encoding must be one of {list(INDEX_ENCODINGS)}, got {index_encoding!r}")
+        raise UsageError(f"index_encoding must be one of {list(INDEX_ENCODINGS)}, got {index_encoding!r}")
     adapter = state.adapters[name]
     sync(model)
     tensors, fingerprint = {}, {}
@@ -258,10 +259,10 @@ def _check_model(model: nn.Module, layout: Layout, adapter_name: str | None, sou
     """Everything `add_delta` and the head's copy need from the model, checked against the file
     without changing the model. Returns the parameters that get entries, by path."""
     if adapter_name is not None and ("." in adapter_name or not adapter_name):
-        raise ValueError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
+        raise UsageError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
     state = getattr(model, "_sparsedelta", None)
     if state is not None and adapter_name is not None and adapter_name in state.adapters:
-        raise ValueError(
+        raise UsageError(
             f"adapter {adapter_name!r} exists already; pick another name or call sparsedelta.delete_adapter first"
         )
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -283,9 +284,9 @@ def _check_model(model: nn.Module, layout: Layout, adapter_name: str | None, sou
                 f"torch_dtype=torch.{fp.dtype})), as it was trained"
             )
         if not param.is_contiguous():
-            raise ValueError(f"{name} is not contiguous; call .contiguous() on the parameter before loading a delta")
+            raise UsageError(f"{name} is not contiguous; call .contiguous() on the parameter before loading a delta")
         if state is not None and name in state.base_saved:
-            raise ValueError(
+            raise UsageError(
                 f"{name} is trained densely by another adapter on this model (its modules_to_save); a delta cannot "
                 "go on it as well: load onto a model without that adapter"
             )

@@ -55,6 +55,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from . import patching, rowwise
 from .adapters import LAYER_KEY as DELTA_KEY
 from .adapters import MODEL_HOOKS, DeltaState, disabled, set_adapter, state_of
@@ -114,7 +115,7 @@ class Routing:
         elif n == 1:
             return None
         elif n % rows:
-            raise ValueError(
+            raise UsageError(
                 f"a module of this model got an input with first dimension {n}, but the batch has {rows} rows "
                 f"({ADAPTER_NAMES} has {rows} names): mixed-task batches need the batch as the first dimension "
                 "(or a multiple of it); give one name per row"
@@ -313,7 +314,7 @@ def _check_names(state: DeltaState, adapter_names) -> list[str]:
         raise TypeError(f"{ADAPTER_NAMES} must hold one adapter name (a string, or '{BASE}') per row; got {names[:3]}")
     unknown = sorted({n for n in names if n != BASE and n not in state.adapters})
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"unknown adapter(s) {unknown} in {ADAPTER_NAMES}; this model has {sorted(state.adapters)} "
             f"(and '{BASE}' for the bare base model)"
         )
@@ -343,7 +344,7 @@ def _plan(model: nn.Module, state: DeltaState, routing: Routing) -> list[tuple[n
         shapes = {tuple(p.shape) for p in per_task.values()}
         if len(shapes) > 1:
             described = ", ".join(f"{t}: {tuple(p.shape)}" for t, p in per_task.items())
-            raise ValueError(
+            raise UsageError(
                 f"the tasks of this batch have heads of different shapes in {path} ({described}); their outputs cannot "
                 "share one batch: split the batch by head (sparsedelta predict groups tasks by head)"
             )
@@ -375,7 +376,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
     state = state_of(model)
     names = _check_names(state, adapter_names)
     if model.training:
-        raise ValueError("mixed-task batches are for inference: call model.eval() first (as PEFT requires too)")
+        raise UsageError("mixed-task batches are for inference: call model.eval() first (as PEFT requires too)")
     lock, _ = _lock(model)
     with lock:  # no other thread's forward while tasks' entries are in the shared weights
         with _running(model, state, names) as ran:
@@ -452,7 +453,7 @@ def _take_names(model: nn.Module, args: tuple, kwargs: dict):
         routing = model.__dict__.get(_OPEN)
         if routing is not None:  # inside mixed_batch (or generate): the same names may be passed again
             if list(names) != routing.names:
-                raise ValueError(f"{ADAPTER_NAMES} differs from the mixed batch this model is already running")
+                raise UsageError(f"{ADAPTER_NAMES} differs from the mixed batch this model is already running")
         else:
             stack = contextlib.ExitStack()
             stack.enter_context(mixed_batch(model, names))

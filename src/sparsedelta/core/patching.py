@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..errors import UsageError
+
 PATCH = "_sparsedelta_patch"  # instance attribute holding a module's layers
 
 
@@ -103,7 +105,7 @@ def wrap(module: nn.Module, key: str, layer: Layer) -> None:
         module.__dict__[PATCH] = patch
         module.forward = functools.partial(_patched_forward, module)  # picklable, unlike a bound method
     if any(k == key for k, _ in patch.layers):
-        raise ValueError(f"{type(module).__name__} is already wrapped under {key!r}; unwrap it first")
+        raise UsageError(f"{type(module).__name__} is already wrapped under {key!r}; unwrap it first")
     patch.layers.append((key, layer))
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
+from ..errors import UsageError
+
 T = TypeVar("T")
 
 
@@ -16,7 +18,7 @@ class Registry(Generic[T]):
         """Register `value` under `name`; registering the same object again is a no-op."""
         taken = self._table.get(name)
         if taken is not None and taken is not value:
-            raise ValueError(
+            raise UsageError(
                 f"a {self.kind} named {name!r} is registered already ({taken.__qualname__}); "
                 f"give {value.__qualname__} a name of its own"
             )

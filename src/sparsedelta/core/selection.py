@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UsageError
+
 
 def check_density(density: float) -> None:
     if not 0 < density <= 1:
-        raise ValueError(f"density must lie in (0, 1], got {density}; e.g. 0.01 trains 1% of the targeted entries")
+        raise UsageError(f"density must lie in (0, 1], got {density}; e.g. 0.01 trains 1% of the targeted entries")
 
 
 def below(scores: dict[str, torch.Tensor], threshold: float) -> dict[str, torch.Tensor]:

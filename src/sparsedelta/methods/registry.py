@@ -22,7 +22,7 @@ _RUNNERS: Registry[type[MethodRunner]] = Registry("method")
 def register_method(runner: type[MethodRunner]) -> type[MethodRunner]:
     """Add a runner class under its `name` (usable as a class decorator)."""
     if not runner.name:
-        raise ValueError(f"{runner.__name__} has no name")
+        raise UsageError(f"{runner.__name__} has no name")
     return _RUNNERS.add(runner.name, runner)
 
 

@@ -24,6 +24,7 @@ from ..core.adapters import state_of
 from ..core.config import DeltaConfig, SelectionReport
 from ..core.delta import SparseDelta
 from ..core.selection import below, check_density, smallest_fraction
+from ..errors import UsageError
 from .base import DeltaRunner, active_adapter
 from .registry import register_method
 
@@ -60,15 +61,15 @@ class SaRAConfig(DeltaConfig):
         if self.threshold is None and self.density is None:
             self.threshold = DEFAULT_THRESHOLD
         if self.threshold is not None and self.density is not None:
-            raise ValueError("give SaRA either a threshold or a density, not both")
+            raise UsageError("give SaRA either a threshold or a density, not both")
         if self.threshold is not None and not self.threshold > 0:
-            raise ValueError(f"threshold must be > 0, got {self.threshold}; SaRA's paper uses about 5e-4 to 2e-3")
+            raise UsageError(f"threshold must be > 0, got {self.threshold}; SaRA's paper uses about 5e-4 to 2e-3")
         if self.density is not None:
             check_density(self.density)
         if self.rank_penalty < 0:
-            raise ValueError(f"rank_penalty must be >= 0, got {self.rank_penalty}")
+            raise UsageError(f"rank_penalty must be >= 0, got {self.rank_penalty}")
         if self.rank_penalty_scope not in ("random", "all"):
-            raise ValueError(f"rank_penalty_scope must be 'random' or 'all', got {self.rank_penalty_scope!r}")
+            raise UsageError(f"rank_penalty_scope must be 'random' or 'all', got {self.rank_penalty_scope!r}")
 
     @property
     def default_lr(self) -> float:
@@ -86,7 +87,7 @@ class SaRAConfig(DeltaConfig):
         per = {n: len(p) for n, p in positions.items()}
         if sum(per.values()) == 0:
             smallest = min(float(s.min()) for s in scores.values())
-            raise ValueError(
+            raise UsageError(
                 f"threshold {self.threshold:g} selects no entry of {eligible:,} targeted ones (smallest |θ| is "
                 f"{smallest:.3g}); raise the threshold or give a density instead"
             )
@@ -96,7 +97,7 @@ class SaRAConfig(DeltaConfig):
 def _active_deltas(model: nn.Module) -> dict[str, SparseDelta]:
     state = state_of(model)
     if state.active is None:
-        raise ValueError("no active adapter; call sparsedelta.set_adapter(model, name) first")
+        raise UsageError("no active adapter; call sparsedelta.set_adapter(model, name) first")
     return state.adapters[state.active].deltas
 
 

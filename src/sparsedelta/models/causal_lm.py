@@ -239,7 +239,7 @@ def nll_total(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progr
     """(summed next-token negative log-likelihood in nats, predicted tokens) over the blocks."""
     require_causal_lm(model)
     if blocks.dim() != 2 or blocks.shape[1] < 2:
-        raise ValueError(f"expected (n, block_size >= 2) token blocks, got shape {tuple(blocks.shape)}")
+        raise UsageError(f"expected (n, block_size >= 2) token blocks, got shape {tuple(blocks.shape)}")
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -264,7 +264,7 @@ def nll_total(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progr
 def mean_nll(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
     """Mean next-token negative log-likelihood (nats) over every predicted token of the blocks."""
     if len(blocks) == 0:
-        raise ValueError("no token blocks to measure")
+        raise UsageError("no token blocks to measure")
     total, count = nll_total(model, blocks, batch_size, progress)
     return total / count
 

@@ -28,6 +28,7 @@ from ..core.config import DeltaConfig
 from ..core.targeting import find_targets
 from ..data.batches import Encoded, batches, encode
 from ..data.tables import TextData
+from ..errors import UsageError
 
 DEFAULT_THRESHOLDS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
 CLAIMED_RANGE = (5e-4, 1e-3)  # "zeroing below 5e-4 … 1e-3 barely changes the model"
@@ -76,7 +77,7 @@ def zeroing_sweep(
 
     for t in thresholds:
         if not (math.isfinite(t) and t >= 0):
-            raise ValueError(f"thresholds must be finite and >= 0, got {t}")
+            raise UsageError(f"thresholds must be finite and >= 0, got {t}")
     tensors = list(targeted_tensors(model, config).values())
     targeted = sum(p.numel() for p in tensors)
     total = sum(p.numel() for p in model.parameters())

@@ -18,6 +18,7 @@ import torch
 
 from ..core.algebra import Entries, intersect
 from ..core.io import DeltaFileError, read
+from ..errors import UsageError
 from .inspection import delta_file
 from .plots import layer_and_kind
 
@@ -77,7 +78,7 @@ def compare(paths: list[str | os.PathLike]) -> dict:
         deltas, absent entries counting as 0); a cosine is None where a side is all zero. A tensor
         only one delta has counts with 0 entries on the other side."""
     if len(paths) < 2:
-        raise ValueError(f"compare needs at least two deltas, got {len(paths)}")
+        raise UsageError(f"compare needs at least two deltas, got {len(paths)}")
     files = [delta_file(p) for p in paths]
     deltas, shapes, inputs = [], {}, []
     for i, file in enumerate(files):

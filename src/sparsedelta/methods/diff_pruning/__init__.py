@@ -69,6 +69,7 @@ from ...core.adapters import add_delta, dense_copies, install_tensors, module_pa
 from ...core.config import SelectionReport
 from ...core.selection import smallest_fraction, smallest_k
 from ...core.targeting import find_targets
+from ...errors import UsageError
 from .config import DiffPruningConfig
 from .diff_vector import GROUPS, DiffVector
 from .hard_concrete import (
@@ -110,7 +111,7 @@ class PhaseOne:
 def phase_one(model: nn.Module) -> PhaseOne:
     state = getattr(model, "_diff_pruning", None)
     if state is None:
-        raise ValueError(
+        raise UsageError(
             "no Diff Pruning phase 1 on this model: call diff_pruning.start(model, config) and train it first "
             "(projection needs the trained w and α)"
         )
@@ -123,10 +124,10 @@ def start(model: nn.Module, config: DiffPruningConfig) -> nn.Module:
     if not isinstance(config, DiffPruningConfig):
         raise TypeError(f"diff_pruning.start needs a DiffPruningConfig, got {type(config).__name__}")
     if getattr(model, "_diff_pruning", None) is not None:
-        raise ValueError("Diff Pruning phase 1 is already running on this model; project() or discard() it first")
+        raise UsageError("Diff Pruning phase 1 is already running on this model; project() or discard() it first")
     core = getattr(model, "_sparsedelta", None)
     if core is not None and core.active is not None and core.merged:
-        raise ValueError(
+        raise UsageError(
             f"sparse delta {core.active!r} is merged into this model; phase 1 must start from the base weights: "
             "call sparsedelta.set_adapter(model, None) first"
         )
@@ -230,9 +231,9 @@ def project_positions(
     total = sum(d.numel() for d in deltas.values())
     if count is not None:
         if per_tensor:
-            raise ValueError("count is one global budget; use density with per_tensor=True")
+            raise UsageError("count is one global budget; use density with per_tensor=True")
         if not 1 <= count <= total:
-            raise ValueError(f"count must lie in [1, {total:,}] (the targeted entries), got {count}")
+            raise UsageError(f"count must lie in [1, {total:,}] (the targeted entries), got {count}")
         return smallest_k(scores, count)
     return smallest_fraction(scores, density, per_tensor)
 
@@ -256,7 +257,7 @@ def project(
     config = dataclasses.replace(state.config, **changes)  # validated like the config itself
     deltas = eval_deltas(model)
     if not any(bool(d.any()) for d in deltas.values()):
-        raise ValueError(
+        raise UsageError(
             "every δ = z*w is still 0, so there is nothing to project: phase 1 has not trained yet "
             "(w starts at 0); run optimizer steps on diff_pruning.param_groups(model) first"
         )

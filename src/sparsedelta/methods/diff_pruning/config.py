@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ...core.config import PARAMETER_KINDS, DeltaConfig
 from ...core.selection import check_density
+from ...errors import UsageError
 
 
 @dataclass
@@ -35,32 +36,32 @@ class DiffPruningConfig(DeltaConfig):
     def __post_init__(self):
         super().__post_init__()
         if not self.left < 0:
-            raise ValueError(
+            raise UsageError(
                 f"left (l) must be < 0, got {self.left}: the stretch (l, r) must reach below 0 (paper: -1.5)"
             )
         if not self.right > 1:
-            raise ValueError(
+            raise UsageError(
                 f"right (r) must be > 1, got {self.right}: the stretch (l, r) must reach above 1 (paper: 1.5)"
             )
         check_density(self.density)
         if self.count is not None and (type(self.count) is not int or self.count < 1):
-            raise ValueError(f"count must be a positive number of entries, got {self.count!r}")
+            raise UsageError(f"count must be a positive number of entries, got {self.count!r}")
         if self.count is not None and self.per_tensor:
-            raise ValueError("count is one global budget; use density with per_tensor=True for a per-tensor budget")
+            raise UsageError("count is one global budget; use density with per_tensor=True for a per-tensor budget")
         if not self.l0_penalty >= 0:
-            raise ValueError(f"l0_penalty (λ) must be >= 0, got {self.l0_penalty}; the paper uses 1.25e-7")
+            raise UsageError(f"l0_penalty (λ) must be >= 0, got {self.l0_penalty}; the paper uses 1.25e-7")
         if self.eval_mask not in ("deterministic", "sampled"):
-            raise ValueError(f"eval_mask must be 'deterministic' or 'sampled', got {self.eval_mask!r}")
+            raise UsageError(f"eval_mask must be 'deterministic' or 'sampled', got {self.eval_mask!r}")
         if self.init_from not in ("delta", "w"):
-            raise ValueError(f"init_from must be 'delta' (z*w) or 'w', got {self.init_from!r}")
+            raise UsageError(f"init_from must be 'delta' (z*w) or 'w', got {self.init_from!r}")
         if self.group_size is not None:
             if not self.structured:
-                raise ValueError("group_size applies to the structured variant; set structured=True as well")
+                raise UsageError("group_size applies to the structured variant; set structured=True as well")
             if not self.group_size >= 1:
-                raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+                raise UsageError(f"group_size must be >= 1, got {self.group_size}")
 
     def select(self, tensors):
-        raise ValueError(
+        raise UsageError(
             "Diff Pruning learns its positions: call diff_pruning.start(model, config), train phase 1, "
             "then diff_pruning.project(model); sparsedelta.prepare cannot choose them up front"
         )

@@ -6,6 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from ...errors import UsageError
+
 GATE_GROUP = "sora_gates"  # name of the optimizer group that holds the gates
 STATE_FILE = "sora_state.safetensors"
 CONFIG_FILE = "sora_config.json"
@@ -59,15 +61,15 @@ class SoRAConfig:
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be an integer >= 1, got {self.r!r}; the SoRA paper uses r = 8 or 16")
+            raise UsageError(f"r must be an integer >= 1, got {self.r!r}; the SoRA paper uses r = 8 or 16")
         if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r} (default 16)")
+            raise UsageError(f"lora_alpha must be a positive number, got {self.lora_alpha!r} (default 16)")
         if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise UsageError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.gate_init not in GATE_INITS:
-            raise ValueError(f"gate_init must be one of {list(GATE_INITS)}, got {self.gate_init!r}")
+            raise UsageError(f"gate_init must be one of {list(GATE_INITS)}, got {self.gate_init!r}")
         if self.threshold not in THRESHOLD_MODES:
-            raise ValueError(
+            raise UsageError(
                 f"threshold must be 'proximal' (lr·ξ, the paper) or 'official' (fixed ξ, the official code), "
                 f"got {self.threshold!r}"
             )
@@ -80,7 +82,7 @@ class SoRAConfig:
         if self.gate_lr is not None and not (
             isinstance(self.gate_lr, (int, float)) and math.isfinite(self.gate_lr) and self.gate_lr > 0
         ):
-            raise ValueError(f"gate_lr must be > 0 or None (= the main learning rate), got {self.gate_lr!r}")
+            raise UsageError(f"gate_lr must be > 0 or None (= the main learning rate), got {self.gate_lr!r}")
         if self.schedule is not None:
             self.schedule = check_schedule(self.schedule)
         for option in ("target_modules", "exclude_modules", "modules_to_save"):
@@ -89,9 +91,9 @@ class SoRAConfig:
                 value = list(value)
                 setattr(self, option, value)
             if value is not None and not isinstance(value, (str, list)):
-                raise ValueError(f"{option} must be a list of names, a regex string or None, got {value!r}")
+                raise UsageError(f"{option} must be a list of names, a regex string or None, got {value!r}")
         if isinstance(self.modules_to_save, str):
-            raise ValueError(f"modules_to_save must be a list of module names, got the string {self.modules_to_save!r}")
+            raise UsageError(f"modules_to_save must be a list of module names, got the string {self.modules_to_save!r}")
 
     def to_dict(self) -> dict:
         return {"method": "sora", **dataclasses.asdict(self)}
@@ -101,7 +103,7 @@ class SoRAConfig:
         data = {k: v for k, v in data.items() if k != "method"}
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(SoRAConfig)})
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"unknown SoRA settings {unknown}; known: {[f.name for f in dataclasses.fields(SoRAConfig)]}"
             )
         return SoRAConfig(**data)
@@ -109,19 +111,19 @@ class SoRAConfig:
 
 def _check_non_negative(name: str, value) -> None:
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_schedule(schedule) -> list[float]:
     """Return the stages' ξ as floats; refuse an empty, negative or not strictly increasing list."""
     values = [float(x) for x in schedule]
     if not values:
-        raise ValueError("the sparsifying schedule is empty; give at least one ξ (e.g. xi_schedule('linear', ...))")
+        raise UsageError("the sparsifying schedule is empty; give at least one ξ (e.g. xi_schedule('linear', ...))")
     for x in values:
         _check_non_negative("every ξ of the schedule", x)
     falls = [(a, b) for a, b in zip(values, values[1:]) if not b > a]
     if falls:
-        raise ValueError(
+        raise UsageError(
             f"the sparsifying schedule must be strictly increasing (each stage raises ξ), but {falls[0][1]:g} "
             f"follows {falls[0][0]:g} in {values}"
         )

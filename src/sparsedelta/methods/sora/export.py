@@ -14,6 +14,7 @@ from torch import nn
 
 from ...core.atomic import atomic_write
 from ...core.card import peft_task_type
+from ...errors import UsageError
 from .config import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from .gates import ranks
 from .layer import _KINDS, SoRALinear, _replace, _saved_parameters, _state, layers
@@ -96,7 +97,7 @@ def export_peft(
         kept[name] = (a.shape[0], layer.scaling)
         kinds.add(layer.kind)
     if not kept:
-        raise ValueError(
+        raise UsageError(
             "every gate of every layer is zero, so there is no low-rank adapter to export; export an earlier "
             "stage's checkpoint (smaller ξ), or use sora.merge(model) for the base with its densely trained modules"
         )

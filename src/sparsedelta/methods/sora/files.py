@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ...core.atomic import atomic_write
+from ...errors import UsageError
 from .config import CONFIG_FILE, FORMAT, FORMAT_VERSION, STATE_FILE, SoRAConfig
 from .layer import _saved_parameters, _state, attach, layers
 
@@ -57,11 +58,11 @@ def _read_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(f"{path} cannot be read as a SoRA state (truncated or corrupted?): {e}") from e
+        raise UsageError(f"{path} cannot be read as a SoRA state (truncated or corrupted?): {e}") from e
     if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a SoRA state written by sora.save (format={metadata.get('format')!r})")
+        raise UsageError(f"{path} is not a SoRA state written by sora.save (format={metadata.get('format')!r})")
     if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise ValueError(
+        raise UsageError(
             f"{path} has SoRA format version {metadata.get('format_version')}; this sparsedelta reads {FORMAT_VERSION}"
         )
     info = {k: json.loads(v) if k not in ("format",) else v for k, v in metadata.items()}
@@ -80,14 +81,14 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     expected = set(info["layers"])
     if set(found) != expected:
         extra, lacking = sorted(set(found) - expected), sorted(expected - set(found))
-        raise ValueError(
+        raise UsageError(
             f"the saved SoRA state does not fit this model (layers only here: {extra[:3]}, only in the state: "
             f"{lacking[:3]}); load it onto the base model it was trained on"
         )
     for name, layer in found.items():
         a, b, g = (tensors[f"{name}.{part}"] for part in ("lora_A", "lora_B", "gate"))
         if a.shape[1] != layer.lora_A.shape[1] or b.shape[0] != layer.lora_B.shape[0]:
-            raise ValueError(
+            raise UsageError(
                 f"layer {name} is {tuple(layer.lora_B.shape[:1]) + tuple(layer.lora_A.shape[1:])} (out, in) here but "
                 f"({b.shape[0]}, {a.shape[1]}) in the state; load it onto the base model it was trained on"
             )
@@ -97,7 +98,7 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     for path in info["saved_tensors"]:
         if path not in params or params[path].shape != tensors[path].shape:
             found_shape = tuple(params[path].shape) if path in params else "nothing"
-            raise ValueError(
+            raise UsageError(
                 f"densely trained tensor {path} {tuple(tensors[path].shape)} has no match in this model ({found_shape}); "
                 "build the model as for training (e.g. the same num_labels)"
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...errors import UsageError
 from .config import GATE_GROUP
 from .layer import _saved_parameters, _state, config_of, layers
 
@@ -47,7 +48,7 @@ def param_groups(
 def soft_threshold(g: torch.Tensor, t: float) -> torch.Tensor:
     """T_t(g) = sign(g)·max(|g| − t, 0): the proximal operator of t·‖g‖₁."""
     if not t >= 0:
-        raise ValueError(f"the soft threshold must be >= 0, got {t!r}")
+        raise UsageError(f"the soft threshold must be >= 0, got {t!r}")
     return torch.sign(g) * torch.clamp(g.abs() - t, min=0)
 
 
@@ -67,7 +68,7 @@ def _gate_lrs(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, f
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     missing = [n for n, m in layers(model).items() if id(m.gate) not in lr_of]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"the optimizer does not hold the gates of {missing[:3]}{' …' if len(missing) > 3 else ''}: they would "
             "never train; build the optimizer from sora.param_groups(model, lr)"
         )

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.targeting import check_patterns_match, matches
+from ...errors import UsageError
 from .config import SoRAConfig
 
 
@@ -102,7 +103,7 @@ class _State:
 def _state(model: nn.Module) -> _State:
     state = getattr(model, "_sora", None)
     if state is None:
-        raise ValueError(
+        raise UsageError(
             "this model has no SoRA layers; call sparsedelta.sora.attach(model, config) or sora.load first"
         )
     return state
@@ -138,7 +139,7 @@ def _find_layers(model: nn.Module, config: SoRAConfig) -> tuple[list[str], list[
         and not inside_saved(name)
     ]
     if not found:
-        raise ValueError(
+        raise UsageError(
             f"no nn.Linear or Conv1D layer matched target_modules={config.target_modules!r} outside "
             f"modules_to_save={config.modules_to_save!r}; SoRA adapts linear layers only"
         )
@@ -168,7 +169,7 @@ def attach(model: nn.Module, config: SoRAConfig | None = None) -> nn.Module:
     """
     config = config or SoRAConfig()
     if getattr(model, "_sora", None) is not None:
-        raise ValueError("this model already has SoRA layers; attach to a fresh base model (or use sora.merge first)")
+        raise UsageError("this model already has SoRA layers; attach to a fresh base model (or use sora.merge first)")
     targets, saved = _find_layers(model, config)
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     for p in model.parameters():

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ...core.atomic import atomic_write
+from ...errors import UsageError
 from .config import GRIDS, _check_non_negative, check_schedule
 from .files import save
 from .gates import gate_counts, proximal_hook
@@ -30,25 +31,25 @@ def xi_schedule(kind: str, start: float, stop: float, stages: int) -> list[float
         A strictly increasing list of `stages` values (start first, stop last).
     """
     if kind not in GRIDS:
-        raise ValueError(f"unknown ξ grid {kind!r}; choose from {list(GRIDS)}")
+        raise UsageError(f"unknown ξ grid {kind!r}; choose from {list(GRIDS)}")
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-        raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
+        raise UsageError(f"stages must be an integer >= 1, got {stages!r}")
     _check_non_negative("start", start)
     _check_non_negative("stop", stop)
     if stages == 1:
         return check_schedule([start])
     if not stop > start:
-        raise ValueError(f"stop must be greater than start for an increasing grid, got start={start:g}, stop={stop:g}")
+        raise UsageError(f"stop must be greater than start for an increasing grid, got start={start:g}, stop={stop:g}")
     steps = torch.linspace(0, 1, stages, dtype=torch.float64)
     if kind == "linear":
         values = start + (stop - start) * steps
     elif kind == "log_linear":
         if stop > 700:
-            raise ValueError(f"the log_linear grid needs e^stop, which overflows for stop={stop:g}; use 'linear'")
+            raise UsageError(f"the log_linear grid needs e^stop, which overflows for stop={stop:g}; use 'linear'")
         values = torch.log(math.exp(start) + (math.exp(stop) - math.exp(start)) * steps)
     else:
         if start == 0:
-            raise ValueError(
+            raise UsageError(
                 "the exp_linear grid is geometric and cannot start at ξ = 0 (log 0); use start > 0 or 'linear'"
             )
         values = torch.exp(math.log(start) + (math.log(stop) - math.log(start)) * steps)
@@ -108,7 +109,7 @@ def sparsify(
         made = make_optimizer(model)
         optimizer, scheduler = made if isinstance(made, tuple) else (made, None)
         if optimizer is previous:
-            raise ValueError(
+            raise UsageError(
                 "make_optimizer returned the previous stage's optimizer; build a new one (and a new lr schedule) "
                 "every stage: reusing an exhausted schedule trains later stages at lr 0"
             )
