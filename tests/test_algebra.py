@@ -362,6 +362,21 @@ def test_compose_sum_loads_as_theta_plus_weighted_deltas(two_deltas, tmp_path):
     assert config["input_sha256"] == [sd.read(p)[0]["content_sha256"] for p in two_deltas]
 
 
+def test_compose_reads_each_inputs_tensors_once_and_unlike_inputs_none(two_deltas, tmp_path, monkeypatch):
+    from sparsedelta.core import io
+
+    reads = []
+    tensors = io._DeltaFile.tensors
+    monkeypatch.setattr(io._DeltaFile, "tensors", lambda self, *a: reads.append(self.source) or tensors(self, *a))
+    sd.compose(base_model(), two_deltas + two_deltas[:1], tmp_path / "c")
+    assert sorted(reads) == sorted(str(p / DELTA_FILE) for p in two_deltas + two_deltas[:1])
+    reads.clear()
+    other = make_delta(tmp_path / "other", seed=2, vocab=60)
+    with pytest.raises(sd.DeltaFileError, match="different base"):
+        sd.compose(base_model(), [two_deltas[0], other], tmp_path / "d")
+    assert reads == []  # refused from the headers
+
+
 def test_compose_averages_heads_with_the_weights(two_deltas, tmp_path):
     sd.compose(base_model(), two_deltas, tmp_path / "c", weights=[1.0, 3.0], how="mean")
     model = sd.load(base_model(), tmp_path / "c")

@@ -271,6 +271,26 @@ def test_user_errors_print_no_traceback_in_a_real_process(tmp_path):
     assert "Traceback" not in result.stderr and "missing.tsv does not exist" in result.stderr
 
 
+@pytest.mark.parametrize("bug", [ValueError("x must be > 0"), KeyError("layer.0"), TypeError("NoneType"), IndexError()])
+def test_a_bug_is_a_traceback_and_exit_1_not_a_user_error(bug, capsys, monkeypatch):
+    """Only the library's own error types (and the file system's) are the user's mistakes; a ValueError
+    from deep inside, say, is a bug and must look like one."""
+    from sparsedelta.cli import methods
+
+    def broken(args):
+        raise bug
+
+    monkeypatch.setattr(methods, "run", broken)
+    assert main(["methods"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and f"{type(bug).__name__}" in err
+    assert err.rstrip().endswith("internal error (a bug in sparsedelta, not a mistake of yours); please report it "
+                                 "with the traceback above")  # fmt: skip
+    # the library's own errors stay one line, exit 2
+    monkeypatch.setattr(methods, "run", lambda args: sd.load(torch.nn.Linear(2, 2), "/nonexistent/delta"))
+    assert "nonexistent" in cli_error(capsys, "methods")
+
+
 def test_shira_trains_r_times_in_plus_out_entries_per_linear_layer_and_eval_reproduces(tiny_bert, topic_files, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 

@@ -176,3 +176,93 @@ def test_import_refuses_a_plain_model_folder_and_nonfinite_values_before_writing
     err = cli_error(capsys, "import", tmp_path / "shira", "--output", tmp_path / "out", "--model", tiny_bert)
     assert "holds NaN or infinite values" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "m").exists()
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tiny_bert, topic_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "run"
+    assert main(tiny_args(tiny_bert, topic_files, out, "--method", "lora", "--max-steps", 2, "--threads", 1)) == 0
+    return out / "adapter"
+
+
+def _edit_json(name, change):
+    def edit(folder):
+        path = folder / name
+        path.write_text(change(path.read_text()))
+
+    return edit
+
+
+def _edit_config(change):
+    return _edit_json("adapter_config.json", lambda text: json.dumps(change(json.loads(text))))
+
+
+def _edit_tensors(change, metadata=None):
+    from safetensors.torch import load_file, save_file
+
+    def edit(folder):
+        path = folder / "adapter_model.safetensors"
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(path)
+        change(tensors)
+        save_file(tensors, path, metadata=metadata(meta) if metadata else meta)
+
+    return edit
+
+
+def _first(tensors, suffix):
+    return next(k for k in sorted(tensors) if k.endswith(suffix))
+
+
+def _set(tensors, suffix, value):
+    tensors[_first(tensors, suffix)] = value(tensors[_first(tensors, suffix)])
+
+
+def _truncate(folder):
+    path = folder / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+LORA_DAMAGE = {
+    "rank doubled in the config": _edit_config(lambda c: {**c, "r": c["r"] * 2}),
+    "a tensor of another shape": _edit_tensors(lambda t: _set(t, "lora_A.weight", lambda w: w[:, :-1].contiguous())),
+    "no such target module": _edit_config(lambda c: {**c, "target_modules": ["no_such_layer"]}),
+    "unknown peft_type": _edit_config(lambda c: {**c, "peft_type": "NOPE"}),
+    "config not JSON": _edit_json("adapter_config.json", lambda text: text[: len(text) // 2]),
+    "config a JSON list": _edit_config(lambda c: [c]),
+    "config r a string": _edit_config(lambda c: {**c, "r": "eight"}),
+    "truncated tensors": _truncate,
+    "a tensor lost": _edit_tensors(lambda t: t.pop(_first(t, "lora_B.weight"))),
+}
+
+SHIRA_DAMAGE = {
+    "positions out of range": _edit_tensors(lambda t: _set(t, "shira_indices", lambda i: i + 10_000)),
+    "values a matrix": _edit_tensors(lambda t: _set(t, "shira_weight", lambda w: w[:, None].contiguous())),
+    "positions lost": _edit_tensors(lambda t: t.pop(_first(t, "shira_indices"))),
+    "export metadata not JSON": _edit_tensors(lambda t: None, lambda m: {**m, "sparsedelta": "{oops"}),
+    "export entries not counts": _edit_tensors(
+        lambda t: None, lambda m: {**m, "sparsedelta": json.dumps({**json.loads(m["sparsedelta"]), "entries": [1]})}
+    ),
+    "task_type a number": _edit_config(lambda c: {**c, "task_type": 3}),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(LORA_DAMAGE) + sorted(SHIRA_DAMAGE))
+def test_import_of_a_damaged_or_mismatched_adapter_is_one_line_and_writes_nothing(
+    damage, lora_adapter, sara_run, tiny_bert, tmp_path, capsys
+):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    if damage in LORA_DAMAGE:
+        shutil.copytree(lora_adapter, adapter)
+        LORA_DAMAGE[damage](adapter)
+    else:
+        assert main(["export", str(sara_run), "--output", str(adapter)]) == 0
+        capsys.readouterr()
+        SHIRA_DAMAGE[damage](adapter)
+    sparsify = ["--sparsify", 0.5] if damage in LORA_DAMAGE else []  # a SHiRA adapter is read from its file
+    err = cli_error(capsys, "import", adapter, "--output", tmp_path / "out", "--model", tiny_bert, *sparsify)
+    assert "adapter" in err or "--model" in err, err
+    assert not (tmp_path / "out").exists()

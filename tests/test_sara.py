@@ -241,3 +241,24 @@ def test_nuclear_norm_matches_svd_autograd(shape):
     torch.linalg.matrix_norm(b, ord="nuc").backward()
     torch.testing.assert_close(a.grad, b.grad)
     torch.testing.assert_close(sara.NuclearNorm.apply(a.detach()), torch.linalg.matrix_norm(b.detach(), ord="nuc"))
+
+
+def test_the_nuclear_norm_leaves_every_threads_torch_thread_count_alone():
+    """Its eigen-decomposition runs on a one-thread worker: no thread of the process, old or started
+    later, sees another thread count than before."""
+    import threading
+
+    from sparsedelta.core import single_thread
+
+    before = torch.get_num_threads()
+    seen = []
+    a = torch.randn(80, 60, dtype=torch.float64)
+    value = sara.NuclearNorm.apply(a)
+    worker_threads = single_thread.run(torch.get_num_threads)
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert torch.get_num_threads() == before and seen == [before]
+    torch.testing.assert_close(value, torch.linalg.matrix_norm(a, ord="nuc"))
+    if single_thread._worker() is not None:  # an OpenMP runtime to ask: the worker runs one thread
+        assert worker_threads == 1

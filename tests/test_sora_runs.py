@@ -117,3 +117,17 @@ def test_trainer_callback_runs_the_proximal_step(tiny_bert, tmp_path):
     gate_lr = next(g["lr"] for g in optimizer.param_groups if g.get("name") == sora.GATE_GROUP)
     for layer in sora.layers(model).values():
         torch.testing.assert_close(layer.gate, torch.full((4,), 1 - 3 * gate_lr * 1.0))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ['{"config": {', "[1, 2]", '{"config": {}, "layers": {"a": {"rank": "4"}}}', '{"layers": {}}'],
+)
+def test_inspect_of_a_damaged_sora_folder_is_one_line(damage, staged_run, tmp_path, capsys):
+    import shutil
+
+    from test_cli import cli_error
+
+    shutil.copytree(staged_run / "sora", tmp_path / "sora")
+    (tmp_path / "sora" / sora.CONFIG_FILE).write_text(damage)
+    assert "the SoRA run is damaged" in cli_error(capsys, "inspect", tmp_path / "sora")

@@ -1,8 +1,10 @@
 """`sparsedelta train | eval | inspect | merge | compose | predict | export | import | analyze | methods |
 estimate`: a thin argparse layer over the public API, one module per subcommand.
 
-Mistakes a user can fix are printed as one line naming the problem and the fix (exit status 2);
-SPARSEDELTA_DEBUG=1 shows the traceback instead.
+Mistakes a user can fix (the library's UsageError and DeltaFileError, and operating-system errors on the
+user's paths) are printed as one line naming the problem and the fix (exit status 2); SPARSEDELTA_DEBUG=1
+shows the traceback instead. Any other exception is a bug in sparsedelta: its traceback is printed and
+the exit status is 1.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from ..core.io import DeltaFileError
 from ..errors import UsageError
 from . import analyze, compose, estimate, evaluate, export, import_, inspect, merge, methods, predict, train
 
-ERRORS = (UsageError, DeltaFileError, FileNotFoundError, ValueError, KeyError)
+USER_ERRORS = (UsageError, DeltaFileError, OSError)
 SUBCOMMANDS = (train, evaluate, inspect, merge, compose, predict, export, import_, analyze, methods, estimate)
 
 
@@ -44,11 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except ERRORS as e:
+    except USER_ERRORS as e:
         if os.environ.get("SPARSEDELTA_DEBUG"):
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        hint = "" if isinstance(e, (UsageError, DeltaFileError)) else " (SPARSEDELTA_DEBUG=1 shows the traceback)"
-        print(f"sparsedelta {args.command}: error: {message}{hint}", file=sys.stderr)
+        print(f"sparsedelta {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"sparsedelta {args.command}: internal error (a bug in sparsedelta, not a mistake of yours); "
+            "please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return 1
 

@@ -39,11 +39,13 @@ def run(args) -> int:
     else:
         adapter = Path(args.source)
         config, tensors, _ = read_adapter(adapter)
-        name = args.model or config.get("base_model_name_or_path")
-        if not name:
+        name, task_type = args.model or config.get("base_model_name_or_path"), config.get("task_type")
+        if not name or not isinstance(name, str):
             raise UsageError(f"{adapter} does not name its base model; give it with --model PATH_OR_HUB_ID")
+        if task_type is not None and not isinstance(task_type, str):
+            raise UsageError(f"{adapter}'s adapter_config.json has task_type={task_type!r}, not a name; the adapter is damaged")
         stored = {k: tuple(v.shape) for k, v in tensors.items()}
-        base = model_base(name, stored, config.get("task_type"))
+        base = model_base(name, stored, task_type)
     report = import_peft(adapter, base.model, output, sparsify=args.sparsify)
     print(report)
     print(f"load it: sparsedelta.load(base, {str(output)!r})")

@@ -29,7 +29,7 @@ from ..errors import UsageError
 from .adapters import add_delta, delete_adapter, set_adapter, state_of, unload
 from .algebra import Delta, Entries, check_options, combine
 from .config import PARAMETER_KINDS, DeltaConfig
-from .io import DeltaFileError, read, save, verify_base
+from .io import DeltaFileError, read_metadata, save, verify_base
 
 
 @dataclass
@@ -99,14 +99,15 @@ def compose(
     if weights is not None and len(weights) != len(paths):
         raise UsageError(f"{len(weights)} weights for {len(paths)} deltas; give one weight per delta")
     weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
-    inputs = [read(p) for p in paths]
-    _check_alike(paths, [meta for meta, _ in inputs])
-    deltas = []
-    for path, (_, tensors) in zip(paths, inputs, strict=True):
+    metas = [read_metadata(p) for p in paths]
+    _check_alike(paths, metas)  # from the headers: unlike inputs are refused before any tensor is read
+    inputs, deltas = [], []
+    for path in paths:
         try:
-            _, _, positions = verify_base(base_model, path)
+            layout, tensors, positions = verify_base(base_model, path)  # each file's tensors read once
         except DeltaFileError as e:
             raise DeltaFileError(f"{path}: {e}") from e
+        inputs.append((layout.parsed_metadata(), tensors))
         deltas.append({n: Entries(p, tensors[f"{n}.values"].to(p.device, torch.float64)) for n, p in positions.items()})
     dense = _dense_tensors(paths, inputs, weights, heads)
     numels = {n: math.prod(fp["shape"]) for n, fp in inputs[0][0]["fingerprint"].items()}

@@ -188,6 +188,12 @@ def read(path: str | os.PathLike, allow_nonfinite: bool = False) -> tuple[dict, 
         return file.layout.parsed_metadata(), file.tensors(allow_nonfinite)
 
 
+def read_metadata(path: str | os.PathLike) -> dict:
+    """A delta file's checked metadata, as `read` returns it, without reading a tensor."""
+    with _DeltaFile(path) as file:
+        return file.layout.parsed_metadata()
+
+
 def verify_base(
     model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, allow_nonfinite: bool = False
 ) -> tuple[Layout, dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -39,7 +39,7 @@ from ..core.selection import budget, check_density, smallest_k
 from ..core.targeting import find_targets, parameter_kind
 from ..errors import UsageError
 from .attach import temporarily
-from .peft_files import read_adapter
+from .peft_files import PREFIX, read_adapter
 
 MAX_SPARSE_DENSITY = 0.5  # a tensor with more changed entries than this is a dense update, not a sparse difference
 
@@ -105,7 +105,7 @@ def import_peft(
     elif sparsify is None and peft_type == "SUPERTUNING" and config.get("r") is None:
         positions, values = _from_supertuning(rest, params, config, report)
     else:
-        positions, values = _from_merged(adapter_dir, base_model, sparsify, report)
+        positions, values = _from_merged(adapter_dir, base_model, sparsify, report, set(tensors))
     if not positions:
         raise UsageError(f"the {peft_type} adapter in {adapter_dir} changes no entry of the base model")
     nonfinite = sorted(n for n, v in {**(values or {}), **dense}.items() if not torch.isfinite(v).all())
@@ -138,7 +138,7 @@ def _from_shira(rest, params, ours, report):
     positions, values = {}, {}
     for module in sorted({k.rpartition(".")[0] for k in rest}):
         weight = _weight_of(module, params)
-        index, value = rest[f"{module}.shira_indices"].long(), rest[f"{module}.shira_weight"]
+        index, value = _tensor(rest, f"{module}.shira_indices", 2).long(), _tensor(rest, f"{module}.shira_weight")
         if index.shape != (2, len(value)):
             raise UsageError(f"{module}: shira_indices of shape {tuple(index.shape)} for {len(value)} values")
         flat = index[0] * weight.shape[1] + index[1]
@@ -156,8 +156,8 @@ def _from_supertuning(rest, params, config, report):
     positions, values = {}, {}
     for module in sorted({k.rpartition(".")[0] for k in rest}):
         weight = _weight_of(module, params)
-        value = rest[f"{module}.supertuning_values"]
-        flat = rest.get(f"{module}.supertuning_indices")
+        value = _tensor(rest, f"{module}.supertuning_values")
+        flat = _tensor(rest, f"{module}.supertuning_indices") if f"{module}.supertuning_indices" in rest else None
         if flat is None:  # save_precomputed_indices=False
             flat, report.ties[module] = _topk_like_peft(weight, config)
             if report.ties[module]:
@@ -176,10 +176,13 @@ def _from_supertuning(rest, params, config, report):
 def _topk_like_peft(weight: torch.Tensor, config: dict) -> tuple[torch.Tensor, int]:
     """PEFT's Super-Tuning selection, the same call on the same tensor; and how many entries tie
     with the boundary value but were not selected."""
+    sparsity, top = config.get("sparsity", 0.99), config.get("select_top", True)
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1 or not isinstance(top, bool):
+        raise UsageError(f"the Super-Tuning adapter_config.json has sparsity={sparsity!r}, select_top={top!r}; the adapter is damaged")
     scores = weight.detach().abs().flatten()
-    k = int(scores.numel() * (1 - config.get("sparsity", 0.99)))
-    index = torch.topk(scores, k=k, largest=config.get("select_top", True)).indices
-    boundary = scores[index].min() if config.get("select_top", True) else scores[index].max()
+    k = int(scores.numel() * (1 - sparsity))
+    index = torch.topk(scores, k=k, largest=top).indices
+    boundary = scores[index].min() if top else scores[index].max()
     return index, int((scores == boundary).sum() - (scores[index] == boundary).sum())
 
 
@@ -195,8 +198,8 @@ def _sorted(flat, value, weight, module):
 
 
 # -- any adapter: ΔW from PEFT's own merge -------------------------------------------------------------
-def _from_merged(adapter_dir, base_model, sparsify, report):
-    differences = _merged_differences(adapter_dir, base_model)
+def _from_merged(adapter_dir, base_model, sparsify, report, stored: set[str]):
+    differences = _merged_differences(adapter_dir, base_model, stored)
     positions, values, dropped, total = {}, {}, 0.0, 0.0
     for path, diff in differences.items():
         flat = diff.reshape(-1)
@@ -219,20 +222,29 @@ def _from_merged(adapter_dir, base_model, sparsify, report):
     return positions, values
 
 
-def _merged_differences(adapter_dir, base_model) -> dict[str, torch.Tensor]:
-    """θ_merged − θ per parameter of every adapted layer, from PEFT's own merge; the model is restored."""
+def _merged_differences(adapter_dir, base_model, stored: set[str]) -> dict[str, torch.Tensor]:
+    """θ_merged − θ per parameter of every adapted layer, from PEFT's own merge; the model is restored.
+    `stored`: the tensors in the adapter's file (PEFT only warns when some it needs are missing)."""
     try:
-        from peft import PeftModel
+        from peft import PeftModel, get_peft_model_state_dict
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError as e:
         raise UsageError("importing this adapter needs PEFT to compute its ΔW: pip install peft") from e
     names = {id(p): n for n, p in base_model.named_parameters()}
     flags = {n: p.requires_grad for n, p in base_model.named_parameters()}
     was_training = base_model.training
-    peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir))
+    with _peft_errors(adapter_dir):
+        peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir))
     differences = {}
     try:
-        with torch.no_grad():
+        missing = sorted(k.removeprefix(PREFIX) for k in get_peft_model_state_dict(peft_model))
+        missing = [k for k in missing if k not in stored]
+        if missing:
+            raise UsageError(
+                f"the adapter in {adapter_dir} lacks tensors its config asks for ({', '.join(missing[:3])}"
+                f"{' ...' if len(missing) > 3 else ''}); the adapter file is incomplete"
+            )
+        with torch.no_grad(), _peft_errors(adapter_dir):
             for layer in peft_model.modules():
                 if not isinstance(layer, BaseTunerLayer) or not hasattr(layer, "merge"):
                     continue
@@ -256,7 +268,28 @@ def _merged_differences(adapter_dir, base_model) -> dict[str, torch.Tensor]:
     return differences
 
 
+@contextlib.contextmanager
+def _peft_errors(adapter_dir):
+    """PEFT's own failures on a config or tensor that does not fit the base (many lines deep) as one line."""
+    try:
+        yield
+    except Exception as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UsageError(
+            f"PEFT cannot apply the adapter in {adapter_dir} to this base model ({type(e).__name__}: {first[:300]}); "
+            "is --model the base it was trained on, and are its adapter_config.json and tensors intact?"
+        ) from e
+
+
 # -- shared ------------------------------------------------------------------------------------------
+def _tensor(rest: dict, key: str, dims: int = 1) -> torch.Tensor:
+    tensor = rest.get(key)
+    if tensor is None or tensor.dim() != dims:
+        found = "missing" if tensor is None else f"of shape {tuple(tensor.shape)}"
+        raise UsageError(f"the adapter's {key} is {found}, not a {dims}-D tensor; the adapter is damaged")
+    return tensor
+
+
 def _only(rest: dict, suffixes: tuple[str, ...], peft_type: str) -> None:
     unknown = [k for k in rest if not k.endswith(suffixes)]
     if unknown:

@@ -33,15 +33,40 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor], 
         raise UsageError(
             f"{directory} has no {WEIGHTS_NAME}{legacy if (directory / 'adapter_model.bin').exists() else ''}"
         )
-    config = json.loads(config_file.read_text())
+    config = _json_object(config_file.read_text(errors="replace"), config_file)
     try:
         with safe_open(str(weights_file), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k.removeprefix(PREFIX): f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise UsageError(f"{weights_file} cannot be read (truncated or corrupted?): {e}") from e
-    ours = json.loads(metadata[META_KEY]) if META_KEY in metadata else {}
-    return config, tensors, ours
+    ours = _json_object(metadata[META_KEY], f"{weights_file}'s {META_KEY!r} metadata") if META_KEY in metadata else {}
+    return config, tensors, _checked_export_metadata(ours, weights_file)
+
+
+def _json_object(text: str, source) -> dict:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise UsageError(f"{source} is not valid JSON ({str(e)[:200]}); the adapter is damaged") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{source} holds a JSON {type(value).__name__}, not an object; the adapter is damaged")
+    return value
+
+
+def _checked_export_metadata(ours: dict, source) -> dict:
+    """Our export's notes (entries per module before padding, value dtype, index encoding, the delta's
+    config), refused unless each has the type the import relies on."""
+    entries = ours.get("entries", {})
+    fine = (
+        isinstance(entries, dict)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in entries.values())
+        and all(isinstance(ours.get(k, ""), str) for k in ("values_dtype", "index_encoding"))
+        and isinstance(ours.get("config", {}), dict)
+    )
+    if not fine:
+        raise UsageError(f"{source}: its {META_KEY!r} metadata is malformed; the adapter is damaged")
+    return ours
 
 
 def write_adapter(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor], ours: dict) -> Path:

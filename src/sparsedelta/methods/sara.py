@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..core import single_thread
 from ..core.adapters import state_of
 from ..core.config import DeltaConfig, SelectionReport
 from ..core.delta import SparseDelta
@@ -115,18 +115,6 @@ def masked_weight(delta: SparseDelta) -> torch.Tensor:
     return dense.view(delta.shape)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """LAPACK's small decompositions on one CPU thread: on a busy 2-core CPU, MiniLM's penalty took
-    ~0.1 s on one thread and 0.2-7 s on two (its threads wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class NuclearNorm(torch.autograd.Function):
     """‖A‖_* and its (sub)gradient U Vᵀ through the eigen-decomposition of the small Gram matrix AᵀA in
     float64: a few times faster on CPU than an SVD with autograd, exact up to float64 rounding. Directions
@@ -138,8 +126,7 @@ class NuclearNorm(torch.autograd.Function):
         wide = x.shape[0] < x.shape[1]
         if wide:
             x = x.t()
-        with _one_thread():
-            evals, v = torch.linalg.eigh(x.t() @ x)
+        evals, v = single_thread.run(torch.linalg.eigh, x.t() @ x)  # faster than on all cores
         sigma = evals.clamp_min(0).sqrt()
         inverse = torch.where(sigma > sigma.max() * 1e-7, 1 / sigma, torch.zeros_like(sigma))
         grad = x @ (v * inverse) @ v.t()  # = U Vᵀ on the range of x

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..core.io import DELTA_FILE, read
+from ..errors import UsageError
 
 
 def delta_file(path: str | os.PathLike) -> Path:
@@ -103,8 +104,18 @@ def summarize_sora(folder: Path) -> dict:
     """Per layer: the branch's rank r before pruning and the nonzero gates it keeps after."""
     from ..methods.sora import CONFIG_FILE
 
-    info = json.loads((folder / CONFIG_FILE).read_text())
-    layers = info["layers"]
+    source = folder / CONFIG_FILE
+    try:
+        info = json.loads(source.read_text(errors="replace"))
+    except (ValueError, RecursionError) as e:
+        raise UsageError(f"{source} is not valid JSON ({str(e)[:200]}); the SoRA run is damaged") from None
+    layers = info.get("layers") if isinstance(info, dict) else None
+    counts = ("rank", "nonzero_gates")
+    if not isinstance(layers, dict) or not all(
+        isinstance(v, dict) and all(isinstance(v.get(k), int) and not isinstance(v.get(k), bool) for k in counts)
+        for v in layers.values()
+    ) or not isinstance(info.get("config"), dict):
+        raise UsageError(f"{source} lacks its config or per-layer rank and nonzero_gates counts; the SoRA run is damaged")
     return {
         "path": str(folder),
         "method": "sora",
