@@ -115,7 +115,7 @@ class Routing:
         (the caller broadcasts)."""
         rows = len(self.names)
         m = n // rows
-        if dims >= 3 and m > 1 and n % rows == 0 and len(self.tasks) > 1 and m not in self.repeats | self.generated:
+        if dims >= 3 and m > 1 and n % rows == 0 and len(self.tasks) > 1 and m not in self.repeats and m not in self.generated:
             raise UsageError(
                 f"{name} got an input of shape ({n}, ...) under a mixed batch of {rows} rows: its "
                 f"first dimension looks like a sequence axis (T = {m} x {rows}), and sequence-first (T, B, ...) layouts "
