@@ -10,6 +10,7 @@ import sparsedelta as sd
 from conftest import TinyNet
 from sparsedelta.core import mixed, rowwise
 from sparsedelta.core.mixed import BASE
+from sparsedelta.errors import UsageError
 
 F64 = torch.float64
 ALL_KINDS = ("weight", "bias", "embedding", "norm")
@@ -290,6 +291,64 @@ def test_unload_removes_the_hooks():
     assert "generate" not in model.__dict__ and not model._forward_pre_hooks and not model._forward_hooks
     with pytest.raises(ValueError, match="not used by the model"):
         model.generate(torch.ones(1, 3, dtype=torch.long), adapter_names=["a"], max_new_tokens=1)
+
+
+class SeqNet(nn.Module):
+    """A model whose inner layers take (T, B, H) (batch_first=False, as nn.Transformer's default) or
+    (B, T, H); its own input is batch-first ids (B, T)."""
+
+    def __init__(self, batch_first, vocab=50, dim=16):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        h = self.embed(ids) if self.batch_first else self.embed(ids.T)
+        out = self.head(torch.tanh(self.proj(h)))
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+def seq_net(batch_first):
+    torch.manual_seed(0)
+    return attach(SeqNet(batch_first).double().eval(), ["a", "b"], kinds=("weight", "bias", "embedding"))
+
+
+SEQUENCE_FIRST = r"proj got an input of shape \(6, \.\.\.\) under a mixed batch of 3 rows: .*sequence axis.*sequence-first \(T, B, \.\.\.\).*batch_first=True.*separate batches"
+
+
+def test_sequence_first_inputs_are_refused_not_misrouted():
+    """(T, B, H) with T = 2·B looked like two copies of each row and was routed by the sequence axis."""
+    model = seq_net(batch_first=False)
+    ids = torch.randint(1, 50, (3, 6))  # B = 3 rows, T = 6 tokens: T is a multiple of B
+    before = snapshot(model)
+    with torch.no_grad():
+        with pytest.raises(UsageError, match=SEQUENCE_FIRST):
+            model(ids, adapter_names=["a", "b", BASE])
+        with pytest.raises(ValueError, match=SEQUENCE_FIRST), sd.mixed_batch(model, ["a", "b", "a"]):
+            model(ids)
+        assert model(ids, adapter_names=["a", "a", "a"]).shape == (3, 6, 50)  # one task: no routing to get wrong
+    assert_same_state(model, before)
+    assert sd.state_of(model).merged
+
+
+def test_batch_first_and_declared_repeats_are_routed_by_row():
+    model = seq_net(batch_first=True)
+    ids = torch.randint(1, 50, (3, 6))
+    names = ["a", "b", BASE]
+    with torch.no_grad():
+        out = model(ids, adapter_names=names)
+        for i, name in enumerate(names):
+            torch.testing.assert_close(out[i], reference(model, name, lambda i=i: model(ids[i : i + 1]))[0], atol=1e-10, rtol=0)
+        repeated = ids.repeat_interleave(2, dim=0)  # each row twice in a row, as a beam search of one's own does
+        with pytest.raises(ValueError, match=r"repeats=2"), sd.mixed_batch(model, names):
+            model(repeated)
+        with sd.mixed_batch(model, names, repeats=2):
+            twice = model(repeated)
+    torch.testing.assert_close(twice, out.repeat_interleave(2, dim=0), atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="repeats must be a positive"), sd.mixed_batch(model, names, repeats=0):
+        pass
 
 
 # -- two threads on one model ----------------------------------------------------------------------

@@ -29,6 +29,10 @@ Rows: a module's first input has the batch as its first dimension, or a multiple
 flattened with the tokens, B·T, or repeated for beam search / num_return_sequences, as
 `generate` does with repeat_interleave): element i then belongs to the row i // r. A first
 dimension of 1 that broadcasts over the batch (e.g. position embeddings) is expanded to the batch.
+An input of 3+ dimensions whose first is m·B (m > 1) may as well be sequence-first, (T, B, ...)
+with T = m·B, which row-splitting would route by the wrong axis: it is refused unless the rows are
+known to be repeated m times, by the caller (`mixed_batch(..., repeats=m)`) or because `generate`
+gave the model itself m·B rows. (T = B cannot be told from (B, T): batch-first is required.)
 
 Threads: one model runs one forward at a time. A mixed batch unmerges every delta and writes tasks'
 entries into the shared weights for its duration, so its `mixed_batch` block (and a `generate` with
@@ -85,8 +89,10 @@ class Routing:
     """Which rows of a module's input belong to which task, for every size the batch takes inside
     the model (rows, rows × tokens, rows × beams): cached per (size, device)."""
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], repeats: int | None = None):
         self.names = names
+        self.repeats = {repeats} if repeats else set()  # rows known repeated m times: the caller's m
+        self.generated: set[int] = set()  # and generate's, seen in the model's input at each forward
         self.tasks = list(dict.fromkeys(names))
         self._codes = torch.tensor([self.tasks.index(n) for n in names])
         self._groups: dict[tuple[int, torch.device], list[tuple[str, slice | torch.Tensor]]] = {}
@@ -103,20 +109,30 @@ class Routing:
             self._transposed[key] = rowwise.transposed_rows(x, rows, dtype)
         return self._transposed[key]
 
-    def groups(self, n: int, device: torch.device) -> list[tuple[str, slice | torch.Tensor]] | None:
-        """(task, its rows) for a first dimension of size n: a slice when the rows are contiguous,
-        else an index tensor. None for n = 1 under several tasks (the caller broadcasts)."""
+    def groups(self, n: int, device: torch.device, dims: int = 2, name: str = "a module of this model"):
+        """(task, its rows) for a first dimension of size n (of `name`'s input of `dims` dimensions): a
+        slice when the rows are contiguous, else an index tensor. None for n = 1 under several tasks
+        (the caller broadcasts)."""
+        rows = len(self.names)
+        m = n // rows
+        if dims >= 3 and m > 1 and n % rows == 0 and len(self.tasks) > 1 and m not in self.repeats and m not in self.generated:
+            raise UsageError(
+                f"{name} got an input of shape ({n}, ...) under a mixed batch of {rows} rows: its "
+                f"first dimension looks like a sequence axis (T = {m} x {rows}), and sequence-first (T, B, ...) layouts "
+                "cannot be routed by row; give the module batch-first input (batch_first=True, or transpose to "
+                "(B, T, ...)), or run the tasks in separate batches. If the rows really are repeated "
+                f"{m} times each (a beam search of your own), say so: sparsedelta.mixed_batch(model, names, repeats={m})"
+            )
         key = (n, device)
         if key in self._groups:
             return self._groups[key]
-        rows = len(self.names)
         if len(self.tasks) == 1:
             groups = [(self.tasks[0], slice(None))]
         elif n == 1:
             return None
         elif n % rows:
             raise UsageError(
-                f"a module of this model got an input with first dimension {n}, but the batch has {rows} rows "
+                f"{name} got an input with first dimension {n}, but the batch has {rows} rows "
                 f"({ADAPTER_NAMES} has {rows} names): mixed-task batches need the batch as the first dimension "
                 "(or a multiple of it); give one name per row"
             )
@@ -157,11 +173,11 @@ class MixedLayer:
 
     def __call__(self, module: nn.Module, inner, *args, **kwargs):
         x, put = _first_input(args, kwargs, self.name)
-        groups = self.routing.groups(x.shape[0], x.device)
+        groups = self.routing.groups(x.shape[0], x.device, x.dim(), self.name)
         if groups is None:  # a size-1 first dimension broadcast over several tasks' rows: expand it
             x = x.expand(len(self.routing.names), *x.shape[1:])
             args, kwargs = put(x)
-            groups = self.routing.groups(x.shape[0], x.device)
+            groups = self.routing.groups(x.shape[0], x.device, x.dim(), self.name)
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(
                 f"{self.name}: mixed-task batches compute no gradient; run them under torch.no_grad() "
@@ -354,12 +370,16 @@ def _plan(model: nn.Module, state: DeltaState, routing: Routing) -> list[tuple[n
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str], *, repeats: int | None = None):
     """Run every forward inside with one task per row of the batch.
 
     Args:
         model: a model with deltas attached (`load` / `add_delta` under several adapter names).
         adapter_names: one adapter name per row of the batch, "__base__" for the bare base model.
+        repeats: the modules' inputs hold each row `repeats` times in a row (a beam search of your
+            own, frames flattened into the batch). Modules' inputs are batch-first; one of 3+
+            dimensions whose first is a multiple of the rows is refused as sequence-first unless
+            declared here (`generate`'s own expansion needs no declaration).
 
     Yields:
         The model. Inside, each forward (and `generate`) computes row i with the delta of
@@ -367,7 +387,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
         adapter is merged again as it was.
 
     Raises:
-        ValueError: an unknown name, the model in training mode, or heads of different shapes.
+        ValueError: an unknown name, the model in training mode, heads of different shapes, or
+            (at a forward) a module's input that cannot be split by row, such as a sequence-first one.
 
     Example:
         with sparsedelta.mixed_batch(model, ["a", "b", "__base__"]):
@@ -375,19 +396,21 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
     """
     state = state_of(model)
     names = _check_names(state, adapter_names)
+    if repeats is not None and (not isinstance(repeats, int) or repeats < 1):
+        raise UsageError(f"repeats must be a positive whole number (how many times each row is repeated); got {repeats!r}")
     if model.training:
         raise UsageError("mixed-task batches are for inference: call model.eval() first (as PEFT requires too)")
     lock, _ = _lock(model)
     with lock:  # no other thread's forward while tasks' entries are in the shared weights
-        with _running(model, state, names) as ran:
+        with _running(model, state, names, repeats) as ran:
             yield ran
 
 
 @contextlib.contextmanager
-def _running(model: nn.Module, state: DeltaState, names: list[str]):
+def _running(model: nn.Module, state: DeltaState, names: list[str], repeats: int | None = None):
     if model.__dict__.get(_OPEN) is not None:
         raise RuntimeError("this model is already running a mixed-task batch; leave it before opening another")
-    routing = Routing(names)
+    routing = Routing(names, repeats)
     if len(routing.tasks) == 1 and (state.merged or routing.tasks == [BASE]):
         # one task for every row: its merged model is exact and runs at the base's speed (an O(k) switch)
         with _only(model, state, routing.tasks[0]), _opened(model, routing):
@@ -449,8 +472,8 @@ def _release(model: nn.Module) -> None:
 
 def _take_names(model: nn.Module, args: tuple, kwargs: dict):
     names = kwargs.pop(ADAPTER_NAMES, None)
+    routing = model.__dict__.get(_OPEN)
     if names is not None:
-        routing = model.__dict__.get(_OPEN)
         if routing is not None:  # inside mixed_batch (or generate): the same names may be passed again
             if list(names) != routing.names:
                 raise UsageError(f"{ADAPTER_NAMES} differs from the mixed batch this model is already running")
@@ -458,6 +481,15 @@ def _take_names(model: nn.Module, args: tuple, kwargs: dict):
             stack = contextlib.ExitStack()
             stack.enter_context(mixed_batch(model, names))
             model.__dict__[_CALL] = stack
+    elif routing is not None:
+        # generate expands the rows (beams, num_return_sequences) before calling the model, whose own
+        # inputs (input_ids, attention_mask...) are batch-first: their m·B rows are the expansion
+        rows, generating = len(routing.names), getattr(_lock(model)[1], "generating", False)
+        routing.generated = {
+            len(t) // rows
+            for t in (*args, *kwargs.values())
+            if generating and isinstance(t, torch.Tensor) and t.dim() >= 2 and len(t) > rows and len(t) % rows == 0
+        }
     return args, kwargs
 
 
@@ -475,10 +507,15 @@ def _generate(self: nn.Module, *args, **kwargs):
     or several sequences per prompt, keep their row's task)."""
     names = kwargs.pop(ADAPTER_NAMES, None)
     generate = type(self).generate.__get__(self)
-    if names is None:
-        return generate(*args, **kwargs)
-    with mixed_batch(self, names):
-        return generate(*args, **kwargs)
+    held = _lock(self)[1]
+    outer, held.generating = getattr(held, "generating", False), True  # this thread's forwards are generate's
+    try:
+        if names is None:
+            return generate(*args, **kwargs)
+        with mixed_batch(self, names):
+            return generate(*args, **kwargs)
+    finally:
+        held.generating = outer
 
 
 def install(model: nn.Module) -> None:
