@@ -330,6 +330,16 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
     assert second.name == "20261205-070000-sara-2"
 
 
+def test_a_default_run_that_fails_leaves_no_empty_folders(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()  # found, so the run folder is made; it fails to load
+    assert "not a model folder" in cli_error(capsys, "train", "--model", tmp_path / "empty", "--no-progress")
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]  # neither the run's folder nor runs/
+    (tmp_path / "runs" / "older").mkdir(parents=True)
+    cli_error(capsys, "train", "--model", tmp_path / "empty", "--no-progress")
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["older"]  # others' folders stay
+
+
 def test_importing_the_cli_leaves_plotting_and_hf_libraries_unloaded():
     code = "import sys, sparsedelta.cli; print(sorted(m for m in ('matplotlib', 'transformers', 'peft') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

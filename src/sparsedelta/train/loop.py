@@ -11,6 +11,7 @@ across processes and only rank 0 writes or prints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -30,7 +31,7 @@ from . import distributed, sharding
 from .card import run_card
 from .config import TrainConfig
 from .precision import Precision
-from .runfolder import CONFIG, METRICS, RunFolder, new_run_path, peak_memory_mib
+from .runfolder import CONFIG, METRICS, RUNS, RunFolder, new_run_path, peak_memory_mib
 from .schedule import phased_lr_factor
 from .tasks import Task, make_task, to_device
 from .threads import pick_threads
@@ -93,13 +94,19 @@ def state_fingerprint(runner: MethodRunner, model) -> str:
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> RunResult:
     """Run `cfg` into a run folder (resume=True: continue the run in cfg.output_dir from its checkpoint)."""
     world = distributed.setup()
+    created: list[Path] = []
     try:
-        return _train(cfg.resolved(), world, resume, progress, log if world.main else (lambda *a, **k: None))
+        return _train(cfg.resolved(), world, resume, progress, log if world.main else (lambda *a, **k: None), created)
+    except BaseException:
+        for path in created:  # a run that failed before writing anything leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
     finally:
         distributed.shutdown(world)
 
 
-def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: bool, log) -> RunResult:
+def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: bool, log, created: list) -> RunResult:
     started = time.perf_counter()
     torch.set_num_threads(pick_threads(cfg.threads))
     runner = make_runner(cfg)  # an unknown method or option fails before anything is loaded
@@ -112,7 +119,10 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
             folder = RunFolder(cfg.output_dir)
             folder.check_new()
         else:  # created by rank 0 alone, before the model loads
-            folder = RunFolder(distributed.broadcast(str(new_run_path(cfg.method)) if world.main else None, world))
+            fresh_root = not Path(RUNS).exists()
+            folder = RunFolder(distributed.broadcast(str(new_run_path(cfg.method, RUNS)) if world.main else None, world))
+            if world.main:  # removed again if the run fails before writing anything into them
+                created.extend([folder.path, *([folder.path.parent] if fresh_root else [])])
         cfg = dataclasses.replace(cfg, output_dir=str(folder.path))
 
     task = make_task(cfg, world)

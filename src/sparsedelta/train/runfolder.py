@@ -29,9 +29,10 @@ from ..errors import UsageError
 CONFIG = "config.json"
 METRICS = "metrics.json"
 CHECKPOINT = "checkpoint.pt"
+RUNS = "runs"  # where runs go without --output-dir
 
 
-def new_run_path(method: str, root: str | os.PathLike = "runs") -> Path:
+def new_run_path(method: str, root: str | os.PathLike = RUNS) -> Path:
     """A new, empty folder `root/<date>-<time>-<method>[-N]`, created here: os.mkdir is atomic, so two
     runs started in the same second get two folders."""
     stem = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}"
