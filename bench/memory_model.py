@@ -9,7 +9,7 @@ state, activation, temporary) at that moment. Live tensor bytes are what a GPU's
 hold (plus its CUDA context); peak RSS on a CPU adds the libraries (~0.5 GiB) and the allocator's
 caching, so it is not what is modelled.
 
-    .venv/bin/python bench/memory_model.py            # MiniLM-L6 and SmolLM2-135M, 3 shapes, 3 methods, fp32 + bf16
+    .venv/bin/python bench/memory_model.py            # MiniLM-L6 and SmolLM2-135M, 3 shapes, 3 methods, fp32 + bf16 (+ SaRA, LoRA on a bf16 base)
     .venv/bin/python bench/memory_model.py --fit      # refit the activation coefficients to the saved measurements
     .venv/bin/python bench/memory_model.py --check    # compare the saved measurements with the estimate
     .venv/bin/python bench/memory_model.py --table    # the largest model each method trains in 16 / 24 / 80 GB

@@ -249,7 +249,7 @@ def estimate(
 
 
 def regime(precision: str, base_dtype: str = "float32") -> str:
-    """Which ACTIVATION row applies: a 2-byte base computes in 2 bytes with or without autocast."""
+    """Which ACTIVATION row applies: on a 2-byte base the forward runs in 2 bytes (the row is measured under bf16 autocast)."""
     if base_dtype != "float32":
         return "bf16-base"
     return "fp32" if precision == "fp32" else "bf16"
