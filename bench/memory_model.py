@@ -9,7 +9,7 @@ state, activation, temporary) at that moment. Live tensor bytes are what a GPU's
 hold (plus its CUDA context); peak RSS on a CPU adds the libraries (~0.5 GiB) and the allocator's
 caching, so it is not what is modelled.
 
-    .venv/bin/python bench/memory_model.py            # MiniLM-L6 and SmolLM2-135M, 3 shapes, 3 methods, fp32 + bf16
+    .venv/bin/python bench/memory_model.py            # MiniLM-L6 and SmolLM2-135M, 3 shapes, 3 methods, fp32 + bf16 (+ SaRA, LoRA on a bf16 base)
     .venv/bin/python bench/memory_model.py --fit      # refit the activation coefficients to the saved measurements
     .venv/bin/python bench/memory_model.py --check    # compare the saved measurements with the estimate
     .venv/bin/python bench/memory_model.py --table    # the largest model each method trains in 16 / 24 / 80 GB
@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "memory-model.json"
 SHAPES = {"classification": [(4, 64), (8, 64), (4, 128)], "causal-lm": [(1, 64), (2, 64), (1, 128)]}
 HELD_OUT = {"classification": [(16, 128)], "causal-lm": [(4, 128)]}  # not fitted to: checks the fit
-BF16_BASES = ["sara@1%", "lora"]  # also measured on a base loaded in bf16, at the held-out shapes
+BF16_BASES = ["sara@1%", "lora"]  # also measured on a base loaded in bf16 (bf16 autocast), at every shape
 METHODS = {"full": "full", "sara@1%": "sara", "lora": "lora"}  # bench.py's setup name -> estimate's method
 PRECISIONS = ["fp32", "bf16"]
 
@@ -138,21 +138,23 @@ def with_estimates(runs: list[dict], shapes: dict) -> list[dict]:
 
 def fit(runs: list[dict], shapes: dict) -> dict[str, list[float]]:
     """Activation bytes per token (per layer x hidden, x intermediate, x heads x seq where the attention
-    keeps its probabilities, per output width), per precision, from the runs whose peak holds the
-    activations (not full fine-tuning's, which peaks at the optimizer step): least squares on the
-    relative error, coefficients kept non-negative."""
+    keeps its probabilities, per output width), per regime (fp32; bf16 autocast over float32 weights;
+    a bf16 base), from the runs whose peak holds the activations (not full fine-tuning's, which peaks
+    at the optimizer step): least squares on the relative error, coefficients kept non-negative."""
     import torch
 
-    from sparsedelta.train.memory import activation_bytes
+    from sparsedelta.train.memory import ACTIVATION, activation_bytes, regime
 
     coefficients = {}
-    for precision in PRECISIONS:
+    for name in ACTIVATION:
         rows, targets = [], []
         for r in runs:
-            if r["precision"] != precision or r["method"] == "full" or r.get("held_out") or r.get("base_dtype", "float32") != "float32":
+            base_dtype = r.get("base_dtype", "float32")
+            if regime(r["precision"], base_dtype) != name or r["method"] == "full" or r.get("held_out"):
                 continue
             shape, est = shapes[r["model"]], estimate_of(r, shapes)
-            measured = r["peak_bytes"] - est.weights - est.state - (est.activations - activation_bytes(shape, r["batch"], r["seq"], precision))
+            own = activation_bytes(shape, r["batch"], r["seq"], r["precision"], base_dtype)
+            measured = r["peak_bytes"] - est.weights - est.state - (est.activations - own)
             tokens = r["batch"] * r["seq"]
             probs = shape.heads * r["seq"] if shape.keeps_attention_probs else 0
             features = [tokens * shape.layers * shape.hidden, tokens * shape.layers * shape.intermediate,
@@ -169,7 +171,7 @@ def fit(runs: list[dict], shapes: dict) -> dict[str, list[float]]:
         full = [0.0] * a.shape[1]
         for i, v in zip(active, solution.tolist(), strict=True):
             full[i] = round(v, 2)
-        coefficients[precision] = full
+        coefficients[name] = full
     return coefficients
 
 
@@ -252,11 +254,11 @@ def main(argv=None) -> None:
                         print(f"{label} {method} {precision} {batch}x{seq}", flush=True)
                         run = run_worker(task, path, label, method, precision, batch, seq, args.threads)
                         runs.append({**run, "held_out": (batch, seq) in HELD_OUT[task]})
-            if method in BF16_BASES:
-                for batch, seq in HELD_OUT[task]:
-                    print(f"{label} {method} on a bf16 base {batch}x{seq}", flush=True)
-                    run = run_worker(task, path, label, method, "bf16", batch, seq, args.threads, "bfloat16")
-                    runs.append({**run, "held_out": True})
+                if method in BF16_BASES:
+                    for batch, seq in SHAPES[task] + HELD_OUT[task]:
+                        print(f"{label} {method} on a bf16 base {batch}x{seq}", flush=True)
+                        run = run_worker(task, path, label, method, "bf16", batch, seq, args.threads, "bfloat16")
+                        runs.append({**run, "held_out": (batch, seq) in HELD_OUT[task]})
         runs = with_estimates(runs, shapes)
         record = {"date": time.strftime("%Y-%m-%d"), "wall_s": time.time() - started}
     import torch

@@ -51,7 +51,9 @@ def test_precision_base_dtype_and_device():
     assert on_bf16.state == fp32.state - 5_000 * 4  # θ and the merged value in 2 bytes each
     lora32 = estimate(SHAPE, "lora", batch=8, seq=32, precision="bf16")
     lora16 = estimate(SHAPE, "lora", batch=8, seq=32, precision="bf16", base_dtype="bfloat16")
-    assert lora32.activations - lora16.activations == 2 * 600_000  # autocast's bf16 copies of float32 weights
+    bf16 = memory.activation_bytes(SHAPE, 8, 32, "bf16")
+    assert lora32.activations == bf16 + 2 * 600_000  # autocast's bf16 copies of float32 weights
+    assert lora16.activations == memory.activation_bytes(SHAPE, 8, 32, "bf16", "bfloat16") < bf16
     cuda = estimate(SHAPE, "full", batch=8, seq=32, device="cuda")
     assert cuda.optimizer_temporaries == 4 * 1_000_000  # foreach AdamW: one copy of every trainable tensor
     with pytest.raises(Exception, match="full fine-tuning trains the base itself"):
@@ -66,6 +68,37 @@ def test_reference_models_are_counted_exactly():
     assert shape.layers == 32 and shape.output_width == 128_256 and not shape.keeps_attention_probs
     q, k, v, o, mlp = 4096 * 4096, 1024 * 4096, 1024 * 4096, 4096 * 4096, 3 * 4096 * 14336
     assert shape.targeted == 32 * (q + k + v + o + mlp)  # the attention and MLP projections
+
+
+def test_bf16_terms_match_a_count_of_a_tiny_llama():
+    """Counted by hand from the config: the weights, the delta's state and autocast's weight copies."""
+    from transformers import LlamaConfig
+
+    hidden, layers, intermediate, vocab, kv = 64, 2, 160, 1000, 32
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=True)  # fmt: skip
+    shape = memory.shape_from_config(config, "causal-lm", name="tiny-llama")
+    projections = layers * (2 * hidden * hidden + 2 * kv * hidden + 3 * hidden * intermediate)
+    head = vocab * hidden  # the output head, tied to the embeddings: a plain linear layer for a delta method
+    assert shape.targeted == projections and shape.linear_weights == projections + head
+    assert shape.untargeted_linear_weights == head
+    assert shape.parameters == head + projections + (2 * layers + 1) * hidden
+
+    settings = {"batch": 2, "seq": 16, "precision": "bf16", "density": 0.01, "task": "causal-lm"}
+    k = round(0.01 * projections)
+    autocast = estimate(shape, "sara", **settings)
+    assert autocast.weights == 4 * shape.parameters
+    assert autocast.activations == memory.activation_bytes(shape, 2, 16, "bf16") + 2 * head
+    bf16 = estimate(shape, "sara", base_dtype="bfloat16", **settings)
+    assert bf16.weights == 2 * shape.parameters
+    assert bf16.state == k * (8 + 4 + 8 + 2 + 4 + 2)  # AdamW, value, int64 position, θ, CSR column, merged value
+    assert bf16.activations == memory.activation_bytes(shape, 2, 16, "bf16", "bfloat16")  # no float32 weight to copy
+    per_hidden, per_intermediate, _, per_output = memory.ACTIVATION["bf16-base"]
+    assert not shape.keeps_attention_probs  # SDPA, no attention dropout
+    per_token = layers * (per_hidden * hidden + per_intermediate * intermediate) + per_output * vocab
+    assert bf16.activations == round(2 * 16 * per_token)
+    lora = estimate(shape, "lora", **settings)
+    assert lora.activations == memory.activation_bytes(shape, 2, 16, "bf16") + 2 * (projections + head)
 
 
 def peak_by_category():

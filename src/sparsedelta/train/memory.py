@@ -16,8 +16,11 @@ bytes per parameter (counted) and bytes per token of activations (measured), for
   probabilities (eager attention, or attention dropout in training), and of the output's width
   (a causal LM's vocabulary: logits and their gradient). The multiples were fitted to measured
   steps of MiniLM-L6 and SmolLM2-135M (bench/memory_model.py, which also checks every estimate
-  against its measurement). Under bf16/fp16 autocast, layers that run as plain `F.linear` on
-  weights (full fine-tuning, LoRA) also keep a 2-byte copy of each weight matrix for the
+  against its measurement), once per regime: float32, bf16/fp16 autocast over float32 weights, and
+  a base stored in bf16/fp16 (its residual stream and norm inputs are 2-byte tensors where autocast
+  over float32 weights keeps them in float32). Under autocast over float32 weights, layers that run
+  as plain `F.linear` (all of them in full fine-tuning and LoRA; a delta method's untargeted ones,
+  such as a causal LM's output head) also keep a 2-byte copy of each weight matrix for the
   backward; a delta's own linear function does not.
 
 The estimate is of live tensors: what a GPU's allocator holds, to which CUDA adds its context
@@ -40,10 +43,12 @@ SHOWN = ("full", "lora", "sara")  # `estimate --method all`: every delta method 
 PRECISIONS = ("fp32", "bf16", "fp16")
 BASE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Activation bytes per token, fitted by bench/memory_model.py --fit (torch 2.13 CPU, transformers 5):
-# per layer x hidden, per layer x intermediate, per layer x heads x seq (probabilities kept), per output width.
+# per layer x hidden, per layer x intermediate, per layer x heads x seq (probabilities kept), per output width;
+# by regime (`regime`).
 ACTIVATION = {
     "fp32": (6.46, 17.56, 13.51, 17.66),
-    "bf16": (5.36, 12.11, 13.76, 19.91),
+    "bf16": (4.81, 12.24, 13.76, 14.94),
+    "bf16-base": (4.74, 12.1, 11.23, 14.64),
 }
 
 
@@ -80,6 +85,7 @@ class Shape:
     heads: int
     output_width: int  # vocabulary (causal LM) or labels (classifier)
     keeps_attention_probs: bool
+    untargeted_linear_weights: int = 0  # of linear_weights, those a delta method leaves as plain linear layers
 
 
 @dataclass
@@ -123,6 +129,7 @@ def shape_of(model: nn.Module, task: str, name: str = "") -> Shape:
     else:
         targets = DeltaConfig(modules_to_save=head_names or None)
     found, _ = find_targets(model, targets)
+    targeted_ids = {id(t.param) for t in found.values()}
     dropout = max(getattr(config, "attention_probs_dropout_prob", 0.0) or 0.0, getattr(config, "attention_dropout", 0.0) or 0.0)
     eager = getattr(config, "_attn_implementation", None) == "eager"
     return Shape(
@@ -141,6 +148,7 @@ def shape_of(model: nn.Module, task: str, name: str = "") -> Shape:
         heads=config.num_attention_heads,
         output_width=config.vocab_size if task == "causal-lm" else getattr(config, "num_labels", 2),
         keeps_attention_probs=eager or dropout > 0,
+        untargeted_linear_weights=sum(m.weight.numel() for _, m in linears if id(m.weight) not in targeted_ids),
     )
 
 
@@ -234,15 +242,22 @@ def estimate(
         trainable, largest = k + shape.head, max(shape.head, round(density * shape.largest_targeted))
         state = k * (4 + 8 + 8 + base + 4 + base) + shape.head * 12
     temporaries = (2 * 4 * largest) if device == "cpu" else 4 * trainable
-    activations = activation_bytes(shape, batch, seq, precision)
-    if precision != "fp32" and method in ("full", "lora") and base_dtype == "float32":
-        activations += 2 * shape.linear_weights  # autocast's copies of float32 weights, kept for the backward
+    activations = activation_bytes(shape, batch, seq, precision, base_dtype)
+    if precision != "fp32" and base_dtype == "float32":  # autocast's copies of float32 weights, kept for the backward
+        activations += 2 * (shape.linear_weights if method in ("full", "lora") else shape.untargeted_linear_weights)
     return Estimate(shape, method, trainable, weights, state, 4 * trainable, temporaries, activations)
 
 
-def activation_bytes(shape: Shape, batch: int, seq: int, precision: str) -> int:
+def regime(precision: str, base_dtype: str = "float32") -> str:
+    """Which ACTIVATION row applies: on a 2-byte base the forward runs in 2 bytes (the row is measured under bf16 autocast)."""
+    if base_dtype != "float32":
+        return "bf16-base"
+    return "fp32" if precision == "fp32" else "bf16"
+
+
+def activation_bytes(shape: Shape, batch: int, seq: int, precision: str, base_dtype: str = "float32") -> int:
     """What the forward keeps for the backward: bytes per token times tokens."""
-    per_hidden, per_intermediate, per_probability, per_output = ACTIVATION["fp32" if precision == "fp32" else "bf16"]
+    per_hidden, per_intermediate, per_probability, per_output = ACTIVATION[regime(precision, base_dtype)]
     per_layer = per_hidden * shape.hidden + per_intermediate * shape.intermediate
     if shape.keeps_attention_probs:
         per_layer += per_probability * shape.heads * seq
