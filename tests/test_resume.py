@@ -157,10 +157,10 @@ def test_fsdp_resume_after_sigkill(tiny_bert, topic_files, tmp_path):
     replicated deltas, head and AdamW state from rank 0's checkpoint."""
 
     def args(out):
-        return tiny_args(tiny_bert, topic_files, out, "--fsdp", "--max-steps", 40, "--checkpoint-every", 5,
-                         "--eval-every", 20, "--option", "reselect_step=8", "--threshold", 2e-3, "--seed", 4,
+        return tiny_args(tiny_bert, topic_files, out, "--fsdp", "--max-steps", 30, "--checkpoint-every", 4,
+                         "--eval-every", 15, "--option", "reselect_step=6", "--threshold", 2e-3, "--seed", 4,
                          "--threads", 1)  # fmt: skip
 
-    m, _ = check_resume_matches(args(tmp_path / "reference"), args(tmp_path / "killed"), tmp_path, 10, 40, TORCHRUN)
-    assert [e["step"] for e in m["events"]] == [8]
+    m, _ = check_resume_matches(args(tmp_path / "reference"), args(tmp_path / "killed"), tmp_path, 8, 30, TORCHRUN)
+    assert [e["step"] for e in m["events"]] == [6]
     assert m["world_size"] == 2 and len(set(m["rank_fingerprints"])) == 1 and "sharding" in m
