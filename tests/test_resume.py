@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,38 +15,72 @@ import torch
 from fixtures_cli import product_tensors, tiny_bert_fixture, topic_files_fixture  # noqa: F401
 from fixtures_lm import kjv_text_fixture, lm_args, tiny_llama_dir_fixture  # noqa: F401
 from test_causal_lm import kjv, tokenizer  # noqa: F401  (fixtures)
-from test_cli import SRC, run_cli, tiny_args
+from test_cli import SRC, tiny_args
+
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")  # a `launch` of 2 CPU processes
+ENV = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
 
 
-def kill_after_checkpoint(args, out, at_least: int) -> int:
-    """Start a run in its own process and SIGKILL it once a checkpoint of step >= at_least exists."""
-    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sparsedelta", *args], env=env,
+def launched(args, launch=()):
+    """`python [launch] -m sparsedelta args` in a fresh process (launch: e.g. TORCHRUN)."""
+    return subprocess.run([sys.executable, *launch, "-m", "sparsedelta", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, timeout=300)  # fmt: skip
+
+
+def _state_and_parent(stat: Path) -> tuple[str, int]:
+    try:
+        state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        return state, int(ppid)
+    except (OSError, ValueError):
+        return "X", 0  # gone
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (Linux): torchrun starts each worker in a session of its own, so
+    killing its process group would leave them running."""
+    return [int(s.parent.name) for s in Path("/proc").glob("[0-9]*/stat") if _state_and_parent(s)[1] == pid]
+
+
+def dead(pid: int) -> bool:
+    return _state_and_parent(Path(f"/proc/{pid}/stat"))[0] in ("X", "Z")
+
+
+def kill_after_checkpoint(args, out, at_least: int, launch=()) -> int:
+    """Start a run (under `launch`: the launcher and its workers) and SIGKILL every process of it
+    once a checkpoint of step >= at_least exists."""
+    proc = subprocess.Popen([sys.executable, *launch, "-m", "sparsedelta", *args], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    checkpoint, killed_at = out / "checkpoint.pt", None
+    checkpoint, killed_at, workers = out / "checkpoint.pt", None, []
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if checkpoint.exists():
             step = torch.load(checkpoint, weights_only=False)["step"]
             if step >= at_least:
-                proc.send_signal(signal.SIGKILL)
+                workers = children(proc.pid)
+                proc.send_signal(signal.SIGKILL)  # the launcher first: it would restart or stop its workers
+                for pid in workers:
+                    os.kill(pid, signal.SIGKILL)
                 killed_at = step
                 break
         time.sleep(0.02)
     proc.wait(timeout=60)
+    while not all(dead(pid) for pid in workers) and time.time() < deadline + 60:
+        time.sleep(0.02)
     assert proc.returncode == -signal.SIGKILL and killed_at is not None, "the run ended before it could be killed"
     assert not (out / "metrics.json").exists()
     # the run may have written a later checkpoint between our read and the signal's arrival
     return torch.load(checkpoint, weights_only=False)["step"]
 
 
-def check_resume_matches(reference_args, killed_args, tmp_path, at_least: int, steps: int) -> tuple[dict, dict]:
-    reference = run_cli(*reference_args)
+def check_resume_matches(
+    reference_args, killed_args, tmp_path, at_least: int, steps: int, launch=()
+) -> tuple[dict, dict]:
+    reference = launched(reference_args, launch)
     assert reference.returncode == 0, reference.stderr[-2000:]
     out = tmp_path / "killed"
-    killed_at = kill_after_checkpoint(killed_args, out, at_least)
+    killed_at = kill_after_checkpoint(killed_args, out, at_least, launch)
     assert killed_at < steps
-    resumed = run_cli("train", "--resume", out, "--no-progress")
+    resumed = launched(["train", "--resume", out, "--no-progress"], launch)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed {out} at step {killed_at}" in resumed.stdout and not (out / "checkpoint.pt").exists()
 
@@ -113,3 +148,19 @@ def test_sora_resumes_inside_a_later_stage(tiny_bert, topic_files, tmp_path):
     m, m_ref = check_resume_matches(args(tmp_path / "reference"), args(tmp_path / "killed"), tmp_path, 16, 30)
     assert [e["step"] for e in m["events"]] == [15]
     assert m["method_report"] == m_ref["method_report"]
+
+
+@pytest.mark.slow
+def test_fsdp_resume_after_sigkill(tiny_bert, topic_files, tmp_path):
+    """--fsdp on 2 processes, torchrun and both workers killed after a checkpoint (and after SaRA's
+    re-selection), resumed under torchrun: the sharded base comes back from the model files, the
+    replicated deltas, head and AdamW state from rank 0's checkpoint."""
+
+    def args(out):
+        return tiny_args(tiny_bert, topic_files, out, "--fsdp", "--max-steps", 30, "--checkpoint-every", 4,
+                         "--eval-every", 15, "--option", "reselect_step=6", "--threshold", 2e-3, "--seed", 4,
+                         "--threads", 1)  # fmt: skip
+
+    m, _ = check_resume_matches(args(tmp_path / "reference"), args(tmp_path / "killed"), tmp_path, 8, 30, TORCHRUN)
+    assert [e["step"] for e in m["events"]] == [6]
+    assert m["world_size"] == 2 and len(set(m["rank_fingerprints"])) == 1 and "sharding" in m

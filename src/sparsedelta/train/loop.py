@@ -302,6 +302,9 @@ def _resolved(cfg: TrainConfig, task: Task, runner, budget, total_steps, per_epo
 
 
 def _checkpoint(folder, runner, model, optimizer, scheduler, precision, step, metrics, world) -> None:
+    # Rank 0's state is the whole run's, under --fsdp too: nothing trained is sharded (the deltas, a
+    # new head and their AdamW state are FSDP's ignored_params, replicated), and a resumed run shards
+    # the frozen base again from the model's files.
     if world.main:
         folder.save_checkpoint(
             {

@@ -13,6 +13,9 @@ position and θ's value), against 2-4 bytes per base weight sharded N ways (docs
 
 FSDP needs every process to run the same forward passes, so under `--fsdp` each process evaluates
 every held-out example (data-parallel runs split them).
+
+Checkpoints need nothing from FSDP: everything trained is replicated, so rank 0 saves it as in a
+data-parallel run, and `--resume` loads it on every process after sharding the base afresh.
 """
 
 from __future__ import annotations
