@@ -34,6 +34,10 @@ def run(args) -> int:
     source = finished.cfg.test_file or "the run's test split"
     if task.name == "causal-lm":
         line = f"{source}: perplexity {result['perplexity']:.3f} on {result['tokens']:,} tokens"
+    elif task.name == "sft":
+        line = f"{source}: answer perplexity {result['perplexity']:.3f} on {result['tokens']:,} answer tokens"
+        if "exact_match" in result:
+            line += f", exact match {result['exact_match']:.4f} on {result['examples']} examples"
     else:
         line = (f"{source}: accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}, "
                 f"loss {result['loss']:.4f} on {result['examples']} examples")  # fmt: skip

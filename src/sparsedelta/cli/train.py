@@ -31,8 +31,9 @@ def add(sub) -> None:
 
 def add_method_flags(p) -> None:
     m = p.add_argument_group("task and method")
-    m.add_argument("--task", choices=["classification", "causal-lm"],
-                   help="classification (default) or causal-lm: SmolLM2-135M + the KJV by default")  # fmt: skip
+    m.add_argument("--task", choices=["classification", "causal-lm", "sft"],
+                   help="classification (default); causal-lm: SmolLM2-135M + the KJV by default; sft (instruction "
+                   "tuning, the loss on the answers): SmolLM2-135M-Instruct + BBC News as topic questions")  # fmt: skip
     m.add_argument("--method", help=" | ".join(method_names()) + " (default sara; `sparsedelta methods` describes them)")
     budget = m.add_mutually_exclusive_group()
     budget.add_argument("--threshold", type=float, help="train entries with |θ| below it (SaRA's default 1e-3)")
@@ -100,6 +101,14 @@ def report(result) -> str:
         if "sample" in m.get("samples", {}):
             lines.append(f"sample before: {m.get('baseline', {}).get('sample', '')!r}")
             lines.append(f"sample after:  {m['samples']['sample']!r}")
+    elif m.get("task") == "sft":
+        before = m.get("baseline", {}).get("test", {})
+        lines = [f"test answer perplexity: {t['perplexity']:.3f}" + (f" (before training {before['perplexity']:.3f})" if before else "")]
+        if "exact_match" in t:
+            was = f" (before training {before['exact_match']:.4f})" if "exact_match" in before else ""
+            lines.append(f"test exact match: {t['exact_match']:.4f}{was} on {t['examples']} examples")
+        for old, new in zip(m.get("baseline", {}).get("answers", []), m.get("samples", {}).get("answers", []), strict=False):
+            lines.append(f"expected {new['expected']!r}: before {old['generated']!r}, after {new['generated']!r}")
     else:
         lines = [f"test accuracy: {t['accuracy']:.4f} (macro-F1 {t['macro_f1']:.4f}, loss {t['loss']:.4f}, {t['examples']} examples)"]
     if b.selected is not None:

@@ -74,7 +74,8 @@ class MethodSettings:
 
     method: str = field(default="sara", metadata={"help": "the method (see `sparsedelta methods`)"})
     task: str = field(default="classification", metadata={
-        "help": "classification (a sequence classifier) or causal-lm (next-token prediction)"})  # fmt: skip
+        "help": "classification (a sequence classifier), causal-lm (next-token prediction) or sft (instruction "
+                "tuning: the loss on the answers only)"})  # fmt: skip
     threshold: float | None = field(default=None, metadata={"help": "train entries with |θ| below it (SaRA's default 1e-3)"})  # fmt: skip
     density: float | None = field(default=None, metadata={"help": "train this fraction of the targeted entries instead"})  # fmt: skip
     target_modules: list[str] | str | None = field(default=None, metadata={
@@ -222,7 +223,9 @@ class MethodRunner:
 
     @property
     def lr(self) -> float:
-        return self.settings.lr if self.settings.lr is not None else self.default_lr(self.settings.task)
+        # instruction tuning trains a causal LM: the same learning rates as next-token prediction
+        task = "causal-lm" if self.settings.task == "sft" else self.settings.task
+        return self.settings.lr if self.settings.lr is not None else self.default_lr(task)
 
     @property
     def head_lr(self) -> float:

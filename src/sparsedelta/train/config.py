@@ -14,14 +14,16 @@ from dataclasses import dataclass, field
 from ..errors import UsageError
 from ..methods.base import MethodSettings
 
-TASKS = ("classification", "causal-lm")
+TASKS = ("classification", "causal-lm", "sft")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 TASK_DEFAULTS = {
-    "classification": {"epochs": 2.0, "batch_size": 16, "eval_batch_size": 64, "weight_decay": 0.01, "warmup_ratio": 0.06,
+    "classification": {"epochs": 2.0, "batch_size": 16, "max_length": 128, "eval_batch_size": 64, "weight_decay": 0.01, "warmup_ratio": 0.06,
                        "validation_fraction": 0.1, "test_fraction": 0.2},
-    "causal-lm": {"max_steps": 40, "batch_size": 4, "eval_batch_size": 8, "weight_decay": 0.0, "warmup_ratio": 0.1,
+    "causal-lm": {"max_steps": 40, "batch_size": 4, "max_length": 128, "eval_batch_size": 8, "weight_decay": 0.0, "warmup_ratio": 0.1,
                   "validation_fraction": 0.05, "test_fraction": 0.05},
+    "sft": {"max_steps": 60, "batch_size": 8, "eval_batch_size": 16, "weight_decay": 0.0, "warmup_ratio": 0.1,
+            "validation_fraction": 0.1, "test_fraction": 0.2, "max_length": 256, "max_eval_samples": 120},
 }  # fmt: skip
 
 
@@ -31,7 +33,7 @@ def _f(default, help: str, group: str, **extra):
     return field(**factory, metadata={"help": help, "group": group, **extra})
 
 
-CLASSIFICATION, CAUSAL_LM = ("classification",), ("causal-lm",)
+CLASSIFICATION, CAUSAL_LM, SFT = ("classification",), ("causal-lm",), ("sft",)
 
 
 @dataclass
@@ -49,13 +51,22 @@ class TrainConfig(MethodSettings):
     validation_fraction: float | None = _f(None, "share carved for validation (default 0.1; causal-lm 0.05 of the text)", "data")  # fmt: skip
     test_fraction: float | None = _f(None, "share carved for test (default 0.2; causal-lm 0.05 of the text)", "data")  # fmt: skip
     split_by: str = _f("chapter", "the KJV's split unit: chapter or book", "data", tasks=CAUSAL_LM)
-    max_train_samples: int | None = _f(None, "use a seeded subset of the training data", "data", tasks=CLASSIFICATION)
-    max_eval_samples: int | None = _f(None, "use a seeded subset of validation and test", "data", tasks=CLASSIFICATION)
+    max_train_samples: int | None = _f(None, "use a seeded subset of the training data", "data", tasks=CLASSIFICATION + SFT)
+    max_eval_samples: int | None = _f(None, "use a seeded subset of validation and test (sft default 120)", "data",
+                                      tasks=CLASSIFICATION + SFT)  # fmt: skip
     max_validation_samples: int | None = _f(None, "a seeded subset of validation alone (overrides the above)", "data", tasks=CLASSIFICATION)  # fmt: skip
     eval_blocks: int = _f(24, "evenly spaced blocks of each held-out split", "data", tasks=CAUSAL_LM)
+    messages_column: str | None = _f(None, "the chat column: a list of {role, content} (default: messages)", "data", tasks=SFT)  # fmt: skip
+    prompt_column: str | None = _f(None, "the prompt column of prompt-completion data (default: prompt)", "data", tasks=SFT)  # fmt: skip
+    completion_column: str | None = _f(None, "the answer column of prompt-completion data (default: completion)", "data", tasks=SFT)  # fmt: skip
+    chat_template: str | None = _f(None, "a Jinja chat template file, instead of the tokenizer's", "data", tasks=SFT)
+    truncation: str = _f("refuse", "an example longer than --max-length: refuse, or left (cut its prompt from the left; "
+                         "answers are never cut)", "data", tasks=SFT)  # fmt: skip
+    packing: bool = _f(False, "lay several examples end to end in one row (position ids restart per example, so "
+                       "attention stays within each)", "data", tasks=SFT)  # fmt: skip
     # model
     model: str | None = _f(None, "local folder, hub id or (causal-lm) .gguf file (default: the embedded MiniLM-L6; SmolLM2-135M)", "model")  # fmt: skip
-    max_length: int = _f(128, "tokens per example (causal-lm: per block)", "model")
+    max_length: int | None = _f(None, "tokens per example (default 128; causal-lm: per block, 128; sft 256)", "model")
     # optimisation
     epochs: float | None = _f(None, "passes over the training data (default 2; causal-lm: --max-steps 40)", "optimisation")  # fmt: skip
     max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides --epochs)", "optimisation")
@@ -72,7 +83,7 @@ class TrainConfig(MethodSettings):
                         "optimisation")  # fmt: skip
     # samples (causal LM)
     prompt: str = _f("And God said unto Moses,", "the prompt of the greedy samples before and after", "run", tasks=CAUSAL_LM)  # fmt: skip
-    max_new_tokens: int = _f(32, "tokens of each sample", "run", tasks=CAUSAL_LM)
+    max_new_tokens: int = _f(32, "tokens of each sample", "run", tasks=CAUSAL_LM + SFT)
     # run
     output_dir: str | None = _f(None, "the run folder (default: runs/<time>-<method>)", "run")
     eval_every: int | None = _f(None, "validate every N steps (default: twice per epoch)", "run")
@@ -97,6 +108,8 @@ class TrainConfig(MethodSettings):
             raise UsageError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if self.split_by not in ("chapter", "book"):
             raise UsageError(f"--split-by {self.split_by}: choose chapter or book")
+        if self.truncation not in ("refuse", "left"):
+            raise UsageError(f"--truncation {self.truncation}: choose refuse or left")
 
     def resolved(self) -> TrainConfig:
         """This config with every None left to the task filled in from TASK_DEFAULTS."""

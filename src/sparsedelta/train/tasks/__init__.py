@@ -8,8 +8,9 @@ from ..distributed import World
 from .base import Task, to_device
 from .causal_lm import CausalLMTask
 from .classification import ClassificationTask
+from .sft import SFTTask
 
-TASK_CLASSES: dict[str, type[Task]] = {t.name: t for t in (ClassificationTask, CausalLMTask)}
+TASK_CLASSES: dict[str, type[Task]] = {t.name: t for t in (ClassificationTask, CausalLMTask, SFTTask)}
 
 
 def make_task(cfg: TrainConfig, world: World | None = None) -> Task:
@@ -18,4 +19,4 @@ def make_task(cfg: TrainConfig, world: World | None = None) -> Task:
     return TASK_CLASSES[cfg.task](cfg, world)
 
 
-__all__ = ["CausalLMTask", "ClassificationTask", "Task", "make_task", "to_device"]
+__all__ = ["CausalLMTask", "ClassificationTask", "SFTTask", "Task", "make_task", "to_device"]

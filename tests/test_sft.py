@@ -1,0 +1,193 @@
+"""`--task sft`: chat and prompt-completion data, the loss on the answer tokens only (checked on the
+gradient of the logits), packing without leaks between examples, truncation that never cuts an
+answer, every method through the one loop, and the embedded BBC instruction default."""
+
+import json
+
+import pytest
+import torch
+
+from fixtures_lm import tiny_llama_dir_fixture  # noqa: F401
+from sparsedelta.cli import main
+from sparsedelta.data import instructions as ins
+from sparsedelta.errors import UsageError
+from sparsedelta.methods import method_names
+from sparsedelta.train.config import TrainConfig
+from sparsedelta.train.tasks import make_task
+from test_causal_lm import kjv, one_thread, tokenizer  # noqa: F401  (fixtures)
+from test_cli import cli_error
+
+TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<eos>\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+WORDS = ["light", "water", "earth", "heaven", "night", "day"]
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        word = WORDS[int(torch.randint(len(WORDS), (1,), generator=g))]
+        filler = " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (int(torch.randint(2, 9, (1,), generator=g)),), generator=g))
+        rows.append({"messages": [
+            {"role": "system", "content": "Say the word."},
+            {"role": "user", "content": f"{filler}. The word is {word}."},
+            {"role": "assistant", "content": word},
+        ]})  # fmt: skip
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    template = root / "template.jinja"
+    template.write_text(TEMPLATE)
+    chat = {role: write_jsonl(root / f"chat-{role}.jsonl", chat_rows(n, seed))
+            for role, n, seed in (("train", 24, 0), ("validation", 6, 1), ("test", 6, 2))}  # fmt: skip
+    plain = {
+        role: write_jsonl(root / f"plain-{role}.jsonl", [
+            {"prompt": r["messages"][1]["content"] + " Answer:", "completion": " " + r["messages"][2]["content"]}
+            for r in chat_rows(n, seed)
+        ])  # fmt: skip
+        for role, n, seed in (("train", 24, 0), ("validation", 6, 1), ("test", 6, 2))
+    }
+    return {"template": template, "chat": chat, "plain": plain}
+
+
+def sft_args(model_dir, files, out, kind="chat", *extra):
+    data = files[kind]
+    return [str(a) for a in [
+        "train", "--task", "sft", "--model", model_dir, "--train-file", data["train"], "--validation-file",
+        data["validation"], "--test-file", data["test"], "--chat-template", files["template"], "--max-length", 96,
+        "--batch-size", 4, "--max-new-tokens", 4, "--output-dir", out, "--no-progress", "--threads", 1, *extra,
+    ]]  # fmt: skip
+
+
+def loaded_task(model_dir, files, kind="chat", **settings):
+    data = files[kind]
+    settings = {"max_length": 200 if settings.get("packing") else 96, **settings}  # packed: room for several
+    cfg = TrainConfig(task="sft", model=str(model_dir), train_file=str(data["train"]), validation_file=str(data["validation"]),
+                      test_file=str(data["test"]), chat_template=str(files["template"]), **settings)  # fmt: skip
+    task = make_task(cfg.resolved())
+    task.load(log=lambda *a: None)
+    return task
+
+
+# -- labels: the answers, and nothing else --------------------------------------------------------
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("kind", ["chat", "plain"])
+def test_only_answer_tokens_carry_loss(kind, packing, tiny_llama_dir, sft_files, one_thread):  # noqa: F811
+    task = loaded_task(tiny_llama_dir, sft_files, kind, packing=packing)
+    examples = task.encoded["train"]
+    for e in examples:  # the labelled tokens are exactly the answer and its end
+        answered = task.tokenizer.decode([t for t in e.labels if t != ins.IGNORE])
+        assert answered.strip() == f"{e.answer.strip()}<eos>"
+    batch = next(task.batches(list(range(task.train_size)), 4))
+    assert ("position_ids" in batch) == packing and ("attention_mask" in batch) != packing
+    captured = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        captured["logits"] = output
+
+    hook = task.model.lm_head.register_forward_hook(keep)
+    task.loss(task.model, batch).backward()
+    hook.remove()
+    grad = captured["logits"].grad.abs().sum(-1)  # (rows, positions)
+    predicts_answer = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    predicts_answer[:, :-1] = batch["labels"][:, 1:] != ins.IGNORE  # logits at t score the token at t + 1
+    assert predicts_answer.any() and (~predicts_answer).any()
+    assert (grad[~predicts_answer] == 0).all()  # every prompt (and padding) position: no gradient at all
+    assert (grad[predicts_answer] > 0).all()
+    if packing:  # several examples share a row, each one's labels intact
+        assert task.train_size < len(examples)
+        assert sum((torch.tensor(r.labels) != ins.IGNORE).sum() for r in task.rows) == sum(
+            sum(t != ins.IGNORE for t in e.labels) for e in examples
+        )
+
+
+def test_packed_examples_see_only_themselves(tiny_llama_dir, sft_files, one_thread):  # noqa: F811
+    task = loaded_task(tiny_llama_dir, sft_files, packing=True)
+    row = next(r for r in task.rows if r.position_ids.count(0) >= 3)
+    batch = task._batch([row])
+    with torch.no_grad():
+        packed = task.model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+        starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row)]
+        for a, b in zip(starts, starts[1:]):
+            alone = task.model(input_ids=torch.tensor([row.input_ids[a:b]])).logits[0]
+            torch.testing.assert_close(packed[a:b], alone, atol=1e-5, rtol=1e-5)
+
+
+# -- truncation -------------------------------------------------------------------------------------
+def test_long_prompts_are_refused_or_cut_from_the_left_but_answers_never(tokenizer):  # noqa: F811
+    tokenizer.chat_template = TEMPLATE
+    long = ins.Example(messages=[{"role": "user", "content": "water " * 40}, {"role": "assistant", "content": "light"}])
+    full = ins.encode(tokenizer, long, 1000)
+    with pytest.raises(UsageError, match="more than --max-length 20.*--truncation left"):
+        ins.encode(tokenizer, long, 20, where="row 7")
+    cut = ins.encode(tokenizer, long, 20, "left")
+    assert len(cut) == 20 and cut.input_ids == full.input_ids[-20:] and cut.labels == full.labels[-20:]
+    assert tokenizer.decode(cut.input_ids[cut.prompt_length :]).lstrip().startswith("light<eos>")
+    answer = ins.Example(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "water " * 40}])
+    with pytest.raises(UsageError, match="answers are never cut: raise --max-length"):
+        ins.encode(tokenizer, answer, 20, "left")
+
+
+def test_bad_sft_data_is_one_line(tiny_llama_dir, sft_files, tmp_path, capsys):
+    args = sft_args(tiny_llama_dir, sft_files, tmp_path / "a")
+    no_template = [a for a in args if a not in ("--chat-template", str(sft_files["template"]))]
+    assert "has no chat template" in cli_error(capsys, *no_template)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    assert "must end with the assistant's" in cli_error(capsys, *args[:5], "--train-file", bad, *args[7:])
+    other = write_jsonl(tmp_path / "other.jsonl", [{"question": "q", "answer": "a"}] * 5)
+    err = cli_error(capsys, *args[:5], "--train-file", other, *args[7:])
+    assert "--prompt-column/--completion-column" in err
+    assert "--packing: only for --task sft" in cli_error(capsys, "train", "--packing", "--output-dir", tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# -- the one loop -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_trains_on_sft_and_eval_reproduces(method, tiny_llama_dir, sft_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(sft_args(tiny_llama_dir, sft_files, out, "chat", "--method", method, "--max-steps", 3, "--eval-every", 3)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "sft" and metrics["metric"] == "exact_match"
+    test = metrics["test"]
+    assert 0 <= test["exact_match"] <= 1 and test["perplexity"] > 1 and test["examples"] == 6
+    assert len(metrics["samples"]["answers"]) == 3 and "answers" in metrics["baseline"]
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {k: result[k] for k in test} == pytest.approx(test, rel=1e-6)
+
+
+def test_a_sft_run_learns_the_answers(tiny_llama_dir, sft_files, tmp_path, capsys):
+    """Prompt-completion data, packed: the answer perplexity falls well below the base's."""
+    out = tmp_path / "run"
+    assert main(sft_args(tiny_llama_dir, sft_files, out, "plain", "--packing", "--max-steps", 20, "--lr", 1e-2, "--method", "full",
+                         "--max-length", 160)) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "test answer perplexity" in printed and "test exact match" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test"]["perplexity"] < 0.5 * m["baseline"]["test"]["perplexity"]
+    assert m["evals"][-1]["loss"] < m["evals"][0]["loss"]
+
+
+def test_the_default_data_is_bbc_news_as_topic_questions():
+    cfg = TrainConfig(task="sft", max_train_samples=10, max_eval_samples=4).resolved()
+    task = make_task(cfg)
+    examples, source = task._examples(("train", "validation", "test"))
+    assert {r: len(v) for r, v in examples.items()} == {"train": 10, "validation": 4, "test": 4}
+    first = examples["train"][0].messages
+    assert [m["role"] for m in first] == ["system", "user", "assistant"]
+    assert first[1]["content"].startswith("Which topic is this article about?\n\n")
+    topics = {"business", "entertainment", "politics", "sport", "tech"}
+    assert first[2]["content"] in topics | {"sports"} and first[2]["content"] in first[0]["content"]
+    assert len(first[1]["content"].split()) <= ins.BBC_WORDS + 8
