@@ -191,3 +191,48 @@ def test_the_default_data_is_bbc_news_as_topic_questions():
     topics = {"business", "entertainment", "politics", "sport", "tech"}
     assert first[2]["content"] in topics | {"sports"} and first[2]["content"] in first[0]["content"]
     assert len(first[1]["content"].split()) <= ins.BBC_WORDS + 8
+
+
+def test_a_finished_sft_run_keeps_its_chat_template_for_eval_predict_merge_and_card(tiny_llama_dir, sft_files, tmp_path, capsys):
+    import shutil
+
+    from sparsedelta.models.causal_lm import load_causal_lm
+
+    files = {**sft_files, "template": tmp_path / "template.jinja"}
+    shutil.copy(sft_files["template"], files["template"])
+    out = tmp_path / "run"
+    assert main(sft_args(tiny_llama_dir, files, out, "chat", "--max-steps", 4, "--method", "full", "--lr", 1e-2)) == 0
+    files["template"].unlink()  # the run folder has its own copy
+    assert (out / "chat_template.jinja").read_text() == TEMPLATE
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    assert json.loads(capsys.readouterr().out)["exact_match"] == pytest.approx(test["exact_match"])
+    delta_run = tmp_path / "sara"
+    assert main(sft_args(tiny_llama_dir, {**sft_files}, delta_run, "chat", "--max-steps", 2)) == 0
+    assert "```jinja\n" + TEMPLATE in (delta_run / "README.md").read_text()
+
+    # predict answers each text as the user's message, through the template
+    rows = tmp_path / "in.jsonl"
+    write_jsonl(rows, [{"text": "day. The word is day."}, {"text": "night night. The word is night."}])
+    assert main(["predict", "--adapter", f"a={delta_run}", "--input-file", str(rows), "--output", str(tmp_path / "out.jsonl"),
+                 "--max-new-tokens", "4", "--no-progress"]) == 0  # fmt: skip
+    predicted = [json.loads(line)["generation"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    from sparsedelta.train.finished import load_run
+
+    run = load_run(delta_run, splits=())
+    tok = run.task.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "day. The word is day."}], tokenize=False,
+                                     add_generation_prompt=True)  # fmt: skip
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = run.model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert predicted[0] == tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
+
+    capsys.readouterr()
+    assert main(["merge", str(delta_run), "--output", str(tmp_path / "merged")]) == 0
+    assert "AutoModelForCausalLM" in capsys.readouterr().out
+    merged = load_causal_lm(tmp_path / "merged")
+    assert merged.tokenizer.chat_template == TEMPLATE
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(input_ids=ids).logits, run.model(input_ids=ids).logits)

@@ -30,6 +30,6 @@ def run(args) -> int:
     finished = load_run(args.run, args.model, splits=())
     finished.runner.merged(finished.model).save_pretrained(output)
     finished.task.tokenizer.save_pretrained(output)
-    kind = "AutoModelForCausalLM" if finished.task.name == "causal-lm" else "AutoModelForSequenceClassification"
+    kind = "AutoModelForCausalLM" if finished.task.name in ("causal-lm", "sft") else "AutoModelForSequenceClassification"
     print(f"merged model written to {output} (load it with {kind}.from_pretrained)")
     return 0

@@ -44,6 +44,13 @@ def run_card(cfg: TrainConfig, task: Task, metrics: dict, folder: Path) -> dict:
         "batch size (per process)": cfg.batch_size,
         "seed": cfg.seed,
     }
+    template = getattr(task.tokenizer, "chat_template", None) if task.name == "sft" else None
+    if isinstance(template, str):
+        card["Prompt format"] = (
+            "Trained on answers formatted with this chat template (kept in the run folder as chat_template.jinja; "
+            "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)` makes a prompt):\n\n"
+            f"```jinja\n{template}\n```"
+        )
     name = Path(folder).name
     card["Using the run folder"] = [
         f"`sparsedelta eval {name}`: the test metrics again (`--test-file other.csv` for other data)",

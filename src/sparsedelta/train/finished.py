@@ -3,6 +3,7 @@ the trained model (base + product), for `eval`, `merge` and any later job."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from ..methods import MethodRunner, make_runner
 from .config import TrainConfig
 from .runfolder import RunFolder
 from .tasks import Task, make_task
+from .tasks.sft import CHAT_TEMPLATE
 
 
 @dataclass
@@ -52,6 +54,8 @@ def load_base(
     Arguments as for `load_run`."""
     config = RunFolder.existing(path).config
     cfg = TrainConfig.from_dict({**config["train"], **(overrides or {})}).resolved()
+    if (Path(path) / CHAT_TEMPLATE).is_file():  # the template the run was trained with, kept in its folder
+        cfg = dataclasses.replace(cfg, chat_template=str(Path(path) / CHAT_TEMPLATE))
     task = make_task(cfg)
     task.load(log, model_override=model, labels=config.get("labels"), splits=splits)
     task.model.eval()

@@ -190,6 +190,7 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
         optimizer, scheduler = optimizer_at(0)
         if world.main:
             folder.write_json(CONFIG, _resolved(cfg, task, runner, budget, total_steps, per_epoch, world))
+            task.keep_files(folder.path)
 
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and world.main), unit="step", dynamic_ncols=True,
                desc=f"{cfg.method} epoch {step // per_epoch + 1}")  # fmt: skip

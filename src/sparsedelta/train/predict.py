@@ -147,15 +147,23 @@ def _classify(task, texts, names, max_length, device) -> list[dict]:
 
 
 def _generate(task, texts, names, max_length, max_new_tokens, device) -> list[dict]:
-    tokenizer = task.tokenizer
+    """Greedy continuations; an instruction-tuned (sft) run answers each text as the user's message,
+    through its chat template, and stops at the end of its turn."""
+    tokenizer, chat = task.tokenizer, task.name == "sft"
+    prompts = [t[0] for t in texts]
+    if chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]  # fmt: skip
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues the last token
+    side_cut, tokenizer.truncation_side = tokenizer.truncation_side, "left"  # keep the prompt's end
     try:
-        encoded = tokenizer([t[0] for t in texts], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        encoded = tokenizer(prompts, truncation=True, max_length=max_length, padding=True, return_tensors="pt",
+                            add_special_tokens=not chat)  # fmt: skip
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = side, side_cut
     encoded = {k: v.to(device) for k, v in encoded.items()}
     out = task.model.generate(**encoded, adapter_names=names, max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
     new = out[:, encoded["input_ids"].shape[1] :]
     return [{"generation": tokenizer.decode(row, skip_special_tokens=True)} for row in new]
 
@@ -233,7 +241,7 @@ def predict(
     texts, tasks = read_rows(input_file, text_columns, task_column, list(adapters), default_text_columns(sources))
     groups = load_groups(sources, model, task, labels)  # the input's own problems came first, before any model
     first = groups[0]
-    generative = first.task.name == "causal-lm"
+    generative = first.task.name in ("causal-lm", "sft")
     if BASE in tasks and not first.task.base_is_meaningful:
         raise UsageError(
             f"{input_file}: row {tasks.index(BASE)} names {BASE!r}, but this base model's head was newly initialised for "

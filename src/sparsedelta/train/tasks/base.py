@@ -8,6 +8,7 @@
     task.baseline(model)           measured before training (None when meaningless, e.g. a new head)
     task.samples(model)            anything a person would rather read than a number (generations)
     task.describe()                what config.json records of the data and model
+    task.keep_files(folder)        files the run folder keeps for later use (a chat template)
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class Task:
 
     def describe(self) -> dict:
         return {}
+
+    def keep_files(self, folder) -> None:
+        """Write what a finished run needs besides its config (the chat template of an sft run)."""
 
     def title(self) -> str:
         return self.name

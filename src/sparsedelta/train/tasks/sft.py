@@ -8,10 +8,12 @@ the topic word, on the embedded SmolLM2-135M-Instruct, split as the classificati
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ...core.atomic import atomic_write
 from ...data import instructions as ins
 from ...data.tables import limit, load_bbc_news, read_table, stratified_split
 from ...errors import UsageError
@@ -21,6 +23,7 @@ from .base import Task, to_device
 
 HELD_OUT = ("validation", "test")
 SAMPLES = 3
+CHAT_TEMPLATE = "chat_template.jinja"  # in the run folder
 
 
 class SFTTask(Task):
@@ -185,11 +188,17 @@ class SFTTask(Task):
         answers = self.generate(model, picked, self.cfg.max_new_tokens)
         return {"answers": [{"expected": e.answer, "generated": a} for e, a in zip(picked, answers, strict=True)]}
 
+    def keep_files(self, folder):
+        """The chat template the run formatted its data with: eval, predict and merge use it."""
+        template = self.tokenizer.chat_template
+        if isinstance(template, str):
+            atomic_write(Path(folder) / CHAT_TEMPLATE, lambda tmp: tmp.write_text(template, encoding="utf-8"))
+
     def describe(self):
         return {
             "data": {
                 "source": self.source,
-                "examples": {role: len(items) for role, items in self.encoded.items()},
+                "sizes": {role: len(items) for role, items in self.encoded.items()},
                 "packed_rows": len(self.rows) if self.rows is not None else None,
                 "answer_tokens": {r: sum(sum(t != ins.IGNORE for t in e.labels) for e in v) for r, v in self.encoded.items()},
             }
