@@ -14,6 +14,7 @@ from fixtures_lm import kjv_text_fixture, lm_args, tiny_llama_dir_fixture  # noq
 from sparsedelta.core.io import read
 from test_causal_lm import kjv, tokenizer  # noqa: F401  (fixtures)
 from test_cli import SRC, run_cli, tiny_args
+from test_sft import sft_args, sft_files  # noqa: F401  (a fixture)
 
 
 @pytest.mark.slow
@@ -91,3 +92,27 @@ def test_sora_two_processes_match_one_process(tiny_bert, topic_files, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
     reference = json.loads((tmp_path / "single" / "metrics.json").read_text())
     assert metrics["method_report"]["ranks"] == reference["method_report"]["ranks"]
+
+
+@pytest.mark.slow
+def test_sft_two_processes_match_one_process_with_the_global_batch(tiny_llama_dir, sft_files, tmp_path):  # noqa: F811
+    """The processes' batches hold different numbers of answer tokens: each divides by the global
+    count, so together they train as one process with the whole batch."""
+    common = ["--max-steps", 4, "--eval-every", 4, "--lr", 1e-2, "--seed", 2]
+    ddp_out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sparsedelta",
+           *sft_args(tiny_llama_dir, sft_files, ddp_out, "chat", "--batch-size", 2, *common)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    metrics = json.loads((ddp_out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(set(metrics["rank_fingerprints"])) == 1
+    single = run_cli(*sft_args(tiny_llama_dir, sft_files, tmp_path / "single", "chat", "--batch-size", 4, *common))
+    assert single.returncode == 0, single.stderr[-3000:]
+    (_, a), (_, b) = read(ddp_out), read(tmp_path / "single")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    reference = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    torch.testing.assert_close([s["loss"] for s in metrics["steps"]], [s["loss"] for s in reference["steps"]],
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    assert metrics["test"] == pytest.approx(reference["test"], rel=1e-5)

@@ -16,6 +16,7 @@ from fixtures_cli import product_tensors, tiny_bert_fixture, topic_files_fixture
 from fixtures_lm import kjv_text_fixture, lm_args, tiny_llama_dir_fixture  # noqa: F401
 from test_causal_lm import kjv, tokenizer  # noqa: F401  (fixtures)
 from test_cli import SRC, tiny_args
+from test_sft import sft_args, sft_files  # noqa: F401  (a fixture)
 
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")  # a `launch` of 2 CPU processes
 ENV = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
@@ -164,3 +165,13 @@ def test_fsdp_resume_after_sigkill(tiny_bert, topic_files, tmp_path):
     m, _ = check_resume_matches(args(tmp_path / "reference"), args(tmp_path / "killed"), tmp_path, 8, 30, TORCHRUN)
     assert [e["step"] for e in m["events"]] == [6]
     assert m["world_size"] == 2 and len(set(m["rank_fingerprints"])) == 1 and "sharding" in m
+
+
+@pytest.mark.slow
+def test_sft_resume_after_sigkill_with_packing(tiny_llama_dir, sft_files, tmp_path):  # noqa: F811
+    def args(out):
+        return sft_args(tiny_llama_dir, sft_files, out, "plain", "--packing", "--max-length", 160, "--max-steps", 60,
+                        "--checkpoint-every", 5, "--eval-every", 30, "--batch-size", 2)  # fmt: skip
+
+    m, m_ref = check_resume_matches(args(tmp_path / "reference"), args(tmp_path / "killed"), tmp_path, 10, 60)
+    assert m["samples"] == m_ref["samples"] and m["baseline"] == m_ref["baseline"]

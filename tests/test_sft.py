@@ -236,3 +236,11 @@ def test_a_finished_sft_run_keeps_its_chat_template_for_eval_predict_merge_and_c
     assert merged.tokenizer.chat_template == TEMPLATE
     with torch.no_grad():
         torch.testing.assert_close(merged.model(input_ids=ids).logits, run.model(input_ids=ids).logits)
+
+
+def test_sft_trains_under_bf16_autocast(tiny_llama_dir, sft_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(sft_args(tiny_llama_dir, sft_files, out, "chat", "--precision", "bf16", "--max-steps", 3)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test"]["perplexity"] > 1 and all(s["loss"] == s["loss"] for s in m["steps"])
+    assert json.loads((out / "config.json").read_text())["train"]["precision"] == "bf16"

@@ -128,7 +128,17 @@ class SFTTask(Task):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, model, batch):
-        return model(**batch, use_cache=False).loss
+        """The mean cross-entropy over the answer tokens of the global batch: each process divides its
+        sum by the average count per process, so the averaged gradients are those of one process
+        holding the whole batch (processes' batches hold different numbers of answer tokens)."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs, use_cache=False).logits
+        targets = batch["labels"][:, 1:]
+        total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        count = (targets != ins.IGNORE).sum().double()
+        if self.world.size > 1:
+            count = distributed.all_sum(count, self.world) / self.world.size
+        return total / count.clamp_min(1)
 
     # -- measuring ------------------------------------------------------------------------------------
     def evaluate(self, model, split):
