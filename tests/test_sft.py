@@ -230,6 +230,12 @@ def test_a_finished_sft_run_keeps_its_chat_template_for_eval_predict_merge_and_c
     assert predicted[0] == tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
 
     capsys.readouterr()
+    assert main(["export", str(delta_run), "--output", str(tmp_path / "shira")]) == 0  # a PEFT adapter
+    assert "AutoModelForCausalLM" in capsys.readouterr().out
+    peft = pytest.importorskip("peft")
+    adapter = peft.PeftModel.from_pretrained(load_causal_lm(tiny_llama_dir).model, str(tmp_path / "shira")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(input_ids=ids).logits, run.model(input_ids=ids).logits, atol=1e-5, rtol=0)
     assert main(["merge", str(delta_run), "--output", str(tmp_path / "merged")]) == 0
     assert "AutoModelForCausalLM" in capsys.readouterr().out
     merged = load_causal_lm(tmp_path / "merged")
