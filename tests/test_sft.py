@@ -250,3 +250,25 @@ def test_sft_trains_under_bf16_autocast(tiny_llama_dir, sft_files, tmp_path, cap
     m = json.loads((out / "metrics.json").read_text())
     assert m["test"]["perplexity"] > 1 and all(s["loss"] == s["loss"] for s in m["steps"])
     assert json.loads((out / "config.json").read_text())["train"]["precision"] == "bf16"
+
+
+def test_a_hub_dataset_gives_its_splits(tiny_llama_dir, sft_files, monkeypatch):
+    """The hub path (its download is the datasets library's): each split's table becomes examples."""
+    import datasets
+
+    from sparsedelta.train.tasks import sft
+
+    asked = []
+
+    def fake_hub(name, config):
+        asked.append((name, config))
+        return {role: datasets.Dataset.from_list(chat_rows(n, seed)) for role, n, seed in
+                (("train", 12, 0), ("validation", 3, 1), ("test", 4, 2))}  # fmt: skip
+
+    monkeypatch.setattr(sft, "load_hub_dataset", fake_hub)
+    cfg = TrainConfig(task="sft", model=str(tiny_llama_dir), dataset="someone/chats", dataset_config="en",
+                      chat_template=str(sft_files["template"]), max_length=96).resolved()  # fmt: skip
+    task = make_task(cfg)
+    task.load(log=lambda *a: None)
+    assert asked == [("someone/chats", "en")] and task.source == "someone/chats"
+    assert {r: len(v) for r, v in task.encoded.items()} == {"train": 12, "validation": 3, "test": 4}

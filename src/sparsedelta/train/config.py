@@ -42,8 +42,8 @@ class TrainConfig(MethodSettings):
     train_file: str | None = _f(None, "csv, tsv, json, jsonl or parquet (causal-lm: also txt)", "data")
     validation_file: str | None = _f(None, "(default: carved from the training file)", "data")
     test_file: str | None = _f(None, "(default: carved from the training file)", "data")
-    dataset: str | None = _f(None, "a Hugging Face Hub dataset id (needs the internet or its cache)", "data", tasks=CLASSIFICATION)  # fmt: skip
-    dataset_config: str | None = _f(None, "the hub dataset's configuration name", "data", tasks=CLASSIFICATION)
+    dataset: str | None = _f(None, "a Hugging Face Hub dataset id (needs the internet or its cache)", "data", tasks=CLASSIFICATION + SFT)  # fmt: skip
+    dataset_config: str | None = _f(None, "the hub dataset's configuration name", "data", tasks=CLASSIFICATION + SFT)
     text_columns: list[str] | None = _f(None, "the text column (default: guessed); twice for sentence pairs", "data",
                                         flag="--text-column")  # fmt: skip
     label_column: str | None = _f(None, "string or integer labels (default: label, labels, class, ...)", "data", tasks=CLASSIFICATION)  # fmt: skip

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ...core.atomic import atomic_write
 from ...data import instructions as ins
-from ...data.tables import limit, load_bbc_news, read_table, stratified_split
+from ...data.tables import limit, load_bbc_news, load_hub_dataset, read_table, stratified_split
 from ...errors import UsageError
 from ...models.causal_lm import default_targets, load_causal_lm
 from .. import distributed
@@ -58,7 +58,7 @@ class SFTTask(Task):
 
     def _examples(self, splits) -> tuple[dict[str, list[ins.Example]], str]:
         cfg = self.cfg
-        if cfg.train_file is None:
+        if cfg.train_file is None and cfg.dataset is None:
             if cfg.validation_file or cfg.test_file:
                 raise UsageError("--validation-file/--test-file need --train-file; without it BBC News is used")
             split, names = load_bbc_news()
@@ -70,13 +70,18 @@ class SFTTask(Task):
                 subset = limit(subset, cfg.max_train_samples if role == "train" else cfg.max_eval_samples, cfg.split_seed)
                 out[role] = ins.bbc_instructions(subset.texts, subset.labels, names)
             return out, "BBC News as topic questions"
-        files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
-        read = {}
-        for role in ("train", "validation", "test"):
-            if files[role] and (role in splits or role == "train"):
-                table = read_table(files[role], role)
-                read[role] = ins.examples_from_table(table, cfg.messages_column, cfg.prompt_column,
-                                                     cfg.completion_column, str(files[role]))  # fmt: skip
+        if cfg.dataset:  # a hub dataset's splits, as tables
+            tables = load_hub_dataset(cfg.dataset, cfg.dataset_config)
+            source = cfg.dataset
+        else:
+            files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
+            tables = {role: read_table(path, role) for role, path in files.items() if path and (role in splits or role == "train")}
+            source = str(cfg.train_file)
+        read = {
+            role: ins.examples_from_table(table, cfg.messages_column, cfg.prompt_column, cfg.completion_column,
+                                          getattr(table, "source", role))
+            for role, table in tables.items()
+        }  # fmt: skip
         missing = [role for role in ("validation", "test") if role not in read]
         if missing:  # carved from the training file, seeded
             train = read["train"]
@@ -92,7 +97,7 @@ class SFTTask(Task):
             if most and len(read[role]) > most:  # a seeded subset, in file order
                 keep = torch.randperm(len(read[role]), generator=torch.Generator().manual_seed(cfg.split_seed))[:most]
                 read[role] = [read[role][i] for i in sorted(keep.tolist())]
-        return {role: read[role] for role in splits}, str(cfg.train_file)
+        return {role: read[role] for role in splits}, source
 
     def default_targets(self, model):
         return default_targets(model, embeddings="embedding" in (self.cfg.parameter_kinds or ()))
