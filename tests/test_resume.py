@@ -175,3 +175,29 @@ def test_sft_resume_after_sigkill_with_packing(tiny_llama_dir, sft_files, tmp_pa
 
     m, m_ref = check_resume_matches(args(tmp_path / "reference"), args(tmp_path / "killed"), tmp_path, 10, 60)
     assert m["samples"] == m_ref["samples"] and m["baseline"] == m_ref["baseline"]
+
+
+def test_a_damaged_or_hostile_checkpoint_is_refused_in_one_line(tiny_bert, topic_files, tmp_path, capsys, monkeypatch):
+    """A checkpoint is read as tensors and plain containers only: a pickle that would run code when
+    loaded (or a truncated file) ends in one line, and nothing runs."""
+    import pickle
+
+    from sparsedelta.cli import main
+    from sparsedelta.train import runfolder
+    from test_cli import cli_error
+
+    monkeypatch.setattr(runfolder.RunFolder, "remove_checkpoint", lambda self: None)  # keep it, as after a kill
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_bert, topic_files, out, "--max-steps", 2, "--checkpoint-every", 1, "--threads", 1)) == 0
+    (out / "metrics.json").unlink()  # as if killed before the end
+    marker = tmp_path / "ran"
+
+    class Hostile:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (out / "checkpoint.pt").write_bytes(pickle.dumps({"step": Hostile()}))
+    assert "the checkpoint is damaged" in cli_error(capsys, "train", "--resume", out, "--no-progress")
+    assert not marker.exists()
+    (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    assert "the checkpoint is damaged" in cli_error(capsys, "train", "--resume", out, "--no-progress")

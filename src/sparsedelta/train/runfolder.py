@@ -110,7 +110,13 @@ class RunFolder:
                 f"{self.path} has no checkpoint to resume from"
                 + (": the run already finished" if done else "; it stopped before its first checkpoint (--checkpoint-every)")
             )
-        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        try:  # tensors and plain containers only: a checkpoint file runs no code when read
+            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, not a torch file, or objects a checkpoint never holds
+            raise UsageError(
+                f"{self.checkpoint_path} cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
+                "the checkpoint is damaged: start the run again"
+            ) from e
 
     def remove_checkpoint(self) -> None:
         self.checkpoint_path.unlink(missing_ok=True)
