@@ -143,6 +143,9 @@ def test_cli_prints_every_method_and_json(tiny_bert, capsys):
     assert main(["estimate", "--model", "smollm2-135m", "--method", "sara", "--base-dtype", "bfloat16", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["model"] == "smollm2-135m" and row["method"] == "sara" and row["total"] > row["weights"] > 0
+    assert main(["estimate", "--model", "smollm2-135m", "--method", "sara", "--base-dtype", "bfloat16", "--json",
+                 "--task", "sft"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out) == [row]  # instruction tuning trains the causal LM the same way
     assert main(["estimate", "--model", "smollm2-135m", "--method", "shira"]) == 2
     assert "covers full, lora" in capsys.readouterr().err
 

@@ -14,8 +14,9 @@ def add(sub) -> None:
     p = sub.add_parser(NAME, help="estimate the peak memory of training a model with each method")
     p.add_argument("--model", help="a model folder, hub id, .gguf file, or one of: " + ", ".join(REFERENCE)
                    + " (default: the task's embedded model)")  # fmt: skip
-    p.add_argument("--task", choices=["classification", "causal-lm"], default=None,
-                   help="default: causal-lm for the named Llama-style models, else classification")  # fmt: skip
+    p.add_argument("--task", choices=["classification", "causal-lm", "sft"], default=None,
+                   help="default: causal-lm for the named Llama-style models, else classification; sft is a "
+                   "causal LM's training")  # fmt: skip
     p.add_argument("--method", default="all",
                    help=f"{', '.join(METHODS)} or all (default: full, lora and sara, whose cost any delta method shares)")  # fmt: skip
     p.add_argument("--batch", type=int, default=8, help="examples per step (default 8)")
@@ -35,6 +36,7 @@ def run(args) -> int:
     from ..train.memory import METHODS, REFERENCE, SHOWN, estimate, model_shape
 
     task = args.task or ("causal-lm" if args.model and args.model.lower() in REFERENCE else "classification")
+    task = "causal-lm" if task == "sft" else task  # the same model and the same step; only the labels differ
     methods = SHOWN if args.method == "all" else [args.method]
     if args.method != "all" and args.method not in METHODS:
         raise UsageError(f"--method {args.method}: the memory model covers {', '.join(METHODS)} (or all)")
