@@ -84,6 +84,10 @@ def loaded_task(model_dir, files, kind="chat", **settings):
 @pytest.mark.parametrize("kind", ["chat", "plain"])
 def test_only_answer_tokens_carry_loss(kind, packing, tiny_llama_dir, sft_files, one_thread):  # noqa: F811
     task = loaded_task(tiny_llama_dir, sft_files, kind, packing=packing)
+    batch = next(task.batches(list(range(task.train_size)), 4))
+    full = task.model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    expected = torch.nn.functional.cross_entropy(full[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+    torch.testing.assert_close(task.loss(task.model, batch), expected)  # the logits at answer positions only: the same loss
     examples = task.encoded["train"]
     for e in examples:  # the labelled tokens are exactly the answer and its end
         answered = task.tokenizer.decode([t for t in e.labels if t != ins.IGNORE])
@@ -96,7 +100,9 @@ def test_only_answer_tokens_carry_loss(kind, packing, tiny_llama_dir, sft_files,
         output.retain_grad()
         captured["logits"] = output
 
-    hook = task.model.lm_head.register_forward_hook(keep)
+    # the final hidden state h_t feeds only the logits at t: ∂loss/∂h_t is zero exactly when the
+    # logits at t carry no loss (the task computes logits at the answer positions alone)
+    hook = task.model.model.norm.register_forward_hook(keep)
     task.loss(task.model, batch).backward()
     hook.remove()
     grad = captured["logits"].grad.abs().sum(-1)  # (rows, positions)

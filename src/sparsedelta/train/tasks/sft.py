@@ -7,6 +7,7 @@ the topic word, on the embedded SmolLM2-135M-Instruct, split as the classificati
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -136,11 +137,9 @@ class SFTTask(Task):
         """The mean cross-entropy over the answer tokens of the global batch: each process divides its
         sum by the average count per process, so the averaged gradients are those of one process
         holding the whole batch (processes' batches hold different numbers of answer tokens)."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs, use_cache=False).logits
-        targets = batch["labels"][:, 1:]
-        total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
-        count = (targets != ins.IGNORE).sum().double()
+        logits, targets = answer_logits(model, batch)
+        total = F.cross_entropy(logits.float(), targets, reduction="sum")
+        count = torch.tensor(float(len(targets)), dtype=total.dtype, device=total.device)
         if self.world.size > 1:
             count = distributed.all_sum(count, self.world) / self.world.size
         return total / count.clamp_min(1)
@@ -159,11 +158,9 @@ class SFTTask(Task):
         with torch.no_grad():
             for start in range(0, len(items), self.cfg.eval_batch_size):
                 chunk = items[start : start + self.cfg.eval_batch_size]
-                batch = to_device(self._batch(chunk), device)
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
-                shifted = batch["labels"][:, 1:]
-                nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), shifted.flatten(), reduction="sum"))
-                tokens += int((shifted != ins.IGNORE).sum())
+                logits, targets = answer_logits(model, to_device(self._batch(chunk), device))
+                nll += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+                tokens += len(targets)
                 if self.metric == "exact_match":
                     answers = self.generate(model, chunk)
                     correct += sum(_same(a, e.answer) for a, e in zip(answers, chunk, strict=True))
@@ -221,6 +218,21 @@ class SFTTask(Task):
 
     def title(self):
         return f"{self.source} (sft)"
+
+
+def answer_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits at the positions that predict an answer token, those tokens): (n, vocab) and (n,).
+    The output head runs at those positions only where the model can (transformers' logits_to_keep):
+    over a 49,152-token vocabulary the logits of every position cost more than a second a step on a
+    CPU and a gigabyte of memory, for the few positions the loss reads."""
+    labels = batch["labels"]
+    following = torch.full_like(labels, ins.IGNORE)
+    following[:, :-1] = labels[:, 1:]  # the logits at t score the token at t + 1
+    scored = following != ins.IGNORE
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
+        return model(**inputs, use_cache=False, logits_to_keep=scored).logits, following[scored]
+    return model(**inputs, use_cache=False).logits[scored], following[scored]
 
 
 def _same(generated: str, expected: str) -> bool:
