@@ -53,8 +53,8 @@ def report(records: list[dict]) -> str:
     lines = [
         f"base model (before training): exact match {base['exact_match']:.4f}, answer perplexity {base['perplexity']:.3f}",
         "",
-        "| method | exact match, mean ± std | answer perplexity, mean ± std | minus SaRA's exact match, per seed | trainable entries | training s/step |",
-        "|---|---|---|---|---:|---:|",
+        "| method | exact match, mean ± std | answer perplexity, mean ± std | minus SaRA's exact match, per seed | trainable entries |",
+        "|---|---|---|---|---:|",
     ]  # fmt: skip
     for method in METHODS:
         rows = [by[(method, s)] for s in SEEDS if (method, s) in by]
@@ -69,7 +69,7 @@ def report(records: list[dict]) -> str:
         lines.append(
             f"| {method} | {statistics.mean(em):.4f} ± {statistics.stdev(em) if len(em) > 1 else 0:.4f} | "
             f"{statistics.mean(ppl):.3f} ± {statistics.stdev(ppl) if len(ppl) > 1 else 0:.3f} | {paired} | "
-            f"{rows[0]['trainable']:,} | {statistics.mean(r['train_s'] / r['steps'] for r in rows):.2f} |"
+            f"{rows[0]['trainable']:,} |"
         )
     return "\n".join(lines)
 
