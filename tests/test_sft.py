@@ -183,6 +183,7 @@ def test_a_sft_run_learns_the_answers(tiny_llama_dir, sft_files, tmp_path, capsy
     assert "test answer perplexity" in printed and "test exact match" in printed
     m = json.loads((out / "metrics.json").read_text())
     assert m["test"]["perplexity"] < 0.5 * m["baseline"]["test"]["perplexity"]
+    assert not (out / "chat_template.jinja").exists()  # plain text: predict feeds its inputs as they are
     assert m["evals"][-1]["loss"] < m["evals"][0]["loss"]
 
 

@@ -147,9 +147,9 @@ def _classify(task, texts, names, max_length, device) -> list[dict]:
 
 
 def _generate(task, texts, names, max_length, max_new_tokens, device) -> list[dict]:
-    """Greedy continuations; an instruction-tuned (sft) run answers each text as the user's message,
-    through its chat template, and stops at the end of its turn."""
-    tokenizer, chat = task.tokenizer, task.name == "sft"
+    """Greedy continuations; a run instruction-tuned on chat data (its folder keeps the chat template)
+    answers each text as the user's message, through that template, and stops at the end of its turn."""
+    tokenizer, chat = task.tokenizer, task.name == "sft" and task.cfg.chat_template is not None
     prompts = [t[0] for t in texts]
     if chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,

@@ -39,10 +39,11 @@ class SFTTask(Task):
         self.model, self.tokenizer, self.model_name = lm.model, lm.tokenizer, lm.name
         if cfg.chat_template:
             self.tokenizer.chat_template = ins.read_chat_template(cfg.chat_template)
-        self.encoded, self.rows = {}, None
+        self.encoded, self.rows, self.chat = {}, None, False
         if not splits:
             return
         examples, self.source = self._examples(splits)
+        self.chat = any(e.messages is not None for items in examples.values() for e in items)
         for role, items in examples.items():
             self.encoded[role] = [
                 ins.encode(self.tokenizer, e, cfg.max_length, cfg.truncation, f"{self.source} ({role}), example {i + 1}")
@@ -201,9 +202,10 @@ class SFTTask(Task):
         return {"answers": [{"expected": e.answer, "generated": a} for e, a in zip(picked, answers, strict=True)]}
 
     def keep_files(self, folder):
-        """The chat template the run formatted its data with: eval, predict and merge use it."""
+        """The chat template the run formatted its data with (chat data only): eval, predict and merge
+        use it, and its presence tells predict to format inputs as chat."""
         template = self.tokenizer.chat_template
-        if isinstance(template, str):
+        if self.chat and isinstance(template, str):
             atomic_write(Path(folder) / CHAT_TEMPLATE, lambda tmp: tmp.write_text(template, encoding="utf-8"))
 
     def describe(self):
