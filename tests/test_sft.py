@@ -154,6 +154,13 @@ def test_bad_sft_data_is_one_line(tiny_llama_dir, sft_files, tmp_path, capsys):
     other = write_jsonl(tmp_path / "other.jsonl", [{"question": "q", "answer": "a"}] * 5)
     err = cli_error(capsys, *args[:5], "--train-file", other, *args[7:])
     assert "--prompt-column/--completion-column" in err
+    for row in ({"messages": "not a list"}, {"messages": [{"role": "wizard", "content": "x"}]},
+                {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]},
+                {"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, {"messages": [[1, 2]]},
+                {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+                {"prompt": ["a"], "completion": "b"}, {"prompt": "a", "completion": ""}, {"prompt": None, "completion": "b"}):  # fmt: skip
+        hostile = write_jsonl(tmp_path / "hostile.jsonl", [row] * 5)
+        cli_error(capsys, *args[:5], "--train-file", hostile, *args[7:])  # one line, exit 2, whatever the row
     assert "--packing: only for --task sft" in cli_error(capsys, "train", "--packing", "--output-dir", tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

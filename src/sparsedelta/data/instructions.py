@@ -129,6 +129,11 @@ def read_chat_template(path: str | os.PathLike) -> str:
 # -- tokenizing ------------------------------------------------------------------------------------
 def encode(tokenizer, example: Example, max_length: int, truncation: str = "refuse", where: str = "an example") -> Encoded:
     """Token ids and labels (IGNORE but on the answers) of one example, at most max_length tokens."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise UsageError(
+            "sft needs a fast tokenizer (one with a tokenizer.json: it maps tokens back to characters, which finds "
+            "the answers); save the model's tokenizer with transformers' AutoTokenizer(..., use_fast=True)"
+        )
     text, spans, special = _text_and_answers(tokenizer, example)
     enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
