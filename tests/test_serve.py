@@ -127,16 +127,20 @@ def test_models_lists_the_base_and_every_adapter(served):
 
 def test_concurrent_greedy_answers_equal_each_answer_alone(served):
     client = served["open"].client()
-    jobs = [(m, p) for m in ("base", *ADAPTERS) for p in PROMPTS] * 2  # 32 requests
-    alone = {job: complete(client, *job) for job in dict.fromkeys(jobs)}
+    # 32 requests of two lengths, so that rows finish at different steps and waiting ones join the batch
+    jobs = [(m, p, n) for m in ("base", *ADAPTERS) for p in PROMPTS for n in (5, 12)]
+    alone = {job: complete(client, job[0], job[1], max_tokens=job[2]) for job in jobs}
     texts = {job: r.choices[0].text for job, r in alone.items()}
-    assert len({texts[(m, PROMPTS[0])] for m in ("base", *ADAPTERS)}) == 4  # the deltas answer differently
+    assert len({texts[(m, PROMPTS[0], 12)] for m in ("base", *ADAPTERS)}) == 4  # the deltas answer differently
+    crowd_jobs = jobs[::-1]  # lengths alternate: short rows leave a batch while long ones run on
     with ThreadPoolExecutor(16) as pool:
-        crowd = list(pool.map(lambda job: complete(client, *job), jobs))
-    for job, r in zip(jobs, crowd):
+        crowd = list(pool.map(lambda job: complete(client, job[0], job[1], max_tokens=job[2]), crowd_jobs))
+    for job, r in zip(crowd_jobs, crowd):
         assert r.choices[0].text == texts[job], job
         assert r.usage.prompt_tokens == len(served["tokenizer"](job[1])["input_ids"])
         assert r.usage.completion_tokens == alone[job].usage.completion_tokens
+    stats = httpx.get(served["open"].url + "/health").json()
+    assert stats["most_rows"] > 1 and stats["joined"] > 0, stats  # batched, and rows joined running batches
 
 
 def test_greedy_answer_equals_generate_on_the_loaded_delta(served):
@@ -230,3 +234,46 @@ def test_a_full_queue_answers_429(served):
 def test_bad_flags_end_with_one_line(capsys):
     assert main(["serve", "--max-batch", "0"]) == 2
     assert "--max-batch must be at least 1" in capsys.readouterr().err
+
+
+def engine_over(served, **kw):
+    from transformers import AutoModelForCausalLM
+
+    from sparsedelta.serve.engine import Engine
+
+    model = AutoModelForCausalLM.from_pretrained(served["base"]).eval()
+    for name, path in served["deltas"].items():
+        sd.load(model, path, adapter_name=name)
+    return Engine(model, served["tokenizer"], list(ADAPTERS), **kw).start()
+
+
+def test_a_cancelled_or_late_row_leaves_the_batch(served):
+    import asyncio
+
+    from sparsedelta.serve.engine import Request
+
+    engine = engine_over(served, timeout=30)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        ids = engine.encode(PROMPTS[0])
+        gone = Request("a", ids, 240, loop=loop, events=asyncio.Queue())
+        late = Request("b", ids, 240, timeout=0.0, loop=loop, events=asyncio.Queue())
+        kept = Request("c", ids, 20, loop=loop, events=asyncio.Queue())
+        engine.submit(gone)
+        assert (await asyncio.wait_for(gone.events.get(), 30))[0] == "text"
+        gone.cancelled = True  # the client went away
+        engine.submit(late)
+        engine.submit(kept)
+        events = []
+        while not events or events[-1][0] == "text":
+            events.append(await asyncio.wait_for(kept.events.get(), 30))
+        assert events[-1] == ("done", "length")
+        assert await asyncio.wait_for(late.events.get(), 30) == ("done", "timeout")
+        return gone
+
+    try:
+        gone = asyncio.run(run())
+        assert gone.finish == "cancelled" and len(gone.tokens) < 240 and engine.stats["dropped"] == 1
+    finally:
+        engine.close()

@@ -49,7 +49,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queued": engine.queue.qsize()}
+        return {"status": "ok", "queued": engine.queue.qsize(), **engine.stats}
 
     @app.get("/v1/models")
     async def models():
@@ -65,7 +65,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "prompt must be one non-empty string (lists of prompts are not served yet)", code="invalid_prompt")
         adapter = _adapter(names, body)
-        ids = engine.tokenizer(prompt)["input_ids"]
+        ids = engine.encode(prompt)
         return await _serve(engine, request, body, adapter, ids, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -78,8 +78,11 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         template = engine.templates.get(adapter) or engine.tokenizer.chat_template
         if not template:
             raise ApiError(400, f"model {body['model']!r} has no chat template; use /v1/completions", code="no_chat_template")
-        text = engine.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
-        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        try:
+            text = engine.chat_prompt(messages, template)
+        except Exception as e:  # the template refused the messages (jinja's raise_exception, a missing key)
+            raise ApiError(400, f"the chat template cannot format these messages: {e}", code="invalid_messages") from None
+        ids = engine.encode(text, add_special_tokens=False)
         return await _serve(engine, request, body, adapter, ids, chat=True)
 
     return app

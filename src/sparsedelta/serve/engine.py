@@ -87,6 +87,8 @@ class Engine:
         self.eos = eos
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
         self.device = next(model.parameters()).device
+        self.stats = {"steps": 0, "most_rows": 0, "joined": 0, "dropped": 0}  # shown by /health
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer's settings are not thread-safe
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sparsedelta-engine", daemon=True)
 
@@ -98,6 +100,14 @@ class Engine:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+    def encode(self, text: str, **kwargs) -> list[int]:
+        with self._tokenizer_lock:
+            return self.tokenizer(text, **kwargs)["input_ids"]
+
+    def chat_prompt(self, messages: list[dict], template: str) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
 
     def submit(self, request: Request) -> None:
         try:
@@ -115,6 +125,7 @@ class Engine:
                 with torch.no_grad():
                     if new:
                         logits, new_cache, new_mask = self._prefill(new)
+                        self.stats["joined"] += len(new) if rows else 0
                         cache, mask = _join(cache, mask, new_cache, new_mask)
                         rows = rows + new
                         logits = torch.cat([torch.empty(len(rows) - len(new), logits.shape[-1]), logits])
@@ -124,6 +135,8 @@ class Engine:
                         chosen = range(len(rows))
                     else:
                         continue
+                    self.stats["steps"] += 1
+                    self.stats["most_rows"] = max(self.stats["most_rows"], len(rows))
                     for i in chosen:
                         self._emit(rows[i], self._pick(rows[i], logits[i]))
             except Exception as e:  # a bug or an out-of-memory: fail the batch, keep serving
@@ -165,6 +178,7 @@ class Engine:
             return False
         if r.cancelled:
             r.finish = "cancelled"
+            self.stats["dropped"] += 1
             return True
         if time.monotonic() > r.deadline:
             r.finish = "timeout"
@@ -216,7 +230,8 @@ class Engine:
             r.finish = "stop"
         else:
             r.tokens.append(token)
-            r.text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+            with self._tokenizer_lock:
+                r.text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
             cuts = [i for i in (r.text.find(s) for s in r.stop) if i >= 0]
             if cuts:
                 r.text, r.finish = r.text[: min(cuts)], "stop"
