@@ -277,3 +277,9 @@ def test_a_cancelled_or_late_row_leaves_the_batch(served):
         assert gone.finish == "cancelled" and len(gone.tokens) < 240 and engine.stats["dropped"] == 1
     finally:
         engine.close()
+
+
+def test_the_cli_imports_no_web_framework():
+    code = "import sys, sparsedelta.cli; print(sorted(m for m in ('fastapi', 'uvicorn', 'httpx', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(SRC)}, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
