@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import sparsedelta as sd
+from fixtures_lm import kjv_text_fixture, lm_args, tiny_llama_dir_fixture  # noqa: F401
 from sparsedelta.cli import main
 from test_causal_lm import kjv, tiny_llama, tokenizer  # noqa: F401  (fixtures)
 
@@ -283,3 +284,31 @@ def test_the_cli_imports_no_web_framework():
     code = "import sys, sparsedelta.cli; print(sorted(m for m in ('fastapi', 'uvicorn', 'httpx', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(SRC)}, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_run_folder_brings_its_base(tiny_llama_dir, kjv_text, tmp_path):  # noqa: F811
+    import asyncio
+
+    from sparsedelta.serve.engine import Engine, Request
+    from sparsedelta.serve.loading import load_served
+
+    run = tmp_path / "run"
+    assert main(lm_args(tiny_llama_dir, kjv_text, run, "--max-steps", 2, "--lr", "0.05")) == 0
+    model, tok, names, templates, base_name = load_served({"kjv": str(run)})
+    assert names == ["kjv"] and templates == {} and base_name == tiny_llama_dir.name
+    ids = tok(PROMPTS[0], return_tensors="pt")
+    out = model.generate(**ids, adapter_names=["kjv"], max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    expected = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    engine = Engine(model, tok, names).start()
+
+    async def ask():
+        job = Request("kjv", ids["input_ids"][0].tolist(), 8, loop=asyncio.get_running_loop(), events=asyncio.Queue())
+        engine.submit(job)
+        while (await asyncio.wait_for(job.events.get(), 30))[0] == "text":
+            pass
+        return job.text
+
+    try:
+        assert asyncio.run(ask()) == expected
+    finally:
+        engine.close()
