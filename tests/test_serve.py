@@ -312,3 +312,20 @@ def test_a_run_folder_brings_its_base(tiny_llama_dir, kjv_text, tmp_path):  # no
         assert asyncio.run(ask()) == expected
     finally:
         engine.close()
+
+
+def test_a_client_that_leaves_has_its_row_dropped(served):
+    locked = served["locked"]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    health = lambda: httpx.get(locked.url + "/health").json()  # noqa: E731
+    before = health()["dropped"]
+    body = {"model": "c", "prompt": PROMPTS[3], "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", locked.url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first chunk came: the row is decoding; now leave
+    start = time.monotonic()
+    for _ in range(100):  # bounded in tries and in time
+        if health()["dropped"] > before or time.monotonic() - start > 20:
+            break
+        time.sleep(0.1)
+    assert health()["dropped"] == before + 1
