@@ -318,14 +318,39 @@ def test_a_client_that_leaves_has_its_row_dropped(served):
     locked = served["locked"]
     headers = {"Authorization": f"Bearer {KEY}"}
     health = lambda: httpx.get(locked.url + "/health").json()  # noqa: E731
-    before = health()["dropped"]
     body = {"model": "c", "prompt": PROMPTS[3], "max_tokens": 200, "temperature": 0, "stream": True}
-    with httpx.stream("POST", locked.url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
-        assert r.status_code == 200
-        next(r.iter_lines())  # the first chunk came: the row is decoding; now leave
-    start = time.monotonic()
-    for _ in range(100):  # bounded in tries and in time
-        if health()["dropped"] > before or time.monotonic() - start > 20:
+    for _ in range(3):  # a slow client may see the row finish before it leaves: then try again
+        before = health()["dropped"]
+        with httpx.stream("POST", locked.url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the first chunk came: the row is decoding; now leave
+        start = time.monotonic()
+        for _ in range(50):  # bounded in tries and in time
+            if health()["dropped"] > before or time.monotonic() - start > 5:
+                break
+            time.sleep(0.1)
+        if health()["dropped"] > before:
             break
-        time.sleep(0.1)
     assert health()["dropped"] == before + 1
+
+
+def test_a_failing_batch_is_reported_and_the_engine_serves_on(served):
+    import asyncio
+
+    from sparsedelta.serve.engine import Request
+
+    engine = engine_over(served)
+
+    async def ask(adapter):
+        job = Request(adapter, engine.encode(PROMPTS[0]), 4, loop=asyncio.get_running_loop(), events=asyncio.Queue())
+        engine.submit(job)
+        while (event := await asyncio.wait_for(job.events.get(), 30))[0] == "text":
+            pass
+        return event
+
+    try:
+        kind, message = asyncio.run(ask("nope"))  # the API refuses unknown names; the engine must survive one
+        assert kind == "error" and "unknown adapter" in message
+        assert asyncio.run(ask("a")) == ("done", "length")
+    finally:
+        engine.close()

@@ -127,20 +127,19 @@ class Engine:
                         logits, new_cache, new_mask = self._prefill(new)
                         self.stats["joined"] += len(new) if rows else 0
                         cache, mask = _join(cache, mask, new_cache, new_mask)
-                        rows = rows + new
-                        logits = torch.cat([torch.empty(len(rows) - len(new), logits.shape[-1]), logits])
-                        chosen = range(len(rows) - len(new), len(rows))
+                        rows, picking = rows + new, new  # the running rows wait one step for the newcomers
                     elif rows:
                         logits, mask = self._step(rows, cache, mask)
-                        chosen = range(len(rows))
+                        picking = rows
                     else:
                         continue
                     self.stats["steps"] += 1
                     self.stats["most_rows"] = max(self.stats["most_rows"], len(rows))
-                    for i in chosen:
-                        self._emit(rows[i], self._pick(rows[i], logits[i]))
+                    for r, row_logits in zip(picking, logits, strict=True):
+                        self._emit(r, self._pick(r, row_logits))
             except Exception as e:  # a bug or an out-of-memory: fail the batch, keep serving
-                for r in rows + new:
+                for r in {id(r): r for r in rows + new}.values():
+                    r.finish = "error"
                     r.push("error", f"{type(e).__name__}: {e}")
                 rows, cache, mask = [], None, None
                 continue
