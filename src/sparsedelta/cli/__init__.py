@@ -1,5 +1,5 @@
 """`sparsedelta train | eval | inspect | merge | compose | predict | export | import | analyze | methods |
-estimate`: a thin argparse layer over the public API, one module per subcommand.
+estimate | serve`: a thin argparse layer over the public API, one module per subcommand.
 
 Mistakes a user can fix (the library's UsageError and DeltaFileError, and operating-system errors on the
 user's paths) are printed as one line naming the problem and the fix (exit status 2); SPARSEDELTA_DEBUG=1
@@ -16,10 +16,10 @@ import traceback
 
 from ..core.io import DeltaFileError
 from ..errors import UsageError
-from . import analyze, compose, estimate, evaluate, export, import_, inspect, merge, methods, predict, train
+from . import analyze, compose, estimate, evaluate, export, import_, inspect, merge, methods, predict, serve, train
 
 USER_ERRORS = (UsageError, DeltaFileError, OSError)
-SUBCOMMANDS = (train, evaluate, inspect, merge, compose, predict, export, import_, analyze, methods, estimate)
+SUBCOMMANDS = (train, evaluate, inspect, merge, compose, predict, export, import_, analyze, methods, estimate, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,64 @@
+"""`sparsedelta serve`: an OpenAI-compatible HTTP server for a causal-LM base and any number of its
+deltas, every request decoded in mixed-task batches (`sparsedelta.serve`)."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import UsageError
+
+NAME = "serve"
+KEY_ENV = "SPARSEDELTA_API_KEY"
+
+
+def add(sub) -> None:
+    p = sub.add_parser(NAME, help="serve a causal LM and its deltas over an OpenAI-compatible HTTP API")
+    p.add_argument("--model", metavar="PATH_OR_HUB_ID",
+                   help="the base model (default: the one the first run folder records, else the embedded SmolLM2-135M-Instruct)")  # fmt: skip
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="a delta served as model NAME: a run folder, delta folder or delta file (repeat for more)")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", metavar="KEY", help=f"require Authorization: Bearer KEY (default: ${KEY_ENV}, else none)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="rows decoded together (default 16)")
+    p.add_argument("--max-wait-ms", type=float, default=5, metavar="MS",
+                   help="how long an idle server waits for more requests to batch with the first (default 5)")  # fmt: skip
+    p.add_argument("--queue-size", type=int, default=256, metavar="N",
+                   help="requests waiting at most; more are answered 429 (default 256)")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, default=256, metavar="N", help="the most tokens a request may generate (default 256)")
+    p.add_argument("--timeout", type=float, default=60, metavar="S", help="seconds a request may take, queue included (default 60)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    for flag in ("max_batch", "queue_size", "max_tokens"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.max_wait_ms < 0 or args.timeout <= 0:
+        raise UsageError("--max-wait-ms must be at least 0 and --timeout above 0")
+    try:
+        import uvicorn
+
+        from ..serve.app import create_app
+    except ImportError as e:
+        raise UsageError(f"serving needs {e.name}: pip install 'sparsedelta[serve]'") from None
+    from ..serve.engine import Engine
+    from ..serve.loading import load_served
+    from ..train.predict import parse_adapters
+
+    adapters = parse_adapters(args.adapter) if args.adapter else {}
+    model, tokenizer, names, templates, base_name = load_served(adapters, args.model)
+    if args.device:
+        model.to(args.device)
+    engine = Engine(model, tokenizer, names, model_name=base_name, templates=templates, max_batch=args.max_batch,
+                    max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, max_tokens=args.max_tokens,
+                    timeout=args.timeout).start()  # fmt: skip
+    api_key = args.api_key or os.environ.get(KEY_ENV) or None
+    print(f"serving base + {len(names)} adapter(s) {names} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if api_key else ''}", flush=True)  # fmt: skip
+    try:
+        uvicorn.run(create_app(engine, api_key), host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()
+    return 0

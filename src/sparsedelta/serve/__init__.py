@@ -1,0 +1,1 @@
+"""`sparsedelta serve`: an OpenAI-compatible server for many deltas over one causal-LM base."""
