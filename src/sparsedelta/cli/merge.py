@@ -20,6 +20,7 @@ def add(sub) -> None:
 def run(args) -> int:
     from ..train.finished import load_run
     from ..train.runfolder import RunFolder
+    from ..train.tasks import GENERATIVE
 
     folder = RunFolder.existing(args.run)
     if folder.config["method"]["method"] == "full":
@@ -30,6 +31,6 @@ def run(args) -> int:
     finished = load_run(args.run, args.model, splits=())
     finished.runner.merged(finished.model).save_pretrained(output)
     finished.task.tokenizer.save_pretrained(output)
-    kind = "AutoModelForCausalLM" if finished.task.name in ("causal-lm", "sft") else "AutoModelForSequenceClassification"
+    kind = "AutoModelForCausalLM" if finished.task.name in GENERATIVE else "AutoModelForSequenceClassification"
     print(f"merged model written to {output} (load it with {kind}.from_pretrained)")
     return 0

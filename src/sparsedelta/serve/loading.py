@@ -10,9 +10,8 @@ from ..errors import UsageError
 from ..train.bases import delta_source
 from ..train.finished import bare_base
 from ..train.predict import load_groups
+from ..train.tasks import GENERATIVE
 from ..train.tasks.sft import CHAT_TEMPLATE
-
-GENERATIVE = ("causal-lm", "sft")
 
 
 def load_served(adapters: dict[str, str], model: str | None = None):

@@ -30,6 +30,7 @@ from ..data.tables import TEXT_COLUMN_GUESSES, describe_rows, is_missing, is_tex
 from ..errors import UsageError
 from .bases import DeltaSource, base_for, delta_source
 from .runfolder import RunFolder
+from .tasks import GENERATIVE
 
 OUTPUTS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 
@@ -241,7 +242,7 @@ def predict(
     texts, tasks = read_rows(input_file, text_columns, task_column, list(adapters), default_text_columns(sources))
     groups = load_groups(sources, model, task, labels)  # the input's own problems came first, before any model
     first = groups[0]
-    generative = first.task.name in ("causal-lm", "sft")
+    generative = first.task.name in GENERATIVE
     if BASE in tasks and not first.task.base_is_meaningful:
         raise UsageError(
             f"{input_file}: row {tasks.index(BASE)} names {BASE!r}, but this base model's head was newly initialised for "

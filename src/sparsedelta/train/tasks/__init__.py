@@ -11,6 +11,7 @@ from .classification import ClassificationTask
 from .sft import SFTTask
 
 TASK_CLASSES: dict[str, type[Task]] = {t.name: t for t in (ClassificationTask, CausalLMTask, SFTTask)}
+GENERATIVE = (CausalLMTask.name, SFTTask.name)  # tasks whose model is a causal LM that answers with text
 
 
 def make_task(cfg: TrainConfig, world: World | None = None) -> Task:
@@ -19,4 +20,4 @@ def make_task(cfg: TrainConfig, world: World | None = None) -> Task:
     return TASK_CLASSES[cfg.task](cfg, world)
 
 
-__all__ = ["CausalLMTask", "ClassificationTask", "SFTTask", "Task", "make_task", "to_device"]
+__all__ = ["GENERATIVE", "CausalLMTask", "ClassificationTask", "SFTTask", "Task", "make_task", "to_device"]
