@@ -192,7 +192,7 @@ def test_errors_have_openai_shape(served):
     r = httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert set(r.json()["error"]) == {"message", "type", "code"}
-    for bad in ({"max_tokens": -1}, {"temperature": 5}, {"top_p": 0}, {"max_tokens": 10_000}, {"stop": 3}, {"n": 2}):
+    for bad in ({"max_tokens": -1}, {"temperature": 5}, {"top_p": 0}, {"max_tokens": 10_000}, {"stop": 3}, {"n": 0}):
         r = httpx.post(url + "/v1/completions", json={"model": "a", "prompt": "x", **bad})
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", bad
     r = httpx.post(url + "/v1/chat/completions", json={"model": "a", "messages": "hi"})
@@ -348,9 +348,205 @@ def test_a_failing_batch_is_reported_and_the_engine_serves_on(served):
             pass
         return event
 
+    forward = engine._forward
+    engine._forward = lambda *args: 1 / 0  # a bug in one batch
     try:
-        kind, message = asyncio.run(ask("nope"))  # the API refuses unknown names; the engine must survive one
-        assert kind == "error" and "unknown adapter" in message
+        kind, message = asyncio.run(ask("a"))
+        assert kind == "error" and "ZeroDivisionError" in message and not engine.inflight
+        engine._forward = forward
         assert asyncio.run(ask("a")) == ("done", "length")
+        with pytest.raises(KeyError, match="no adapter 'nope' is served"):  # the engine itself refuses unknown names
+            asyncio.run(ask("nope"))
     finally:
         engine.close()
+
+
+def chat_or_complete_alone(client, model, prompt, max_tokens):
+    return complete(client, model, prompt, max_tokens=max_tokens).choices[0].text
+
+
+def test_several_prompts_and_choices_in_one_request(served):
+    client = served["open"].client()
+    alone = [chat_or_complete_alone(client, "b", p, 8) for p in PROMPTS[:2]]
+    r = client.completions.create(model="b", prompt=list(PROMPTS[:2]), n=2, max_tokens=8, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [alone[0], alone[0], alone[1], alone[1]]  # prompt by prompt, n each
+    assert r.usage.prompt_tokens == sum(len(served["tokenizer"](p)["input_ids"]) for p in PROMPTS[:2])
+    assert r.usage.completion_tokens == 32
+    ids = served["tokenizer"](PROMPTS[0])["input_ids"]
+    assert client.completions.create(model="b", prompt=ids, max_tokens=8, temperature=0).choices[0].text == alone[0]
+
+    def sampled():
+        r = client.completions.create(model="a", prompt=PROMPTS[0], n=3, max_tokens=12, temperature=1.0, seed=11)
+        return [c.text for c in r.choices]
+
+    first = sampled()
+    assert first == sampled() and len(set(first)) > 1  # repeatable, and the choices differ
+    stream = client.completions.create(model="b", prompt=list(PROMPTS[:2]), n=2, max_tokens=8, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})  # fmt: skip
+    texts, usage = ["", "", "", ""], None
+    for c in stream:
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+        usage = c.usage or usage
+    assert texts == [alone[0], alone[0], alone[1], alone[1]] and usage.completion_tokens == 32
+    for bad in ({"n": 17}, {"prompt": []}, {"prompt": [[1, 2], 5]}, {"prompt": [10**9]}, {"prompt": ["x"] * 65}):
+        r = httpx.post(served["open"].url + "/v1/completions", json={"model": "a", "prompt": "x", **bad})
+        assert r.status_code == 400, bad
+
+
+def test_metrics_count_requests_steps_and_tokens(served):
+    server = served["open"]
+    client = server.client()
+    complete(client, "c", PROMPTS[1], max_tokens=6)
+    complete(client, "base", PROMPTS[1], max_tokens=6)
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "nope", PROMPTS[1])
+    text = httpx.get(server.url + "/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            values[key] = float(value)
+    assert values['sparsedelta_requests_total{model="c",outcome="ok"}'] >= 1
+    assert values['sparsedelta_requests_total{model="base",outcome="ok"}'] >= 1
+    assert values["sparsedelta_generated_tokens_total"] >= 12
+    assert values["sparsedelta_batch_rows_count"] >= 12 and values["sparsedelta_batch_rows_sum"] >= values["sparsedelta_batch_rows_count"]
+    assert values["sparsedelta_queue_depth"] == 0 and values["sparsedelta_adapters"] == 3
+    assert values["sparsedelta_tokens_per_second"] > 0  # tokens came in the last 10 s
+    assert values['sparsedelta_request_seconds_count{model="c"}'] >= 1
+
+
+@pytest.fixture(scope="module")
+def admin_server(served, tmp_path_factory):
+    """A server with an API key, a folder it may load deltas from (with traps in it) and a 1 KiB body limit."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("adapters")
+    model = AutoModelForCausalLM_from(served["base"])
+    add_random_delta(model, "d", 7)
+    sd.save(model, root / "fresh", adapter_name="d")
+    outside = served["deltas"]["a"]
+    (root / "escape").symlink_to(outside, target_is_directory=True)  # a link leading out of the folder
+    (root / "inner").mkdir()
+    (root / "inner" / "delta.safetensors").symlink_to(outside / "delta.safetensors")
+    (root / "damaged").mkdir()
+    data = (root / "fresh" / "delta.safetensors").read_bytes()
+    (root / "damaged" / "delta.safetensors").write_bytes(data[: len(data) // 2])
+    shutil.copytree(served["deltas"]["a"], root / "other_base")  # rewritten below for another base
+    other = tiny_llama_other(served)
+    add_random_delta(other, "o", 3)
+    sd.save(other, root / "other_base", adapter_name="o")
+    server = Server(["--model", served["base"], "--adapter", f"a={served['deltas']['a']}", "--adapters-dir", root,
+                     "--max-body-kib", 1, "--max-tokens", 80], env={"SPARSEDELTA_API_KEY": KEY})  # fmt: skip
+    yield server
+    server.stop()
+
+
+def AutoModelForCausalLM_from(path):  # noqa: N802
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def tiny_llama_other(served):
+    """The same architecture with other weights: a delta for it must be refused by the served base."""
+    model = AutoModelForCausalLM_from(served["base"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    return model
+
+
+def admin(server, method: str, path: str = "", **kw):
+    return httpx.request(method, server.url + "/v1/adapters" + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=60, **kw)
+
+
+def test_loading_adapters_is_checked_before_anything_changes(served, admin_server):
+    assert httpx.post(served["open"].url + "/v1/adapters", json={"name": "x", "path": "fresh"}).status_code == 403  # no key: no admin
+    refused = {
+        "../fresh": 400, "/etc": 400, "escape": 400, "inner": 400, "missing": 400, "damaged": 400, "other_base": 400,
+        "fresh/../fresh": 400,
+    }  # fmt: skip
+    for path, code in refused.items():
+        r = admin(admin_server, "POST", json={"name": "x", "path": path})
+        assert r.status_code == code and r.json()["error"]["message"], (path, r.text)
+    assert "outside --adapters-dir" in admin(admin_server, "POST", json={"name": "x", "path": "escape"}).json()["error"]["message"]
+    assert "base" in admin(admin_server, "POST", json={"name": "x", "path": "other_base"}).json()["error"]["message"]
+    assert admin(admin_server, "POST", json={"name": "a", "path": "fresh"}).status_code == 409
+    assert admin(admin_server, "POST", json={"name": "bad name!", "path": "fresh"}).status_code == 400
+    client = admin_server.client(KEY)
+    assert [m.id for m in client.models.list().data] == ["base", "a"]  # nothing changed
+    assert complete(client, "a", PROMPTS[0]).choices[0].text == complete(served["open"].client(), "a", PROMPTS[0]).choices[0].text
+
+
+def test_load_and_unload_while_serving(served, admin_server):
+    client = admin_server.client(KEY)
+    base_answer = complete(client, "base", PROMPTS[2], max_tokens=12).choices[0].text
+    r = admin(admin_server, "POST", json={"name": "d", "path": "fresh"})
+    assert r.status_code == 201 and r.json()["id"] == "d"
+    assert [m.id for m in client.models.list().data] == ["base", "a", "d"]
+    model = AutoModelForCausalLM_from(served["base"])
+    add_random_delta(model, "d", 7)  # the same delta, built again in this process
+    tok = served["tokenizer"]
+    ids = tok(PROMPTS[2], return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    expected = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert complete(client, "d", PROMPTS[2], max_tokens=12).choices[0].text == expected != base_answer
+
+    # a long answer is streaming when the unload comes: it finishes whole, then the adapter goes
+    stream = client.completions.create(model="d", prompt=PROMPTS[0], max_tokens=80, temperature=0, stream=True)
+    chunks = iter(stream)
+    first = next(chunks)
+    with ThreadPoolExecutor(1) as pool:
+        unloading = pool.submit(admin, admin_server, "DELETE", "/d")
+        start = time.monotonic()
+        while "d" in [m.id for m in client.models.list().data] and time.monotonic() - start < 10:
+            time.sleep(0.05)
+        assert "d" not in [m.id for m in client.models.list().data]  # refused to newcomers at once
+        with pytest.raises(openai.NotFoundError):
+            complete(client, "d", PROMPTS[0])
+        assert not unloading.done()  # the streaming row is still running
+        rest = list(chunks)
+        assert unloading.result(timeout=30).json() == {"id": "d", "object": "model", "deleted": True}
+    tokens = first.choices[0].text + "".join(c.choices[0].text for c in rest)
+    assert rest[-1].choices[0].finish_reason in ("length", "stop") and tokens
+    assert admin(admin_server, "DELETE", "/d").status_code == 404
+    assert complete(client, "base", PROMPTS[2], max_tokens=12).choices[0].text == base_answer
+    assert admin(admin_server, "POST", json={"name": "d", "path": "fresh"}).status_code == 201  # the name is free again
+    assert complete(client, "d", PROMPTS[2], max_tokens=12).choices[0].text == expected
+
+
+def test_a_body_over_the_limit_answers_413(admin_server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    big = {"model": "a", "prompt": "x" * 2000, "max_tokens": 2}
+    r = httpx.post(admin_server.url + "/v1/completions", json=big, headers=headers)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+    def chunked():  # no Content-Length: the limit holds while reading
+        yield b'{"model": "a", "prompt": "'
+        for _ in range(20):
+            yield b"x" * 100
+        yield b'"}'
+
+    r = httpx.post(admin_server.url + "/v1/completions", content=chunked(), headers=headers)
+    assert r.status_code == 413
+    assert complete(admin_server.client(KEY), "a", "x", max_tokens=2).choices[0].text is not None
+
+
+def test_sigterm_lets_requests_in_flight_finish(served):
+    server = Server(["--model", served["base"], "--adapter", f"b={served['deltas']['b']}", "--max-tokens", 200])
+    try:
+        client = server.client()
+        expected = complete(client, "b", PROMPTS[1], max_tokens=200)
+        stream = client.completions.create(model="b", prompt=PROMPTS[1], max_tokens=200, temperature=0, stream=True)
+        chunks = iter(stream)
+        first = next(chunks)
+        server.process.send_signal(signal.SIGTERM)
+        text = first.choices[0].text + "".join(c.choices[0].text for c in chunks)
+        assert text == expected.choices[0].text
+        assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+        with pytest.raises(httpx.TransportError):
+            httpx.get(server.url + "/health", timeout=2)
+    finally:
+        server.stop()

@@ -4,6 +4,7 @@ deltas, every request decoded in mixed-task batches (`sparsedelta.serve`)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ..errors import UsageError
 
@@ -17,6 +18,8 @@ def add(sub) -> None:
                    help="the base model (default: the one the first run folder records, else the embedded SmolLM2-135M-Instruct)")  # fmt: skip
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="a delta served as model NAME: a run folder, delta folder or delta file (repeat for more)")  # fmt: skip
+    p.add_argument("--adapters-dir", metavar="DIR",
+                   help="where POST /v1/adapters may load deltas from at run time (paths relative to it; hub ids need no folder)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", metavar="KEY", help=f"require Authorization: Bearer KEY (default: ${KEY_ENV}, else none)")
@@ -27,6 +30,7 @@ def add(sub) -> None:
                    help="requests waiting at most; more are answered 429 (default 256)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=256, metavar="N", help="the most tokens a request may generate (default 256)")
     p.add_argument("--timeout", type=float, default=60, metavar="S", help="seconds a request may take, queue included (default 60)")
+    p.add_argument("--max-body-kib", type=int, default=4096, metavar="KIB", help="the largest request body, in KiB (default 4096)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
     p.set_defaults(func=run)
 
@@ -35,8 +39,11 @@ def run(args) -> int:
     for flag in ("max_batch", "queue_size", "max_tokens"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.max_wait_ms < 0 or args.timeout <= 0:
-        raise UsageError("--max-wait-ms must be at least 0 and --timeout above 0")
+    if args.max_wait_ms < 0 or args.timeout <= 0 or args.max_body_kib < 1:
+        raise UsageError("--max-wait-ms must be at least 0, --timeout above 0 and --max-body-kib at least 1")
+    adapters_dir = Path(args.adapters_dir) if args.adapters_dir else None
+    if adapters_dir is not None and not adapters_dir.is_dir():
+        raise UsageError(f"--adapters-dir {adapters_dir} is not a folder")
     try:
         import uvicorn
 
@@ -57,8 +64,9 @@ def run(args) -> int:
     api_key = args.api_key or os.environ.get(KEY_ENV) or None
     print(f"serving base + {len(names)} adapter(s) {names} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)  # fmt: skip
-    try:
-        uvicorn.run(create_app(engine, api_key), host=args.host, port=args.port, log_level="warning")
+    app = create_app(engine, api_key, adapters_dir, args.max_body_kib * 1024)
+    try:  # SIGTERM or Ctrl-C: stop accepting, let the requests in flight finish (up to their timeout), then exit
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.timeout + 5)
     finally:
         engine.close()
     return 0

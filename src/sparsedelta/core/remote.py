@@ -54,9 +54,17 @@ def locate(location: str | os.PathLike, filename: str) -> Path:
         UsageError: a hub id that cannot be fetched (offline and not cached, no such repository or file).
     """
     path = Path(location)
-    match = HUB_ID.fullmatch(str(location))
-    if path.exists() or match is None:
+    if path.exists() or HUB_ID.fullmatch(str(location)) is None:
         return path
+    return from_hub(str(location), filename)
+
+
+def from_hub(location: str, filename: str) -> Path:
+    """The local cached copy of `filename` of the hub repository `location` ("user/repo[@revision]"),
+    fetched when online; never a local path of the same name."""
+    match = HUB_ID.fullmatch(location)
+    if match is None:
+        raise UsageError(f"{location!r} is not a hub repository id (user/repo or user/repo@revision)")
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError

@@ -1,9 +1,11 @@
 """The HTTP side of `sparsedelta serve`: OpenAI's /v1/models, /v1/completions and /v1/chat/completions
-(plain and streamed as server-sent events) over an Engine, plus /health.
+(plain and streamed as server-sent events) over an Engine; POST and DELETE /v1/adapters to load and
+unload deltas at run time; /health and Prometheus' /metrics.
 
 Bodies are checked here rather than by pydantic models so that every refusal has OpenAI's error shape,
-{"error": {"message", "type", "code"}}, with 400 (bad parameters), 401 (API key), 404 (unknown model),
-429 (queue full, with Retry-After) or 504 (the request's timeout ran out).
+{"error": {"message", "type", "code"}}, with 400 (bad parameters), 401 (API key), 403 (admin without
+a key), 404 (unknown model), 409 (a name taken), 413 (body too large), 429 (queue full, with
+Retry-After) or 504 (the request's timeout ran out).
 """
 
 from __future__ import annotations
@@ -14,10 +16,20 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..core.adapters import delete_adapter
+from ..core.io import DeltaFileError, load
+from ..errors import UnknownAdapterError, UsageError
+from . import admin
 from .engine import BASE, Engine, QueueFull
 from .engine import Request as Job
+from .metrics import Metrics
+
+MAX_BODY = 4 * 2**20  # bytes of a request body, by default
+MAX_N = 16  # choices per prompt
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
 
 class ApiError(Exception):
@@ -32,9 +44,9 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=e.status, headers=headers)
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, api_key: str | None = None, adapters_dir=None, max_body: int = MAX_BODY) -> FastAPI:
     app = FastAPI(title="sparsedelta serve")
-    names = {"base": BASE, BASE: BASE, engine.model_name: BASE, **{a: a for a in engine.adapters}}
+    metrics = Metrics(engine)
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -51,30 +63,35 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     async def health():
         return {"status": "ok", "queued": engine.queue.qsize(), **engine.stats}
 
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def models():
-        ids = ["base", *engine.adapters]
-        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "sparsedelta"} for i in ids]}
+        ids = ["base", *(a for a in engine.adapters if engine.serves(a))]
+        return {"object": "list", "data": [_model(i) for i in ids]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "prompt must be one non-empty string (lists of prompts are not served yet)", code="invalid_prompt")
-        adapter = _adapter(names, body)
-        ids = engine.encode(prompt)
-        return await _serve(engine, request, body, adapter, ids, chat=False)
+        body = await _body(request, max_body)
+        adapter = _adapter(engine, body)
+        prompts = body.get("prompt")
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        if not isinstance(prompts, list) or not 1 <= len(prompts) <= MAX_PROMPTS:
+            raise ApiError(400, f"prompt must be a string, a list of token ids, or a list of 1-{MAX_PROMPTS} of those",
+                           code="invalid_prompt")  # fmt: skip
+        ids = [_prompt_ids(engine, p) for p in prompts]
+        return await _serve(engine, metrics, request, body, adapter, ids, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await _body(request)
+        body = await _body(request, max_body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise ApiError(400, "messages must be a non-empty list of {role, content} objects", code="invalid_messages")
-        adapter = _adapter(names, body)
+        adapter = _adapter(engine, body)
         template = engine.templates.get(adapter) or engine.tokenizer.chat_template
         if not template:
             raise ApiError(400, f"model {body['model']!r} has no chat template; use /v1/completions", code="no_chat_template")
@@ -83,14 +100,81 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         except Exception as e:  # the template refused the messages (jinja's raise_exception, a missing key)
             raise ApiError(400, f"the chat template cannot format these messages: {e}", code="invalid_messages") from None
         ids = engine.encode(text, add_special_tokens=False)
-        return await _serve(engine, request, body, adapter, ids, chat=True)
+        return await _serve(engine, metrics, request, body, adapter, [ids], chat=True)
+
+    @app.post("/v1/adapters", status_code=201)
+    async def load_adapter(request: Request):
+        _admin_allowed(api_key)
+        body = await _body(request, max_body)
+        try:
+            name = admin.check_name(body.get("name"), {"base", engine.model_name, *engine.adapters})
+            found = await asyncio.to_thread(admin.find, body.get("path"), adapters_dir)  # may download: off the loop
+        except UsageError as e:
+            raise ApiError(409 if "is taken" in str(e) else 400, str(e), code="invalid_adapter") from None
+
+        def attach():  # on the engine's worker, between two steps: checked against the base before any change
+            if name in engine.adapters:
+                raise UsageError(f"the name {name!r} is taken; unload that adapter first or choose another name")
+            load(engine.model, found.file, adapter_name=name)
+            if found.template:
+                engine.templates[name] = found.template
+            engine.adapters.append(name)
+
+        try:
+            await asyncio.wrap_future(engine.call(attach))
+        except (UsageError, DeltaFileError, OSError) as e:
+            raise ApiError(409 if "is taken" in str(e) else 400, str(e), code="invalid_adapter") from None
+        return _model(name)
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str):
+        _admin_allowed(api_key)
+
+        def remove():
+            delete_adapter(engine.model, name)
+            engine.templates.pop(name, None)
+
+        try:
+            done = engine.unload(name, remove)
+        except UnknownAdapterError:
+            raise ApiError(404, f"no adapter {name!r} is served; GET /v1/models lists them", code="model_not_found") from None
+        await asyncio.wrap_future(done)  # after its last request has finished
+        return {"id": name, "object": "model", "deleted": True}
 
     return app
 
 
-async def _body(request: Request) -> dict:
+def _model(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "sparsedelta"}
+
+
+def _admin_allowed(api_key: str | None) -> None:
+    if not api_key:
+        raise ApiError(403, "loading and unloading adapters needs an API key: start the server with --api-key",
+                       "permission_error", "admin_disabled")  # fmt: skip
+
+
+def _prompt_ids(engine: Engine, prompt) -> list[int]:
+    if isinstance(prompt, str) and prompt:
+        return engine.encode(prompt)
+    vocab = len(engine.tokenizer)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+        return prompt
+    raise ApiError(400, f"each prompt must be a non-empty string or a list of token ids in [0, {vocab})", code="invalid_prompt")
+
+
+async def _body(request: Request, limit: int) -> dict:
+    too_big = ApiError(413, f"the body is larger than the server's limit ({limit:,} bytes; --max-body-kib)", code="body_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    raw = bytearray()
+    async for chunk in request.stream():  # a chunked body has no length to check first
+        raw += chunk
+        if len(raw) > limit:
+            raise too_big
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "the body is not JSON", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -98,13 +182,15 @@ async def _body(request: Request) -> dict:
     return body
 
 
-def _adapter(names: dict[str, str], body: dict) -> str:
+def _adapter(engine: Engine, body: dict) -> str:
     model = body.get("model")
     if not isinstance(model, str):
         raise ApiError(400, "give the model: an adapter name or 'base' (GET /v1/models lists them)", code="missing_model")
-    if model not in names:
+    if model in ("base", BASE, engine.model_name):
+        return BASE
+    if not engine.serves(model):
         raise ApiError(404, f"the model {model!r} does not exist; GET /v1/models lists the served ones", code="model_not_found")
-    return names[model]
+    return model
 
 
 def _number(body: dict, key: str, default, low, high, kind=float):
@@ -117,52 +203,113 @@ def _number(body: dict, key: str, default, low, high, kind=float):
     return kind(value)
 
 
-def _job(engine: Engine, body: dict, adapter: str, ids: list[int], loop) -> Job:
+def _jobs(engine: Engine, body: dict, adapter: str, prompts: list[list[int]], loop) -> list[Job]:
+    """One engine request per prompt and choice (OpenAI's order: prompt by prompt, n choices each)."""
     limit = engine.max_tokens
     max_tokens = _number(body, "max_tokens", body.get("max_completion_tokens", limit), 1, limit, int)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "stop must be a string or a list of at most 4 non-empty strings", code="invalid_parameter")
-    if _number(body, "n", 1, 1, 1, int) != 1:
-        raise ApiError(400, "n must be 1", code="invalid_parameter")
-    if not ids:
-        raise ApiError(400, "the prompt has no tokens", code="invalid_prompt")
-    if engine.max_positions and len(ids) + max_tokens > engine.max_positions:
-        raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceed the model's "
-                            f"{engine.max_positions} positions", code="context_length_exceeded")  # fmt: skip
-    return Job(adapter, ids, max_tokens, temperature=_number(body, "temperature", 1.0, 0, 2),
-               top_p=_number(body, "top_p", 1.0, 1e-9, 1), stop=stop, seed=_number(body, "seed", None, -(2**63), 2**63 - 1, int),
-               timeout=engine.timeout, loop=loop, events=asyncio.Queue())  # fmt: skip
+    n = _number(body, "n", 1, 1, MAX_N, int)
+    temperature, top_p = _number(body, "temperature", 1.0, 0, 2), _number(body, "top_p", 1.0, 1e-9, 1)
+    seed = _number(body, "seed", None, -(2**63), 2**63 - 1, int)
+    for ids in prompts:
+        if not ids:
+            raise ApiError(400, "the prompt has no tokens", code="invalid_prompt")
+        if engine.max_positions and len(ids) + max_tokens > engine.max_positions:
+            raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceed the model's "
+                                f"{engine.max_positions} positions", code="context_length_exceeded")  # fmt: skip
+    if len(prompts) * n > engine.queue.maxsize:
+        raise ApiError(400, f"{len(prompts)} prompts × n = {n} exceed the server's queue ({engine.queue.maxsize})", code="invalid_parameter")
+    return [Job(adapter, ids, max_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                seed=None if seed is None else seed + choice,  # the n choices of a seeded request differ, repeatably
+                timeout=engine.timeout, loop=loop, events=asyncio.Queue())
+            for ids in prompts for choice in range(n)]  # fmt: skip
 
 
-async def _serve(engine: Engine, request: Request, body: dict, adapter: str, ids: list[int], chat: bool):
+async def _serve(engine: Engine, metrics: Metrics, request: Request, body: dict, adapter: str, prompts: list[list[int]], chat: bool):
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "stream must be true or false", code="invalid_parameter")
-    job = _job(engine, body, adapter, ids, asyncio.get_running_loop())
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "stream_options must be an object", code="invalid_parameter")
+    jobs = _jobs(engine, body, adapter, prompts, asyncio.get_running_loop())
+    model, started = body["model"], time.monotonic()
     try:
-        engine.submit(job)
-    except QueueFull:
+        for job in jobs:
+            engine.submit(job)
+    except (QueueFull, UnknownAdapterError) as e:
+        for job in jobs:
+            job.cancelled = True
+        metrics.answered(model, "refused", 0, 0.0)
+        if isinstance(e, UnknownAdapterError):  # unloaded a moment ago
+            raise ApiError(404, f"the model {model!r} does not exist; GET /v1/models lists the served ones", code="model_not_found") from None
         raise ApiError(429, "the server's queue is full; retry later", "rate_limit_error", "queue_full") from None
-    meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()), "model": body["model"]}
+    meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()), "model": model}
+
+    def usage() -> dict:
+        prompt, completion = sum(map(len, prompts)), sum(len(job.tokens) for job in jobs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def record() -> None:
+        outcomes = {job.finish if job.finish in ("error", "timeout", "cancelled") else "ok" for job in jobs}
+        metrics.answered(model, min(outcomes - {"ok"}, default="ok"), sum(map(len, prompts)), time.monotonic() - started)
+
     if stream:
-        return StreamingResponse(_chunks(job, request, meta, chat), media_type="text/event-stream")
-    text, finish = [], None
-    async for kind, value in _events(job, request):
-        if kind == "text":
-            text.append(value)
-        elif kind == "error":
-            raise ApiError(500, value, "server_error", "engine_error")
-        else:
-            finish = value
-    if finish == "timeout":
+        chunks = _chunks(jobs, request, meta, chat, usage if options.get("include_usage") else None, record)
+        return StreamingResponse(chunks, media_type="text/event-stream")
+    texts, finishes, error = [[] for _ in jobs], [None] * len(jobs), None
+    try:
+        async for i, (kind, value) in _merged(jobs, request):
+            if kind == "text":
+                texts[i].append(value)
+            elif kind == "error":
+                error = value
+            else:
+                finishes[i] = value
+    finally:
+        record()
+    if error is not None:
+        raise ApiError(500, error, "server_error", "engine_error")
+    if "timeout" in finishes:
         raise ApiError(504, f"the request ran past the server's timeout ({engine.timeout:g} s)", "timeout", "timeout")
-    usage = {"prompt_tokens": len(ids), "completion_tokens": len(job.tokens), "total_tokens": len(ids) + len(job.tokens)}
-    content = "".join(text)
-    choice = {"index": 0, "message": {"role": "assistant", "content": content}} if chat else {"index": 0, "text": content, "logprobs": None}
-    return {**meta, "object": "chat.completion" if chat else "text_completion",
-            "choices": [{**choice, "finish_reason": finish}], "usage": usage}  # fmt: skip
+    choices = []
+    for i, (text, finish) in enumerate(zip(texts, finishes, strict=True)):
+        content = "".join(text)
+        choice = {"index": i, "message": {"role": "assistant", "content": content}} if chat else {"index": i, "text": content, "logprobs": None}
+        choices.append({**choice, "finish_reason": finish})
+    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": usage()}
+
+
+async def _merged(jobs: list[Job], request: Request):
+    """(choice index, event) of every job, as they come."""
+    if len(jobs) == 1:
+        async for event in _events(jobs[0], request):
+            yield 0, event
+        return
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, job: Job) -> None:
+        try:
+            async for event in _events(job, request):
+                await events.put((i, event))
+        finally:
+            await events.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+    try:
+        left = len(jobs)
+        while left:
+            i, event = await events.get()
+            if event is None:
+                left -= 1
+            else:
+                yield i, event
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _events(job: Job, request: Request):
@@ -186,24 +333,30 @@ async def _events(job: Job, request: Request):
         job.cancelled = True  # no effect on a finished job; drops a running or queued one
 
 
-async def _chunks(job: Job, request: Request, meta: dict, chat: bool):
+async def _chunks(jobs: list[Job], request: Request, meta: dict, chat: bool, usage, record):
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+    def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> str:
         if chat:
             delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text is not None else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            choice = {"index": i, "delta": delta, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
         return f"data: {json.dumps({**meta, 'object': kind, 'choices': [choice]})}\n\n"
 
-    if chat:
-        yield chunk(None, None, first=True)
-    async for event, value in _events(job, request):
-        if event == "text":
-            yield chunk(value, None)
-        elif event == "error":
-            yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error', 'code': 'engine_error'}})}\n\n"
-        else:
-            yield chunk(None, value)
-    yield "data: [DONE]\n\n"
+    try:
+        if chat:
+            for i in range(len(jobs)):
+                yield chunk(i, None, None, first=True)
+        async for i, (event, value) in _merged(jobs, request):
+            if event == "text":
+                yield chunk(i, value, None)
+            elif event == "error":
+                yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error', 'code': 'engine_error'}})}\n\n"
+            else:
+                yield chunk(i, None, value)
+        if usage is not None:  # stream_options.include_usage: one last chunk without choices
+            yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': usage()})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        record()

@@ -13,7 +13,9 @@ decodes as it would alone, up to float rounding in batched kernels. Sampling dra
 its own torch.Generator, seeded by the request's seed.
 
 Threads: the API side (asyncio) hands a Request to `submit`; the worker pushes ("text", str) and
-finally ("done", finish_reason) onto the request's asyncio queue through its event loop.
+finally ("done", finish_reason) onto the request's asyncio queue through its event loop. Loading and
+unloading adapters (`call`) also run on the worker, between two steps, so no forward ever sees a
+model half changed; an unload waits until no request for that adapter is queued or running.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import queue
 import random
 import threading
 import time
+from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..core.mixed import BASE, mixed_batch
+from ..errors import UnknownAdapterError
 
 
 class QueueFull(Exception):
@@ -87,7 +92,13 @@ class Engine:
         self.eos = eos
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
         self.device = next(model.parameters()).device
-        self.stats = {"steps": 0, "most_rows": 0, "joined": 0, "dropped": 0}  # shown by /health
+        self.stats = {"steps": 0, "most_rows": 0, "joined": 0, "dropped": 0, "rows": 0}  # shown by /health
+        self.inflight: Counter[str] = Counter()  # requests queued or running, per adapter
+        self.unloading: set[str] = set()  # adapters refusing new requests while their last ones finish
+        self._count_lock = threading.Lock()
+        self.metrics = None  # told each step's rows and tokens (serve.metrics.Metrics)
+        self._calls: queue.Queue = queue.Queue()  # (fn, ready, future) to run on the worker
+        self._waiting_calls: list = []
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer's settings are not thread-safe
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sparsedelta-engine", daemon=True)
@@ -100,6 +111,8 @@ class Engine:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        for _, _, future in self._waiting_calls + list(self._calls.queue):
+            future.cancel()  # an unload still waiting: the server is going away anyway
 
     def encode(self, text: str, **kwargs) -> list[int]:
         with self._tokenizer_lock:
@@ -109,17 +122,75 @@ class Engine:
         with self._tokenizer_lock:
             return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
 
+    def serves(self, name: str) -> bool:
+        return name == BASE or (name in self.adapters and name not in self.unloading)
+
     def submit(self, request: Request) -> None:
+        with self._count_lock:  # counted before it is queued: an unload never misses it
+            if not self.serves(request.adapter):
+                raise UnknownAdapterError(f"no adapter {request.adapter!r} is served")
+            self.inflight[request.adapter] += 1
         try:
             self.queue.put_nowait(request)
         except queue.Full:
+            self._leave(request)
             raise QueueFull from None
+
+    def call(self, fn, ready=lambda: True) -> Future:
+        """Run fn() on the worker between two steps, once ready() holds; its result comes in the future."""
+        future: Future = Future()
+        self._calls.put((fn, ready, future))
+        return future
+
+    def unload(self, name: str, remove) -> Future:
+        """Refuse new requests for the adapter now; run remove() once its last request has finished."""
+        with self._count_lock:
+            if not self.serves(name) or name == BASE:
+                raise UnknownAdapterError(f"no adapter {name!r} is served")
+            self.unloading.add(name)
+
+        def idle() -> bool:
+            with self._count_lock:
+                return self.inflight[name] == 0
+
+        def done():
+            try:
+                remove()
+            finally:
+                self.adapters.remove(name)
+                self.unloading.discard(name)
+
+        return self.call(done, idle)
+
+    def _leave(self, r: Request) -> None:
+        with self._count_lock:
+            self.inflight[r.adapter] -= 1
+            if self.inflight[r.adapter] <= 0:
+                del self.inflight[r.adapter]
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                self._waiting_calls.append(self._calls.get_nowait())
+            except queue.Empty:
+                break
+        waiting = []
+        for fn, ready, future in self._waiting_calls:
+            if not ready():
+                waiting.append((fn, ready, future))
+            elif future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # handed to the caller, who reports it
+                    future.set_exception(e)
+        self._waiting_calls = waiting
 
     # -- the worker ----------------------------------------------------------------------------------
     def _run(self) -> None:
         rows: list[Request] = []
         cache = mask = None
         while not self._stop.is_set():
+            self._run_calls()
             new = self._take(block=not rows, room=self.max_batch - len(rows))
             try:
                 with torch.no_grad():
@@ -135,16 +206,23 @@ class Engine:
                         continue
                     self.stats["steps"] += 1
                     self.stats["most_rows"] = max(self.stats["most_rows"], len(rows))
+                    if self.metrics is not None:
+                        self.metrics.step(len(rows), len(picking))
                     for r, row_logits in zip(picking, logits, strict=True):
                         self._emit(r, self._pick(r, row_logits))
             except Exception as e:  # a bug or an out-of-memory: fail the batch, keep serving
                 for r in {id(r): r for r in rows + new}.values():
                     r.finish = "error"
                     r.push("error", f"{type(e).__name__}: {e}")
+                    self._leave(r)
                 rows, cache, mask = [], None, None
+                self.stats["rows"] = 0
                 continue
             keep = [i for i, r in enumerate(rows) if r.finish is None and not self._expired(r)]
             if len(keep) < len(rows):
+                for r in rows:
+                    if r.finish is not None:
+                        self._leave(r)
                 rows = [rows[i] for i in keep]
                 if rows:
                     index = torch.tensor(keep, device=self.device)
@@ -152,6 +230,7 @@ class Engine:
                     mask = mask[index]
                 else:
                     cache = mask = None
+            self.stats["rows"] = len(rows)
 
     def _take(self, block: bool, room: int) -> list[Request]:
         """Waiting requests, at most `room`; when the batch is empty, wait for the first, then up to
@@ -169,7 +248,13 @@ class Engine:
                 taken.append(self.queue.get_nowait())
         except queue.Empty:
             pass
-        return [r for r in taken if not self._expired(r)]
+        alive = []
+        for r in taken:
+            if self._expired(r):
+                self._leave(r)
+            else:
+                alive.append(r)
+        return alive
 
     def _expired(self, r: Request) -> bool:
         """Drop a row whose client went away or whose time ran out (telling the latter)."""
