@@ -19,8 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..core.adapters import delete_adapter
-from ..core.io import DeltaFileError, load
+from ..core.io import DeltaFileError
 from ..errors import UnknownAdapterError, UsageError
 from . import admin
 from .engine import BASE, Engine, QueueFull
@@ -112,16 +111,8 @@ def create_app(engine: Engine, api_key: str | None = None, adapters_dir=None, ma
         except UsageError as e:
             raise ApiError(409 if "is taken" in str(e) else 400, str(e), code="invalid_adapter") from None
 
-        def attach():  # on the engine's worker, between two steps: checked against the base before any change
-            if name in engine.adapters:
-                raise UsageError(f"the name {name!r} is taken; unload that adapter first or choose another name")
-            load(engine.model, found.file, adapter_name=name)
-            if found.template:
-                engine.templates[name] = found.template
-            engine.adapters.append(name)
-
         try:
-            await asyncio.wrap_future(engine.call(attach))
+            await asyncio.wrap_future(engine.call(lambda: engine.attach(name, found)))
         except (UsageError, DeltaFileError, OSError) as e:
             raise ApiError(409 if "is taken" in str(e) else 400, str(e), code="invalid_adapter") from None
         return _model(name)
@@ -130,12 +121,8 @@ def create_app(engine: Engine, api_key: str | None = None, adapters_dir=None, ma
     async def unload_adapter(name: str):
         _admin_allowed(api_key)
 
-        def remove():
-            delete_adapter(engine.model, name)
-            engine.templates.pop(name, None)
-
         try:
-            done = engine.unload(name, remove)
+            done = engine.unload(name, lambda: engine.detach(name))
         except UnknownAdapterError:
             raise ApiError(404, f"no adapter {name!r} is served; GET /v1/models lists them", code="model_not_found") from None
         await asyncio.wrap_future(done)  # after its last request has finished

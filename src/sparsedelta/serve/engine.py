@@ -26,19 +26,16 @@ import queue
 import random
 import threading
 import time
-from collections import Counter
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from ..core.adapters import delete_adapter
+from ..core.io import load
 from ..core.mixed import BASE, mixed_batch
-from ..errors import UnknownAdapterError
-
-
-class QueueFull(Exception):
-    """The engine's queue holds `queue_size` requests: the client should retry later."""
+from .admin import check_name
+from .worker import QueueFull, Worker
 
 
 @dataclass
@@ -75,15 +72,17 @@ class Request:
             pass
 
 
-class Engine:
+class Engine(Worker):
+    name = "sparsedelta-engine"
+
     def __init__(self, model, tokenizer, adapters: list[str], *, model_name: str = "base", templates=None,
                  max_batch: int = 16, max_wait_ms: float = 5, queue_size: int = 256, max_tokens: int = 256,
                  timeout: float = 60.0):  # fmt: skip
+        super().__init__(adapters, model_name=model_name, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
+                         timeout=timeout)  # fmt: skip
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.adapters, self.model_name = list(adapters), model_name
         self.templates = templates or {}  # adapter -> chat template of its run folder
-        self.max_batch, self.max_wait, self.max_tokens, self.timeout = max_batch, max_wait_ms / 1000, max_tokens, timeout
-        self.queue: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
+        self.max_tokens = max_tokens
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
         eos = {*([] if eos is None else [eos] if isinstance(eos, int) else eos)}
@@ -92,28 +91,11 @@ class Engine:
         self.eos = eos
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
         self.device = next(model.parameters()).device
-        self.stats = {"steps": 0, "most_rows": 0, "joined": 0, "dropped": 0, "rows": 0}  # shown by /health
-        self.inflight: Counter[str] = Counter()  # requests queued or running, per adapter
-        self.unloading: set[str] = set()  # adapters refusing new requests while their last ones finish
-        self._count_lock = threading.Lock()
-        self.metrics = None  # told each step's rows and tokens (serve.metrics.Metrics)
-        self._calls: queue.Queue = queue.Queue()  # (fn, ready, future) to run on the worker
-        self._waiting_calls: list = []
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer's settings are not thread-safe
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sparsedelta-engine", daemon=True)
+        self._rows: list[Request] = []  # the running batch, its KV cache and attention mask
+        self._cache = self._mask = None
 
     # -- the API side --------------------------------------------------------------------------------
-    def start(self) -> Engine:
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        for _, _, future in self._waiting_calls + list(self._calls.queue):
-            future.cancel()  # an unload still waiting: the server is going away anyway
-
     def encode(self, text: str, **kwargs) -> list[int]:
         with self._tokenizer_lock:
             return self.tokenizer(text, **kwargs)["input_ids"]
@@ -122,115 +104,60 @@ class Engine:
         with self._tokenizer_lock:
             return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
 
-    def serves(self, name: str) -> bool:
-        return name == BASE or (name in self.adapters and name not in self.unloading)
+    def attach(self, name: str, found) -> None:
+        """Load a delta found by serve.admin as adapter `name` (on the worker: see Worker.call)."""
+        check_name(name, self.adapters)  # again: another request may have taken it meanwhile
+        load(self.model, found.file, adapter_name=name)  # checked against this base before any change
+        if found.template:
+            self.templates[name] = found.template
+        self.adapters.append(name)
 
-    def submit(self, request: Request) -> None:
-        with self._count_lock:  # counted before it is queued: an unload never misses it
-            if not self.serves(request.adapter):
-                raise UnknownAdapterError(f"no adapter {request.adapter!r} is served")
-            self.inflight[request.adapter] += 1
-        try:
-            self.queue.put_nowait(request)
-        except queue.Full:
-            self._leave(request)
-            raise QueueFull from None
-
-    def call(self, fn, ready=lambda: True) -> Future:
-        """Run fn() on the worker between two steps, once ready() holds; its result comes in the future."""
-        future: Future = Future()
-        self._calls.put((fn, ready, future))
-        return future
-
-    def unload(self, name: str, remove) -> Future:
-        """Refuse new requests for the adapter now; run remove() once its last request has finished."""
-        with self._count_lock:
-            if not self.serves(name) or name == BASE:
-                raise UnknownAdapterError(f"no adapter {name!r} is served")
-            self.unloading.add(name)
-
-        def idle() -> bool:
-            with self._count_lock:
-                return self.inflight[name] == 0
-
-        def done():
-            try:
-                remove()
-            finally:
-                self.adapters.remove(name)
-                self.unloading.discard(name)
-
-        return self.call(done, idle)
-
-    def _leave(self, r: Request) -> None:
-        with self._count_lock:
-            self.inflight[r.adapter] -= 1
-            if self.inflight[r.adapter] <= 0:
-                del self.inflight[r.adapter]
-
-    def _run_calls(self) -> None:
-        while True:
-            try:
-                self._waiting_calls.append(self._calls.get_nowait())
-            except queue.Empty:
-                break
-        waiting = []
-        for fn, ready, future in self._waiting_calls:
-            if not ready():
-                waiting.append((fn, ready, future))
-            elif future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as e:  # handed to the caller, who reports it
-                    future.set_exception(e)
-        self._waiting_calls = waiting
+    def detach(self, name: str) -> None:
+        delete_adapter(self.model, name)
+        self.templates.pop(name, None)
 
     # -- the worker ----------------------------------------------------------------------------------
-    def _run(self) -> None:
-        rows: list[Request] = []
-        cache = mask = None
-        while not self._stop.is_set():
-            self._run_calls()
-            new = self._take(block=not rows, room=self.max_batch - len(rows))
-            try:
-                with torch.no_grad():
-                    if new:
-                        logits, new_cache, new_mask = self._prefill(new)
-                        self.stats["joined"] += len(new) if rows else 0
-                        cache, mask = _join(cache, mask, new_cache, new_mask)
-                        rows, picking = rows + new, new  # the running rows wait one step for the newcomers
-                    elif rows:
-                        logits, mask = self._step(rows, cache, mask)
-                        picking = rows
-                    else:
-                        continue
-                    self.stats["steps"] += 1
-                    self.stats["most_rows"] = max(self.stats["most_rows"], len(rows))
-                    if self.metrics is not None:
-                        self.metrics.step(len(rows), len(picking))
-                    for r, row_logits in zip(picking, logits, strict=True):
-                        self._emit(r, self._pick(r, row_logits))
-            except Exception as e:  # a bug or an out-of-memory: fail the batch, keep serving
-                for r in {id(r): r for r in rows + new}.values():
-                    r.finish = "error"
-                    r.push("error", f"{type(e).__name__}: {e}")
-                    self._leave(r)
-                rows, cache, mask = [], None, None
-                self.stats["rows"] = 0
-                continue
-            keep = [i for i, r in enumerate(rows) if r.finish is None and not self._expired(r)]
-            if len(keep) < len(rows):
-                for r in rows:
-                    if r.finish is not None:
-                        self._leave(r)
-                rows = [rows[i] for i in keep]
-                if rows:
-                    index = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(index)
-                    mask = mask[index]
+    def _cycle(self) -> None:
+        rows, cache, mask = self._rows, self._cache, self._mask
+        new = self._take(block=not rows, room=self.max_batch - len(rows))
+        if not new and not rows:
+            return
+        try:
+            with torch.no_grad():
+                if new:
+                    logits, new_cache, new_mask = self._prefill(new)
+                    self.stats["joined"] += len(new) if rows else 0
+                    cache, mask = _join(cache, mask, new_cache, new_mask)
+                    rows, picking = rows + new, new  # the running rows wait one step for the newcomers
                 else:
-                    cache = mask = None
-            self.stats["rows"] = len(rows)
+                    logits, mask = self._step(rows, cache, mask)
+                    picking = rows
+                self.stats["steps"] += 1
+                self.stats["most_rows"] = max(self.stats["most_rows"], len(rows))
+                if self.metrics is not None:
+                    self.metrics.step(len(rows), len(picking))
+                for r, row_logits in zip(picking, logits, strict=True):
+                    self._emit(r, self._pick(r, row_logits))
+        except Exception as e:  # a bug or an out-of-memory: fail the batch, keep serving
+            for r in {id(r): r for r in rows + new}.values():
+                r.finish = "error"
+                r.push("error", f"{type(e).__name__}: {e}")
+                self._leave(r)
+            rows, cache, mask = [], None, None
+        keep = [i for i, r in enumerate(rows) if r.finish is None and not self._expired(r)]
+        if len(keep) < len(rows):
+            for r in rows:
+                if r.finish is not None:
+                    self._leave(r)
+            rows = [rows[i] for i in keep]
+            if rows:
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask = mask[index]
+            else:
+                cache = mask = None
+        self._rows, self._cache, self._mask = rows, cache, mask
+        self.stats["rows"] = len(rows)
 
     def _take(self, block: bool, room: int) -> list[Request]:
         """Waiting requests, at most `room`; when the batch is empty, wait for the first, then up to
