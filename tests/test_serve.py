@@ -199,6 +199,8 @@ def test_errors_have_openai_shape(served):
     assert r.status_code == 400
     r = httpx.post(url + "/v1/completions", content=b"{not json")
     assert r.status_code == 400
+    r = httpx.post(url + "/v1/classify", json={"model": "a", "input": ["x"]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_endpoint"
     with pytest.raises(openai.NotFoundError):
         served["open"].client().completions.create(model="nope", prompt="x", max_tokens=2)
 
@@ -294,8 +296,9 @@ def test_a_run_folder_brings_its_base(tiny_llama_dir, kjv_text, tmp_path):  # no
 
     run = tmp_path / "run"
     assert main(lm_args(tiny_llama_dir, kjv_text, run, "--max-steps", 2, "--lr", "0.05")) == 0
-    model, tok, names, templates, base_name = load_served({"kjv": str(run)})
-    assert names == ["kjv"] and templates == {} and base_name == tiny_llama_dir.name
+    served = load_served({"kjv": str(run)})
+    assert served.names == ["kjv"] and served.templates == {} and served.base_name == tiny_llama_dir.name and served.generates
+    model, tok, names = served.groups[0].task.model, served.groups[0].task.tokenizer, served.names
     ids = tok(PROMPTS[0], return_tensors="pt")
     out = model.generate(**ids, adapter_names=["kjv"], max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     expected = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -18,6 +18,8 @@ def add(sub) -> None:
                    help="the base model (default: the one the first run folder records, else the embedded SmolLM2-135M-Instruct)")  # fmt: skip
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="a delta served as model NAME: a run folder, delta folder or delta file (repeat for more)")  # fmt: skip
+    p.add_argument("--task", choices=("causal-lm", "classification"),
+                   help="what bare deltas are for (default: a classifier when the delta saves a head); run folders say it themselves")  # fmt: skip
     p.add_argument("--adapters-dir", metavar="DIR",
                    help="where POST /v1/adapters may load deltas from at run time (paths relative to it; hub ids need no folder)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -50,19 +52,27 @@ def run(args) -> int:
         from ..serve.app import create_app
     except ImportError as e:
         raise UsageError(f"serving needs {e.name}: pip install 'sparsedelta[serve]'") from None
+    from ..serve.classify import Classifier
     from ..serve.engine import Engine
     from ..serve.loading import load_served
     from ..train.predict import parse_adapters
 
     adapters = parse_adapters(args.adapter) if args.adapter else {}
-    model, tokenizer, names, templates, base_name = load_served(adapters, args.model)
+    served = load_served(adapters, args.model, args.task)
     if args.device:
-        model.to(args.device)
-    engine = Engine(model, tokenizer, names, model_name=base_name, templates=templates, max_batch=args.max_batch,
-                    max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, max_tokens=args.max_tokens,
-                    timeout=args.timeout).start()  # fmt: skip
+        for group in served.groups:
+            group.task.model.to(args.device)
+    limits = dict(model_name=served.base_name, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+                  timeout=args.timeout)  # fmt: skip
+    if served.generates:
+        task = served.groups[0].task
+        engine = Engine(task.model, task.tokenizer, served.names, templates=served.templates, max_tokens=args.max_tokens, **limits)
+    else:
+        engine = Classifier(served.groups, **limits)
+    engine.start()
     api_key = args.api_key or os.environ.get(KEY_ENV) or None
-    print(f"serving base + {len(names)} adapter(s) {names} on http://{args.host}:{args.port}/v1"
+    kind = "causal LM" if served.generates else "classifier"
+    print(f"serving a {kind}: base + {len(served.names)} adapter(s) {served.names} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)  # fmt: skip
     app = create_app(engine, api_key, adapters_dir, args.max_body_kib * 1024)
     try:  # SIGTERM or Ctrl-C: stop accepting, let the requests in flight finish (up to their timeout), then exit

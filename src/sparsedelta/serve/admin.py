@@ -23,6 +23,7 @@ class Found:
 
     file: Path
     template: str | None = None
+    labels: list[str] | None = None  # a classification run's
 
 
 def check_name(name, taken) -> str:
@@ -33,7 +34,7 @@ def check_name(name, taken) -> str:
     return name
 
 
-def find(given, adapters_dir: Path | None) -> Found:
+def find(given, adapters_dir: Path | None, tasks=GENERATIVE) -> Found:
     """The delta `given` names: a path relative to `adapters_dir` when one exists there, else a hub id.
 
     Runs off the engine's worker (it may download); reads files but changes nothing."""
@@ -43,20 +44,20 @@ def find(given, adapters_dir: Path | None) -> Found:
     if given.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", given) or ".." in parts:
         raise UsageError(f"path {given!r} must stay inside --adapters-dir: no absolute path, no '..'")
     if adapters_dir is not None and (adapters_dir / given).exists():
-        return _local(adapters_dir, adapters_dir / given)
+        return _local(adapters_dir, adapters_dir / given, tasks)
     if HUB_ID.fullmatch(given) and "." not in {p[:1] for p in given.split("@")[0].split("/")}:
         return Found(from_hub(given, DELTA_FILE))
     where = f"under --adapters-dir {adapters_dir}" if adapters_dir else "(the server has no --adapters-dir)"
     raise UsageError(f"there is no {given!r} {where}, and it is not a hub id (user/repo)")
 
 
-def _local(root: Path, path: Path) -> Found:
+def _local(root: Path, path: Path, tasks) -> Found:
     inside = root.resolve()
     for entry in [path, *(path.iterdir() if path.is_dir() else ())]:
         if not entry.resolve().is_relative_to(inside):
             raise UsageError(f"{path.relative_to(root)} leads outside --adapters-dir through a symbolic link")
     source = delta_source(path.resolve())
-    if source.task and source.task not in GENERATIVE:
-        raise UsageError(f"{path.relative_to(root)} is a {source.task} run; this server answers with text")
+    if source.task and source.task not in tasks:
+        raise UsageError(f"{path.relative_to(root)} is a {source.task} run; this server serves {' or '.join(tasks)} runs")
     template = source.run / CHAT_TEMPLATE if source.run else None
-    return Found(source.file, template.read_text() if template and template.is_file() else None)
+    return Found(source.file, template.read_text() if template and template.is_file() else None, source.labels)

@@ -21,7 +21,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..core.io import DeltaFileError
 from ..errors import UnknownAdapterError, UsageError
+from ..train.tasks import GENERATIVE
 from . import admin
+from .classify import Classification, Classifier
 from .engine import BASE, Engine, QueueFull
 from .engine import Request as Job
 from .metrics import Metrics
@@ -29,6 +31,7 @@ from .metrics import Metrics
 MAX_BODY = 4 * 2**20  # bytes of a request body, by default
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_INPUTS = 1024  # texts in one /v1/classify request
 
 
 class ApiError(Exception):
@@ -43,9 +46,15 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=e.status, headers=headers)
 
 
-def create_app(engine: Engine, api_key: str | None = None, adapters_dir=None, max_body: int = MAX_BODY) -> FastAPI:
+def create_app(engine: Engine | Classifier, api_key: str | None = None, adapters_dir=None, max_body: int = MAX_BODY) -> FastAPI:
     app = FastAPI(title="sparsedelta serve")
     metrics = Metrics(engine)
+    generates = isinstance(engine, Engine)
+
+    def endpoint_for(generating: bool) -> None:
+        if generates != generating:
+            what, use = ("a causal LM", "/v1/completions or /v1/chat/completions") if generates else ("a classifier", "/v1/classify")
+            raise ApiError(400, f"this server serves {what}: use {use}", code="wrong_endpoint")
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -74,6 +83,7 @@ def create_app(engine: Engine, api_key: str | None = None, adapters_dir=None, ma
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _body(request, max_body)
+        endpoint_for(generating=True)
         adapter = _adapter(engine, body)
         prompts = body.get("prompt")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)):
@@ -87,6 +97,7 @@ def create_app(engine: Engine, api_key: str | None = None, adapters_dir=None, ma
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await _body(request, max_body)
+        endpoint_for(generating=True)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise ApiError(400, "messages must be a non-empty list of {role, content} objects", code="invalid_messages")
@@ -101,13 +112,39 @@ def create_app(engine: Engine, api_key: str | None = None, adapters_dir=None, ma
         ids = engine.encode(text, add_special_tokens=False)
         return await _serve(engine, metrics, request, body, adapter, [ids], chat=True)
 
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        body = await _body(request, max_body)
+        endpoint_for(generating=False)
+        adapter = _adapter(engine, body)
+        texts = _inputs(body.get("input"))
+        loop = asyncio.get_running_loop()
+        job = Classification(adapter, texts, loop, loop.create_future(), timeout=engine.timeout)
+        started, outcome, tokens = time.monotonic(), "ok", 0
+        _submit(engine, metrics, [job], body["model"])
+        try:
+            results, tokens = await asyncio.wait_for(job.done, engine.timeout + 5)
+        except TimeoutError:
+            outcome = "timeout"
+            raise ApiError(504, f"the request ran past the server's timeout ({engine.timeout:g} s)", "timeout", "timeout") from None
+        except RuntimeError as e:
+            outcome = "error"
+            raise ApiError(500, str(e), "server_error", "engine_error") from None
+        finally:
+            job.cancelled = True
+            metrics.answered(body["model"], outcome, tokens, time.monotonic() - started)
+        labels = engine.labels(adapter)
+        return {"object": "list", "model": body["model"], "labels": labels, "data": results,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+
     @app.post("/v1/adapters", status_code=201)
     async def load_adapter(request: Request):
         _admin_allowed(api_key)
         body = await _body(request, max_body)
         try:
             name = admin.check_name(body.get("name"), {"base", engine.model_name, *engine.adapters})
-            found = await asyncio.to_thread(admin.find, body.get("path"), adapters_dir)  # may download: off the loop
+            tasks = GENERATIVE if generates else ("classification",)
+            found = await asyncio.to_thread(admin.find, body.get("path"), adapters_dir, tasks)  # may download: off the loop
         except UsageError as e:
             raise ApiError(409 if "is taken" in str(e) else 400, str(e), code="invalid_adapter") from None
 
@@ -139,6 +176,30 @@ def _admin_allowed(api_key: str | None) -> None:
     if not api_key:
         raise ApiError(403, "loading and unloading adapters needs an API key: start the server with --api-key",
                        "permission_error", "admin_disabled")  # fmt: skip
+
+
+def _inputs(given) -> list[tuple[str, ...]]:
+    """/v1/classify's input: a text, or a list of texts and [text, text] pairs."""
+    items = [given] if isinstance(given, str) else given
+    ok = lambda t: isinstance(t, str) and t  # noqa: E731
+    if (not isinstance(items, list) or not 1 <= len(items) <= MAX_INPUTS
+            or not all(ok(t) or (isinstance(t, list) and len(t) == 2 and all(map(ok, t))) for t in items)):  # fmt: skip
+        raise ApiError(400, f"input must be a non-empty text or a list of 1-{MAX_INPUTS} texts or [text, text] pairs", code="invalid_input")
+    return [(t,) if isinstance(t, str) else tuple(t) for t in items]
+
+
+def _submit(engine, metrics: Metrics, jobs: list, model: str) -> None:
+    """Queue every job, or none: a full queue answers 429, an adapter unloaded a moment ago 404."""
+    try:
+        for job in jobs:
+            engine.submit(job)
+    except (QueueFull, UnknownAdapterError) as e:
+        for job in jobs:
+            job.cancelled = True
+        metrics.answered(model, "refused", 0, 0.0)
+        if isinstance(e, UnknownAdapterError):
+            raise ApiError(404, f"the model {model!r} does not exist; GET /v1/models lists the served ones", code="model_not_found") from None
+        raise ApiError(429, "the server's queue is full; retry later", "rate_limit_error", "queue_full") from None
 
 
 def _prompt_ids(engine: Engine, prompt) -> list[int]:
@@ -224,16 +285,7 @@ async def _serve(engine: Engine, metrics: Metrics, request: Request, body: dict,
         raise ApiError(400, "stream_options must be an object", code="invalid_parameter")
     jobs = _jobs(engine, body, adapter, prompts, asyncio.get_running_loop())
     model, started = body["model"], time.monotonic()
-    try:
-        for job in jobs:
-            engine.submit(job)
-    except (QueueFull, UnknownAdapterError) as e:
-        for job in jobs:
-            job.cancelled = True
-        metrics.answered(model, "refused", 0, 0.0)
-        if isinstance(e, UnknownAdapterError):  # unloaded a moment ago
-            raise ApiError(404, f"the model {model!r} does not exist; GET /v1/models lists the served ones", code="model_not_found") from None
-        raise ApiError(429, "the server's queue is full; retry later", "rate_limit_error", "queue_full") from None
+    _submit(engine, metrics, jobs, model)
     meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()), "model": model}
 
     def usage() -> dict:
