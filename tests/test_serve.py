@@ -2,6 +2,7 @@
 driven by the openai client and httpx; every greedy answer in a crowd of concurrent requests equals
 that model's answer alone (and `generate` on the loaded delta)."""
 
+import json
 import os
 import signal
 import socket
@@ -553,3 +554,23 @@ def test_sigterm_lets_requests_in_flight_finish(served):
             httpx.get(server.url + "/health", timeout=2)
     finally:
         server.stop()
+
+
+def test_causal_lm_and_sft_runs_of_one_base_are_served_together(tiny_llama_dir, kjv_text, tmp_path):  # noqa: F811
+    from sparsedelta.serve.loading import load_served
+    from test_sft import TEMPLATE as SFT_TEMPLATE
+    from test_sft import sft_args
+
+    root = tmp_path / "sft"
+    root.mkdir()
+    template = root / "template.jinja"
+    template.write_text(SFT_TEMPLATE)
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(12)]
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = {"chat": {"train": data, "validation": data, "test": data}, "template": template}
+    assert main(sft_args(tiny_llama_dir, files, tmp_path / "qa", "chat", "--max-steps", 1)) == 0
+    assert main(lm_args(tiny_llama_dir, kjv_text, tmp_path / "kjv", "--max-steps", 1)) == 0
+    served = load_served({"kjv": str(tmp_path / "kjv"), "qa": str(tmp_path / "qa")})
+    assert served.names == ["kjv", "qa"] and len(served.groups) == 1 and served.generates
+    assert served.templates == {"qa": SFT_TEMPLATE}  # each run's own way of prompting

@@ -48,7 +48,7 @@ def load_served(adapters: dict[str, str], model: str | None = None, task: str | 
     if kinds - {*GENERATIVE, CLASSIFY}:
         raise UsageError(f"serve answers with text or labels: the run folders are {sorted(kinds)}, not causal-lm, sft or classification runs")
     if kinds or (model is not None and sources):
-        groups = load_groups(sources, model, None if kinds else task)
+        groups = load_groups(sources, model, None if kinds else task, per_row_prompts=True)
     elif task == CLASSIFY:
         raise UsageError("a classification server needs at least one classification delta: give --adapter NAME=RUN")
     else:  # no run folder and no --model: the embedded default base

@@ -113,9 +113,12 @@ def default_text_columns(sources: dict[str, DeltaSource]) -> list[str] | None:
     return config["train"].get("text_columns") or config.get("data", {}).get("text_columns")
 
 
-def load_groups(sources: dict[str, DeltaSource], model=None, task=None, labels=None) -> list[Group]:
-    """Group the deltas by head, build each group's base, and load every delta onto it (checked by fingerprint)."""
-    kinds = {s.task for s in sources.values() if s.task}
+def load_groups(sources: dict[str, DeltaSource], model=None, task=None, labels=None, per_row_prompts=False) -> list[Group]:
+    """Group the deltas by head, build each group's base, and load every delta onto it (checked by fingerprint).
+
+    `per_row_prompts`: the caller formats each row for its own adapter (the server applies each run's
+    chat template), so causal-lm and sft runs of one base may be served together."""
+    kinds = {"generative" if per_row_prompts and s.task in GENERATIVE else s.task for s in sources.values() if s.task}
     if len(kinds) > 1:
         raise UsageError(f"the run folders mix tasks {sorted(kinds)}; predict serves one kind of model at a time")
     by_head: dict[tuple | None, list[str]] = {}
