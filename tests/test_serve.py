@@ -442,7 +442,7 @@ def admin_server(served, tmp_path_factory):
     add_random_delta(other, "o", 3)
     sd.save(other, root / "other_base", adapter_name="o")
     server = Server(["--model", served["base"], "--adapter", f"a={served['deltas']['a']}", "--adapters-dir", root,
-                     "--max-body-kib", 1, "--max-tokens", 80], env={"SPARSEDELTA_API_KEY": KEY})  # fmt: skip
+                     "--max-body-kib", 1, "--max-tokens", 80], env={"SPARSEDELTA_API_KEY": KEY, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     yield server
     server.stop()
 
@@ -477,6 +477,8 @@ def test_loading_adapters_is_checked_before_anything_changes(served, admin_serve
         assert r.status_code == code and r.json()["error"]["message"], (path, r.text)
     assert "outside --adapters-dir" in admin(admin_server, "POST", json={"name": "x", "path": "escape"}).json()["error"]["message"]
     assert "base" in admin(admin_server, "POST", json={"name": "x", "path": "other_base"}).json()["error"]["message"]
+    hub = admin(admin_server, "POST", json={"name": "x", "path": "someone/a-delta"})  # a hub id, offline here
+    assert hub.status_code == 400 and "hub" in hub.json()["error"]["message"].lower()
     assert admin(admin_server, "POST", json={"name": "a", "path": "fresh"}).status_code == 409
     assert admin(admin_server, "POST", json={"name": "bad name!", "path": "fresh"}).status_code == 400
     client = admin_server.client(KEY)
