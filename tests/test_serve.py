@@ -576,3 +576,19 @@ def test_causal_lm_and_sft_runs_of_one_base_are_served_together(tiny_llama_dir, 
     served = load_served({"kjv": str(tmp_path / "kjv"), "qa": str(tmp_path / "qa")})
     assert served.names == ["kjv", "qa"] and len(served.groups) == 1 and served.generates
     assert served.templates == {"qa": SFT_TEMPLATE}  # each run's own way of prompting
+
+
+def test_a_request_past_its_timeout_answers_504(served):
+    server = Server(["--model", served["base"], "--adapter", f"b={served['deltas']['b']}", "--max-tokens", 200, "--timeout", 0.2])
+    try:
+        body = {"model": "b", "prompt": PROMPTS[1], "max_tokens": 200, "temperature": 0, "n": 16}  # 16 rows × 200 steps
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        start = time.monotonic()
+        while httpx.get(server.url + "/health").json()["rows"] and time.monotonic() - start < 5:
+            time.sleep(0.05)
+        assert httpx.get(server.url + "/health").json()["rows"] == 0  # the rows left the batch
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'sparsedelta_requests_total{model="b",outcome="timeout"} 1.0' in metrics
+    finally:
+        server.stop()
