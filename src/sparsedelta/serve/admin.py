@@ -17,6 +17,10 @@ from ..train.tasks.sft import CHAT_TEMPLATE
 NAME = re.compile(r"[A-Za-z0-9][\w.:-]{0,63}")
 
 
+class NameTaken(UsageError):
+    """An adapter of that name is served already (HTTP 409)."""
+
+
 @dataclass
 class Found:
     """A delta to attach: its file, and the chat template of its run (None when it has none)."""
@@ -30,7 +34,7 @@ def check_name(name, taken) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise UsageError("name must be 1-64 letters, digits, '_', '.', ':' or '-', starting with a letter or digit")
     if name in taken:
-        raise UsageError(f"the name {name!r} is taken; unload that adapter first or choose another name")
+        raise NameTaken(f"the name {name!r} is taken; unload that adapter first or choose another name")
     return name
 
 

@@ -146,18 +146,16 @@ def create_app(engine: Engine | Classifier, api_key: str | None = None, adapters
             tasks = GENERATIVE if generates else ("classification",)
             found = await asyncio.to_thread(admin.find, body.get("path"), adapters_dir, tasks)  # may download: off the loop
         except UsageError as e:
-            raise ApiError(409 if "is taken" in str(e) else 400, str(e), code="invalid_adapter") from None
-
+            raise ApiError(409 if isinstance(e, admin.NameTaken) else 400, str(e), code="invalid_adapter") from None
         try:
             await asyncio.wrap_future(engine.call(lambda: engine.attach(name, found)))
         except (UsageError, DeltaFileError, OSError) as e:
-            raise ApiError(409 if "is taken" in str(e) else 400, str(e), code="invalid_adapter") from None
+            raise ApiError(409 if isinstance(e, admin.NameTaken) else 400, str(e), code="invalid_adapter") from None
         return _model(name)
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):
         _admin_allowed(api_key)
-
         try:
             done = engine.unload(name, lambda: engine.detach(name))
         except UnknownAdapterError:
