@@ -174,13 +174,17 @@ def test_baselines_match_saras_budget_and_full_and_lora_write_their_products(tin
     assert evaluate_classifier(merged, encoded, tokenizer, len(labels), 64) == pytest.approx(test)
 
 
-def test_sara_options_reach_the_config(tiny_bert, topic_files, tmp_path):
-    args = ["--density", 0.05, "--option", "rank_penalty=0", "--option", "reselect_step=2", "--max-steps", 3]
+@pytest.mark.parametrize("rule", ["absolute", "relative"])
+def test_sara_options_reach_the_config(tiny_bert, topic_files, tmp_path, rule):
+    args = ["--density", 0.05, "--option", "rank_penalty=0", "--option", "reselect_step=2", "--max-steps", 3,
+            "--option", f"reselect_rule={rule}"]  # fmt: skip
     assert main(tiny_args(tiny_bert, topic_files, tmp_path / "r", *args)) == 0
     config = json.loads((tmp_path / "r" / "config.json").read_text())["method"]["config"]
     assert config["rank_penalty"] == 0 and config["reselect_step"] == 2 and config["density"] == 0.05
+    assert config["reselect_rule"] == rule
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert [e["step"] for e in metrics["events"]] == [2] and "re-selection" in metrics["events"][0]["event"]
+    assert ("smallest of its tensor" in metrics["events"][0]["event"]) == (rule == "relative")
     assert "extra_loss" not in metrics["steps"][0]
 
 

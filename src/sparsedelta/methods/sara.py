@@ -6,7 +6,10 @@
 - low-rank penalty λ_rank·‖θ⊙M‖_* on the masked *current* weights, one random eligible matrix per
   step (min side > 64) or all of them; unlike the official code it reaches the optimizer;
 - progressive re-selection: M_new = M_old ∧ (|θ_current| < threshold); leavers freeze at their
-  trained values and the optimizer state of the survivors is kept;
+  trained values and the optimizer state of the survivors is kept (our option `reselect_rule=
+  "relative"`: keep the entries whose |θ_current| is still among the smallest k_t of their tensor,
+  k_t the count first selected there, since the absolute rule froze almost every entry when trained
+  values outgrew a tiny threshold);
 - default learning rate 1e-3·exp(−350·threshold).
 """
 
@@ -55,6 +58,9 @@ class SaRAConfig(DeltaConfig):
         "help": "'random': one eligible matrix (min side > 64) per step, as the paper; 'all': every one"})  # fmt: skip
     reselect_step: int | None = field(default=None, metadata={
         "help": "optimizer step of the one progressive re-selection, M ∧ (|θ_now| < threshold) (None: never)"})  # fmt: skip
+    reselect_rule: str = field(default="absolute", metadata={
+        "help": "'absolute': keep |θ_now| < threshold (paper); 'relative': keep the entries still among the "
+                "smallest |θ_now| of their tensor, as many as were first selected there"})  # fmt: skip
 
     def __post_init__(self):
         super().__post_init__()
@@ -70,6 +76,8 @@ class SaRAConfig(DeltaConfig):
             raise UsageError(f"rank_penalty must be >= 0, got {self.rank_penalty}")
         if self.rank_penalty_scope not in ("random", "all"):
             raise UsageError(f"rank_penalty_scope must be 'random' or 'all', got {self.rank_penalty_scope!r}")
+        if self.reselect_rule not in ("absolute", "relative"):
+            raise UsageError(f"reselect_rule must be 'absolute' or 'relative', got {self.reselect_rule!r}")
 
     @property
     def default_lr(self) -> float:
@@ -171,6 +179,26 @@ def reselect(model: nn.Module, threshold: float, optimizer: torch.optim.Optimize
     return SelectionReport(f"SaRA re-selection: |θ| < {threshold:g}", sum(per.values()), before, per)
 
 
+def reselect_relative(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> SelectionReport:
+    """Relative re-selection: in each tensor holding k delta entries, keep training those whose current
+    |θ| is still among the k smallest of the whole current tensor (trained entries and untouched θ)."""
+    per, before = {}, 0
+    for name, delta in _active_deltas(model).items():
+        k = len(delta.indices)
+        before += k
+        current = delta.current_values().detach()
+        whole = delta.weight.detach().reshape(-1).to(current.dtype).clone()  # θ elsewhere, merged or not
+        whole[delta.frozen_indices] = delta.frozen_base.to(current.dtype) + delta.frozen_values.to(current.dtype)
+        whole[delta.indices] = current
+        limit = whole.abs().kthvalue(k).values if k else current.new_zeros(())
+        keep = current.abs() <= limit
+        if optimizer is not None:
+            _slice_optimizer_state(optimizer, delta.values, keep, k)
+        delta.freeze_entries(keep)
+        per[name] = int(keep.sum())
+    return SelectionReport("SaRA re-selection: |θ| among the smallest of its tensor", sum(per.values()), before, per)
+
+
 def _slice_optimizer_state(
     optimizer: torch.optim.Optimizer, param: torch.Tensor, keep: torch.Tensor, old_len: int
 ) -> None:
@@ -222,6 +250,8 @@ class SaRARunner(DeltaRunner):
         if not due or self.reselected:  # at the first step taken from reselect_step on (fp16 may skip it)
             return None
         self.reselected = True
+        if self.config.reselect_rule == "relative":
+            return str(reselect_relative(model, optimizer))
         threshold = self.config.threshold
         if threshold is None:  # a density budget: the equivalent threshold is the largest selected |θ|
             threshold = max(float(d.base.abs().max()) for d in active_adapter(model).deltas.values() if len(d.base))
