@@ -196,6 +196,10 @@ def test_diff_pruning_runs_both_phases_and_saves_the_projected_delta(tiny_bert, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["step"] for e in metrics["events"]] == [2] and "Diff Pruning" in metrics["events"][0]["event"]
     assert "extra_loss" in metrics["steps"][0] and "extra_loss" not in metrics["steps"][-1]
+    densities = [s.get("expected_density") for s in metrics["steps"]]
+    assert all(0 < d <= 1 for d in densities[:2]) and densities[2:] == [None] * 4  # logged in phase 1 only
+    before, after = (e for e in metrics["evals"] if e["step"] == 2)  # validated just before and after the projection
+    assert before["before_phase"] and "before_phase" not in after and {"accuracy"} <= set(before) & set(after)
     # phase 1 for 30% of the steps, then phase 2 on a schedule of its own at 5 × w's learning rate
     # (2 + 4 steps, no warm-up at this length, cosine decay in each)
     runner = runner_class("diff-pruning")

@@ -175,6 +175,12 @@ class MethodRunner:
     def report(self, model: nn.Module) -> dict | None:
         return None
 
+    evaluates_before_phase = False  # the loop also validates just before each new phase starts
+
+    def step_record(self, model: nn.Module) -> dict:
+        """Numbers to log with each step (e.g. Diff Pruning's expected density in phase 1)."""
+        return {}
+
     def resizes_parameters(self) -> bool:
         """Whether `on_step` may shrink the trainable tensors in place (SaRA's re-selection). The
         built-in loop follows that; DistributedDataParallel, fixed to the sizes it was built with, cannot."""

@@ -219,6 +219,10 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            logged = runner.step_record(model)
+            if runner.evaluates_before_phase and step in phase_starts[1:] and stepped:
+                metrics["evals"].append({**_validate(task, model, precision, metrics), "step": step, "epoch": step / per_epoch,
+                                         "before_phase": True})  # fmt: skip
             # only after a step taken; an event due at a skipped step fires at the next one taken (methods/base.py)
             event = runner.on_step(model, step, optimizer) if stepped else None
             if runner.params_changed:  # the method swapped its trainable tensors (e.g. a new phase)
@@ -227,7 +231,7 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
             metrics["timings"]["train_s"] += time.perf_counter() - t
 
             loss_value = float(distributed.all_sum(loss.detach().double(), world)) / world.size
-            record = {"step": step, "loss": loss_value, "lr": lr}
+            record = {"step": step, "loss": loss_value, "lr": lr, **logged}
             if extra is not None:
                 record["extra_loss"] = float(extra.detach())
             metrics["steps"].append(record)
@@ -239,11 +243,8 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
                 if world.main and progress:
                     bar.write(f"step {step}: {event}")
             if step % eval_every == 0 or step == total_steps or step in phase_starts:
-                t = time.perf_counter()
-                with precision.autocast():
-                    val = task.evaluate(model, "validation")
-                metrics["timings"]["eval_s"] += time.perf_counter() - t
-                metrics["evals"].append({"step": step, "epoch": step / per_epoch, "split": "validation", **val})
+                val = _validate(task, model, precision, metrics)
+                metrics["evals"].append({"step": step, "epoch": step / per_epoch, **val})
                 bar.set_postfix(loss=f"{running:.4f}", **{f"val_{task.metric}": f"{val[task.metric]:.4f}"})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
                 metrics["timings"]["total_s"] = prior_total + time.perf_counter() - started
@@ -300,6 +301,15 @@ def _resolved(cfg: TrainConfig, task: Task, runner, budget, total_steps, per_epo
         "steps_per_epoch": per_epoch,
         "world_size": world.size,
     }
+
+
+def _validate(task, model, precision, metrics) -> dict:
+    """The validation split's metrics, its time added to the eval timing."""
+    t = time.perf_counter()
+    with precision.autocast():
+        val = task.evaluate(model, "validation")
+    metrics["timings"]["eval_s"] += time.perf_counter() - t
+    return {"split": "validation", **val}
 
 
 def _checkpoint(folder, runner, model, optimizer, scheduler, precision, step, metrics, world) -> None:

@@ -9,7 +9,7 @@ from ...core.config import PARAMETER_KINDS, SelectionReport
 from ...errors import UsageError
 from ..base import Budget, DeltaRunner, MethodRunner, active_adapter
 from ..registry import register_method
-from . import PAPER_LR_ALPHA, discard, num_targeted, param_groups, penalty, project, start
+from . import PAPER_LR_ALPHA, discard, expected_nonzeros, num_targeted, param_groups, penalty, project, start
 from .config import DiffPruningConfig
 
 
@@ -45,6 +45,7 @@ class DiffPruningRunner(DeltaRunner):
     lrs = {"default": 2e-4}
     phase2_lr_factor = 5
     alpha_lr = PAPER_LR_ALPHA
+    evaluates_before_phase = True  # validation just before the projection too: what the projection costs
 
     def budget_fields(self, model, targeting):
         if self.settings.threshold is not None:
@@ -79,6 +80,11 @@ class DiffPruningRunner(DeltaRunner):
 
     def extra_loss(self, model, step):
         return penalty(model) if self.in_phase_one(model) else None
+
+    def step_record(self, model):
+        if not self.in_phase_one(model):
+            return {}
+        return {"expected_density": expected_nonzeros(model) / num_targeted(model)}  # E[‖δ‖₀] / n: how sparse phase 1 got
 
     def on_step(self, model, step, optimizer):
         if step < self.project_step or not self.in_phase_one(model):  # the first step taken from project_step on
