@@ -31,7 +31,13 @@ def training_plot(metrics: dict, path: Path) -> Path:
         smooth = [sum(losses[max(0, i - width + 1) : i + 1]) / len(losses[max(0, i - width + 1) : i + 1]) for i in range(len(losses))]
         ax_loss.plot(steps, smooth, lw=1.6, label=f"mean of last {width}")
     ax_loss.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
-    ax_loss.legend()
+    ax_loss.legend(loc="upper right")
+    density = [(s["step"], s["expected_density"]) for s in metrics.get("steps", []) if "expected_density" in s]
+    if density:  # Diff Pruning's phase 1: how sparse the L0 term has made the diff before the projection
+        ax_density = ax_loss.twinx()
+        ax_density.plot(*zip(*density, strict=True), color="tab:red", lw=1.2, label="expected density E[‖δ‖₀]/n")
+        ax_density.set(ylabel="expected density", ylim=(0, 1.05))
+        ax_density.legend(loc="center right")
     metric = metrics.get("metric", "accuracy")
     ax_val.plot([e["step"] for e in evals], [e[metric] for e in evals], "o-")
     ax_val.set(xlabel="optimizer step", ylabel=f"validation {metric}", title=f"Validation {metric}")
