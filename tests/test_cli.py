@@ -365,3 +365,19 @@ def test_a_model_folder_without_tokenizer_files_is_refused(tiny_bert, topic_file
     err = cli_error(capsys, *tiny_args(bare, topic_files, tmp_path / "run", "--max-steps", 1))
     assert "maps every word to [UNK]" in err and "lacks its tokenizer files" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_diff_pruning_keeps_the_logits_rate_constant_while_w_decays(tiny_bert, topic_files, tmp_path, monkeypatch):
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        seen.append({g.get("name"): g["lr"] for g in self.param_groups})
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    extra = ["--method", "diff-pruning", "--density", 0.01, "--max-steps", 8, "--eval-every", 8, "--warmup-ratio", 0.25]
+    assert main(tiny_args(tiny_bert, topic_files, tmp_path / "dp", *extra)) == 0
+    phase1 = [s for s in seen if "alpha" in s]
+    assert len(phase1) == 2 and {s["alpha"] for s in phase1} == {0.1}  # the official code's constant rate
+    assert len({s["w"] for s in phase1}) == 2  # while w's follows the schedule

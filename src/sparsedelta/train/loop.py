@@ -174,7 +174,8 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
         optimizer = torch.optim.AdamW(runner.param_groups(model), betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
+        factors = [(lambda _: 1.0) if g.get("constant_lr") else factor for g in optimizer.param_groups]  # e.g. Diff Pruning's α
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factors, last_epoch=step - 1)
 
     step, prior_total = 0, 0.0
     if resume:

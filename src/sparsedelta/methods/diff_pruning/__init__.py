@@ -155,7 +155,8 @@ def param_groups(
     model: nn.Module, lr_w: float = PAPER_LR_W, lr_alpha: float = PAPER_LR_ALPHA, lr_head: float | None = None
 ) -> list[dict]:
     """Optimizer groups for phase 1: w, the logits α (and α_g), the dense head (lr_head, default lr_w).
-    No weight decay anywhere, as in the paper; every group has a "name"."""
+    No weight decay anywhere, as in the paper; every group has a "name"; α's has "constant_lr" (the
+    training loop leaves its rate out of the schedule, as the official code does)."""
     state = phase_one(model)
     groups = [
         {"name": "w", "params": [d.w for d in state.diffs.values()], "lr": lr_w, "weight_decay": 0.0},
@@ -164,6 +165,7 @@ def param_groups(
             "params": [p for d in state.diffs.values() for p in d.leaves()[1:]],
             "lr": lr_alpha,
             "weight_decay": 0.0,
+            "constant_lr": True,  # the official code keeps α's rate constant while w's decays
         },
     ]
     if state.head:
