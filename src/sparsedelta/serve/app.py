@@ -260,6 +260,9 @@ def _jobs(engine: Engine, body: dict, adapter: str, prompts: list[list[int]], lo
     n = _number(body, "n", 1, 1, MAX_N, int)
     temperature, top_p = _number(body, "temperature", 1.0, 0, 2), _number(body, "top_p", 1.0, 1e-9, 1)
     seed = _number(body, "seed", None, -(2**63), 2**63 - 1, int)
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension, for benchmarks: always max_tokens tokens
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "ignore_eos must be true or false", code="invalid_parameter")
     for ids in prompts:
         if not ids:
             raise ApiError(400, "the prompt has no tokens", code="invalid_prompt")
@@ -270,7 +273,7 @@ def _jobs(engine: Engine, body: dict, adapter: str, prompts: list[list[int]], lo
         raise ApiError(400, f"{len(prompts)} prompts × n = {n} exceed the server's queue ({engine.queue.maxsize})", code="invalid_parameter")
     return [Job(adapter, ids, max_tokens, temperature=temperature, top_p=top_p, stop=stop,
                 seed=None if seed is None else seed + choice,  # the n choices of a seeded request differ, repeatably
-                timeout=engine.timeout, loop=loop, events=asyncio.Queue())
+                timeout=engine.timeout, ignore_eos=ignore_eos, loop=loop, events=asyncio.Queue())
             for ids in prompts for choice in range(n)]  # fmt: skip
 
 
