@@ -354,3 +354,33 @@ def test_a_failing_batch_is_reported_and_the_engine_serves_on(served):
         assert asyncio.run(ask("a")) == ("done", "length")
     finally:
         engine.close()
+
+
+def test_ignore_eos_generates_max_tokens(served):
+    import asyncio
+
+    from sparsedelta.serve.engine import Request
+
+    body = {"model": "a", "prompt": PROMPTS[0], "max_tokens": 9, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(served["open"].url + "/v1/completions", json=body, timeout=60).json()
+    assert r["usage"]["completion_tokens"] == 9 and r["choices"][0]["finish_reason"] == "length"
+    r = httpx.post(served["open"].url + "/v1/completions", json={**body, "ignore_eos": "yes"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_parameter"
+
+    engine = engine_over(served)
+
+    async def ask(ignore_eos):
+        job = Request("a", engine.encode(PROMPTS[0]), 6, ignore_eos=ignore_eos, loop=asyncio.get_running_loop(), events=asyncio.Queue())
+        engine.submit(job)
+        while (event := await asyncio.wait_for(job.events.get(), 30))[0] == "text":
+            pass
+        return event, job.tokens
+
+    try:
+        _, tokens = asyncio.run(ask(False))
+        engine.eos = {tokens[0]}  # the first greedy token is now an end of sequence
+        assert asyncio.run(ask(False)) == (("done", "stop"), [])
+        event, kept = asyncio.run(ask(True))
+        assert event == ("done", "length") and kept == tokens
+    finally:
+        engine.close()

@@ -126,6 +126,9 @@ def _job(engine: Engine, body: dict, adapter: str, ids: list[int], loop) -> Job:
         raise ApiError(400, "stop must be a string or a list of at most 4 non-empty strings", code="invalid_parameter")
     if _number(body, "n", 1, 1, 1, int) != 1:
         raise ApiError(400, "n must be 1", code="invalid_parameter")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "ignore_eos must be true or false", code="invalid_parameter")
     if not ids:
         raise ApiError(400, "the prompt has no tokens", code="invalid_prompt")
     if engine.max_positions and len(ids) + max_tokens > engine.max_positions:
@@ -133,7 +136,7 @@ def _job(engine: Engine, body: dict, adapter: str, ids: list[int], loop) -> Job:
                             f"{engine.max_positions} positions", code="context_length_exceeded")  # fmt: skip
     return Job(adapter, ids, max_tokens, temperature=_number(body, "temperature", 1.0, 0, 2),
                top_p=_number(body, "top_p", 1.0, 1e-9, 1), stop=stop, seed=_number(body, "seed", None, -(2**63), 2**63 - 1, int),
-               timeout=engine.timeout, loop=loop, events=asyncio.Queue())  # fmt: skip
+               timeout=engine.timeout, ignore_eos=ignore_eos, loop=loop, events=asyncio.Queue())  # fmt: skip
 
 
 async def _serve(engine: Engine, request: Request, body: dict, adapter: str, ids: list[int], chat: bool):

@@ -46,6 +46,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     timeout: float = 60.0
+    ignore_eos: bool = False  # vLLM's extension: an eos token is generated like any other (benchmarks)
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False  # set by the API when the client goes away
@@ -225,7 +226,7 @@ class Engine:
         eos, max_tokens or a stop string (cut before it)."""
         if r.finish is not None:
             return
-        if token in self.eos:
+        if token in self.eos and not r.ignore_eos:
             r.finish = "stop"
         else:
             r.tokens.append(token)
