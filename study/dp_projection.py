@@ -63,7 +63,7 @@ def report(records: list[dict], results: Path) -> str:
         ax.plot(*zip(*r["density"], strict=True), label=f"λ = {r['l0_penalty']:g}")
     ax.axhline(0.005, color="grey", ls="--", lw=0.8, label="the projection's budget (0.5%)")
     ax.set(xlabel="optimizer step (phase 1)", ylabel="expected density E[‖δ‖₀]/n", yscale="log",
-           title="Diff Pruning phase 1 on BBC News: how sparse the L0 term makes the diff")  # fmt: skip
+           title="Diff Pruning phase 1 (BBC News): expected density")  # fmt: skip
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
