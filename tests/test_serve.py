@@ -622,3 +622,13 @@ def test_ignore_eos_generates_max_tokens(served):
         assert event == ("done", "length") and kept == tokens
     finally:
         engine.close()
+
+
+def test_the_worker_computes_on_the_threads_it_was_given(served, capsys):
+    engine = engine_over(served, threads=1)
+    try:
+        assert engine.call(torch.get_num_threads).result(timeout=30) == 1  # set on the worker thread itself
+    finally:
+        engine.close()
+    assert main(["serve", "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err

@@ -33,11 +33,15 @@ def add(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=256, metavar="N", help="the most tokens a request may generate (default 256)")
     p.add_argument("--timeout", type=float, default=60, metavar="S", help="seconds a request may take, queue included (default 60)")
     p.add_argument("--max-body-kib", type=int, default=4096, metavar="KIB", help="the largest request body, in KiB (default 4096)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads of the decoding worker (default: one per idle core by the load average, as train does)")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
     for flag in ("max_batch", "queue_size", "max_tokens"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -56,6 +60,7 @@ def run(args) -> int:
     from ..serve.engine import Engine
     from ..serve.loading import load_served
     from ..train.predict import parse_adapters
+    from ..train.threads import pick_threads
 
     adapters = parse_adapters(args.adapter) if args.adapter else {}
     served = load_served(adapters, args.model, args.task)
@@ -63,7 +68,7 @@ def run(args) -> int:
         for group in served.groups:
             group.task.model.to(args.device)
     limits = dict(model_name=served.base_name, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
-                  timeout=args.timeout)  # fmt: skip
+                  timeout=args.timeout, threads=pick_threads(args.threads))  # fmt: skip
     if served.generates:
         task = served.groups[0].task
         engine = Engine(task.model, task.tokenizer, served.names, templates=served.templates, max_tokens=args.max_tokens, **limits)

@@ -49,9 +49,9 @@ class Classifier(Worker):
     name = "sparsedelta-classifier"
 
     def __init__(self, groups, *, model_name: str = "base", max_batch: int = 16, max_wait_ms: float = 5, queue_size: int = 256,
-                 timeout: float = 60.0):  # fmt: skip
+                 timeout: float = 60.0, threads: int | None = None):  # fmt: skip
         super().__init__([n for g in groups for n in g.names], model_name=model_name, max_batch=max_batch,
-                         max_wait_ms=max_wait_ms, queue_size=queue_size, timeout=timeout)  # fmt: skip
+                         max_wait_ms=max_wait_ms, queue_size=queue_size, timeout=timeout, threads=threads)  # fmt: skip
         self.groups = groups
         self.group_of = {n: g for g in groups for n in g.names}
 

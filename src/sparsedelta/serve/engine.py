@@ -78,9 +78,9 @@ class Engine(Worker):
 
     def __init__(self, model, tokenizer, adapters: list[str], *, model_name: str = "base", templates=None,
                  max_batch: int = 16, max_wait_ms: float = 5, queue_size: int = 256, max_tokens: int = 256,
-                 timeout: float = 60.0):  # fmt: skip
+                 timeout: float = 60.0, threads: int | None = None):  # fmt: skip
         super().__init__(adapters, model_name=model_name, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
-                         timeout=timeout)  # fmt: skip
+                         timeout=timeout, threads=threads)  # fmt: skip
         self.model, self.tokenizer = model.eval(), tokenizer
         self.templates = templates or {}  # adapter -> chat template of its run folder
         self.max_tokens = max_tokens

@@ -10,6 +10,8 @@ import threading
 from collections import Counter
 from concurrent.futures import Future
 
+import torch
+
 from ..core.mixed import BASE
 from ..errors import UnknownAdapterError
 
@@ -21,8 +23,10 @@ class QueueFull(Exception):
 class Worker:
     name = "sparsedelta-worker"
 
-    def __init__(self, adapters: list[str], *, model_name: str, max_batch: int, max_wait_ms: float, queue_size: int, timeout: float):
+    def __init__(self, adapters: list[str], *, model_name: str, max_batch: int, max_wait_ms: float, queue_size: int, timeout: float,
+                 threads: int | None = None):  # fmt: skip
         self.adapters, self.model_name = list(adapters), model_name
+        self.threads = threads  # the worker's intra-op threads (None: torch's default)
         self.max_batch, self.max_wait, self.timeout = max_batch, max_wait_ms / 1000, timeout
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.stats = {"steps": 0, "most_rows": 0, "joined": 0, "dropped": 0, "rows": 0}  # shown by /health
@@ -111,6 +115,8 @@ class Worker:
         self._waiting_calls = waiting
 
     def _loop(self) -> None:
+        if self.threads:  # OpenMP's thread count is a per-thread setting: set it on the thread that computes
+            torch.set_num_threads(self.threads)
         while not self._stop.is_set():
             self._run_calls()
             self._cycle()
