@@ -8,8 +8,11 @@ The base model runs once, unmerged, for the whole batch (switching every delta o
 each module that holds a delta adds, for each task in the batch, that task's correction to that
 task's rows only (rowwise.py). No weight is copied per task. Per kind of tensor:
 
-- `nn.Linear` and transformers' `Conv1D` weights: y_rows += x_rows Δᵀ, a sparse product over the k
-  entries, for rows of few tokens (generation); a task's rows of many tokens (tokens × density ≥
+- `nn.Linear` and transformers' `Conv1D` weights: y_rows += x_rows Δᵀ for rows of few tokens
+  (generation; up to GATHER_AT tokens per task): every (token, entry) pair of every task in the batch
+  gathered from x, scaled and added into y in one `index_add_` per layer, its index plan kept per
+  layer while the batch's rows stay the same (a decoding loop reuses it at every step; 12 bytes per
+  pair); a task's rows of more tokens take a sparse product over the k entries; rows of many tokens (tokens × density ≥
   RERUN_AT) run the layer again with θ + Δ written into the weight in place and restored after (O(k)
   writes; CPU sparse kernels are slow enough that this is cheaper from ~25 tokens at 1%), and the
   base output is not computed at all when every row runs so. Biases: y_rows[..., j] += Δb_j;
@@ -204,10 +207,29 @@ class MixedLayer:
                 if y is None:
                     y = out.new_empty((x.shape[0], *out.shape[1:]))
                 rowwise.put(y, rows, out)
+            gathered = []  # few-token rows of linear weights: every task's correction in one pass
             for task, rows, bound in fixes:
                 for pname, delta in bound:
-                    self._fast_fix(module, fast, pname, delta, x, y, task, rows)
+                    if pname == "weight" and fast.kind == "linear" and y.is_contiguous() and _few_tokens(x, rows):
+                        gathered.append((rowwise.linear_entries(delta, module.weight, fast.transposed), rows))
+                    else:
+                        self._fast_fix(module, fast, pname, delta, x, y, task, rows)
+            if gathered:
+                rowwise.add_gathered(self._plan(module, gathered, x, y), x, y)
         return y
+
+    def _plan(self, module: nn.Module, gathered: list, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """The gather plan of this module for this batch's rows, kept while they stay the same: a
+        generation (or the serving engine's decoding loop) reuses it at every step until a row joins
+        or leaves or a delta changes. Costs 12 bytes per (token, entry) pair of the rows corrected."""
+        key = (tuple(self.routing.names), tuple(x.shape), tuple(y.shape))
+        entries = [e for e, _ in gathered]
+        kept = _PLANS.get(module)
+        if kept is not None and kept[0] == key and len(kept[1]) == len(entries) and all(a is b for a, b in zip(kept[1], entries)):
+            return kept[2]
+        plan = rowwise.gather_plan(gathered, x, y.shape[-1])
+        _PLANS[module] = (key, entries, plan)  # holding the entries keeps their identity meaningful
+        return plan
 
     def _fast_fix(self, module, fast: patching.FastPath, pname: str, delta: SparseDelta, x, y, task: str, rows) -> None:
         """One task's correction of its rows, from the delta's entries (rowwise.py)."""
@@ -276,6 +298,14 @@ RERUN_AT = 0.25  # tokens × density at and above which the rows run again
 
 def _count(rows: slice | torch.Tensor, n: int) -> int:
     return len(range(n)[rows]) if isinstance(rows, slice) else len(rows)
+
+
+GATHER_AT = 64  # tokens of a task's rows up to which its correction joins the layer's gathered pass
+_PLANS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()  # module -> (key, entries, plan)
+
+
+def _few_tokens(x: torch.Tensor, rows) -> bool:
+    return _count(rows, x.shape[0]) * (x.numel() // max(1, x.shape[0] * x.shape[-1])) <= GATHER_AT
 
 
 def _rerun_is_cheaper(fast: patching.FastPath, bound, x: torch.Tensor, rows) -> bool:

@@ -135,6 +135,43 @@ def add_linear(matrix: torch.Tensor, blocks: list[torch.Tensor], y: torch.Tensor
         y.index_add_(0, rows, flat.view(len(rows), *y.shape[1:]))
 
 
+def linear_entries(delta: SparseDelta, weight: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The effective Δ as (output index, input index, value) per entry, for W (out, in), or W (in, out)
+    when `transposed` (Conv1D)."""
+
+    def build(positions, effective):
+        width = weight.shape[1]
+        major, minor = positions // width, positions % width
+        return (minor, major, effective) if transposed else (major, minor, effective)
+
+    return _prepared(delta, weight, "entries", build)
+
+
+def gather_plan(parts: list[tuple[tuple, slice | torch.Tensor]], x: torch.Tensor, n_out: int) -> tuple[torch.Tensor, ...]:
+    """(source in x, target in y, value) for every (token, entry) pair of every task's rows: the
+    correction y[rows] += x[rows] Δᵀ of several tasks as one gather and one `index_add_`.
+    `parts`: ((outputs, inputs, values) from `linear_entries`, that task's rows)."""
+    n_in = x.shape[-1]
+    per_row = x.numel() // (x.shape[0] * n_in)  # tokens per row
+    sources, targets, scales = [], [], []
+    for (outs, cols, values), rows in parts:
+        index = torch.arange(x.shape[0], device=x.device)[rows] if isinstance(rows, slice) else rows
+        tokens = (index[:, None] * per_row + torch.arange(per_row, device=x.device)).reshape(-1, 1)
+        sources.append((tokens * n_in + cols).reshape(-1))
+        targets.append((tokens * n_out + outs).reshape(-1))
+        scales.append(values.expand(len(tokens), -1).reshape(-1))
+    small = max(x.numel(), x.shape[0] * per_row * n_out) < 2**31
+    index_dtype = torch.int32 if small else torch.long  # 12 bytes per pair instead of 20
+    return torch.cat(sources).to(index_dtype), torch.cat(targets).to(index_dtype), torch.cat(scales)
+
+
+def add_gathered(plan: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor) -> None:
+    """y += the corrections of `gather_plan`, in place (y contiguous)."""
+    sources, targets, scales = plan
+    gathered = x.reshape(-1).index_select(0, sources).to(scales.dtype) * scales
+    y.view(-1).index_add_(0, targets, gathered.to(y.dtype))
+
+
 def bias_entries(delta: SparseDelta, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _prepared(delta, bias, "bias", lambda positions, effective: (positions, effective))
 

@@ -19,7 +19,7 @@ from ..core.adapters import delete_adapter
 from ..core.io import load
 from ..errors import UsageError
 from .admin import check_name
-from .worker import Worker
+from .worker import Worker, base_in_weights
 
 MAX_LENGTH = 512  # tokens kept of each text, at most (less when the tokenizer says so)
 
@@ -54,6 +54,8 @@ class Classifier(Worker):
                          max_wait_ms=max_wait_ms, queue_size=queue_size, timeout=timeout, threads=threads)  # fmt: skip
         self.groups = groups
         self.group_of = {n: g for g in groups for n in g.names}
+        for group in groups:
+            base_in_weights(group.task.model)
 
     def labels(self, adapter: str) -> list[str]:
         return self._group(adapter).task.label_names
@@ -67,6 +69,7 @@ class Classifier(Worker):
         if group is None:
             raise UsageError(f"its labels {list(labels)} are none of the served heads'; serve it with --adapter on a restart")
         load(group.task.model, found.file, adapter_name=name)
+        base_in_weights(group.task.model)  # load makes the new delta the active one
         group.names.append(name)
         self.group_of[name] = group
         self.adapters.append(name)
@@ -151,3 +154,4 @@ class Classifier(Worker):
         device = next(model.parameters()).device
         logits = model(**{k: v.to(device) for k, v in encoded.items()}, adapter_names=names).logits
         return logits.float().softmax(-1).cpu(), encoded["attention_mask"].sum(-1).tolist()
+

@@ -35,7 +35,7 @@ from ..core.adapters import delete_adapter
 from ..core.io import load
 from ..core.mixed import BASE, mixed_batch
 from .admin import check_name
-from .worker import QueueFull, Worker
+from .worker import QueueFull, Worker, base_in_weights
 
 
 @dataclass
@@ -95,6 +95,7 @@ class Engine(Worker):
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer's settings are not thread-safe
         self._rows: list[Request] = []  # the running batch, its KV cache and attention mask
         self._cache = self._mask = None
+        base_in_weights(model)
 
     # -- the API side --------------------------------------------------------------------------------
     def encode(self, text: str, **kwargs) -> list[int]:
@@ -109,6 +110,7 @@ class Engine(Worker):
         """Load a delta found by serve.admin as adapter `name` (on the worker: see Worker.call)."""
         check_name(name, self.adapters)  # again: another request may have taken it meanwhile
         load(self.model, found.file, adapter_name=name)  # checked against this base before any change
+        base_in_weights(self.model)  # load makes the new delta the active one
         if found.template:
             self.templates[name] = found.template
         self.adapters.append(name)
