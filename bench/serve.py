@@ -91,8 +91,9 @@ class Server:
         self.log = log.open("w")  # a file, not a pipe: a full pipe would block the server
         env = {**os.environ, "PYTHONPATH": str(SRC)}
         env.pop("SPARSEDELTA_API_KEY", None)
-        if args.server_threads:  # torch's OpenMP threads on a CPU shared with other jobs: see BENCHMARKS.md
+        if args.server_threads:  # the worker's threads on a CPU shared with other jobs: see BENCHMARKS.md
             env["OMP_NUM_THREADS"] = str(args.server_threads)
+            cmd += ["--threads", str(args.server_threads)]
         self.process = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.models = [f"t{i}" for i in range(len(deltas))] or ["base"]
         start = time.monotonic()
@@ -222,7 +223,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--server-threads", type=int, help="OMP_NUM_THREADS of the server (default: inherited)")
+    p.add_argument("--server-threads", type=int, help="the servers' --threads (default: theirs, by the load average)")
     p.add_argument("--output", type=Path)
     args = p.parse_args()
     if args.quick:

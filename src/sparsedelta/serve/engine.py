@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..core.adapters import delete_adapter
+from ..core.adapters import delete_adapter, set_adapter, state_of
 from ..core.io import load
 from ..core.mixed import BASE, mixed_batch
 from .admin import check_name
@@ -220,9 +220,18 @@ class Engine(Worker):
 
     def _forward(self, names: list[str], ids, mask, cache):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-        with mixed_batch(self.model, names) if self.adapters else contextlib.nullcontext():
+        tasks = set(names)
+        if self.adapters:  # one task: its merged model, kept merged until another batch needs the weights
+            self._merged(next(iter(tasks)) if len(tasks) == 1 and BASE not in tasks else None)
+        with mixed_batch(self.model, names) if len(tasks) > 1 else contextlib.nullcontext():
             return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                               use_cache=True, logits_to_keep=1)  # fmt: skip
+
+    def _merged(self, name: str | None) -> None:
+        """The delta `name` (None: none) merged into the weights, switched (O(k)) only when it changes:
+        a mixed batch needs none merged; rows of one task run fastest on that task's merged model."""
+        if state_of(self.model).active != name:
+            set_adapter(self.model, name)
 
     def _pick(self, r: Request, logits: torch.Tensor) -> int:
         if r.temperature <= 0:
