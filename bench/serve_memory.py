@@ -43,12 +43,12 @@ def base_model(model: str | None):
     return LlamaForCausalLM.from_pretrained(model).eval()
 
 
-def tiny_base(folder: Path) -> str:
+def tiny_base(folder: Path, hidden: int = 256) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=4)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     return str(folder)
