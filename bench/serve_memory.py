@@ -21,11 +21,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def rss() -> int:
+def rss(field: str = "VmRSS") -> int:
+    """Bytes of resident memory; RssAnon is the heap's part, RssFile the part mapped from files."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def malloc_trim() -> None:
@@ -95,19 +96,24 @@ def held_bytes(model) -> tuple[int, int]:
 
 def child(model: str | None, files: list[str]) -> dict:
     """Runs in its own process: the base, then the deltas, with RSS at each step."""
+    import torch
+
     from sparsedelta.core.io import load
 
     base = base_model(model)
+    with torch.no_grad():  # from_pretrained maps the weights from the file: page them in, as a first forward would
+        for p in base.parameters():
+            p.sum()
     malloc_trim()  # start from a trimmed heap, so that the growth is the deltas'
-    before = rss()
+    before, anon_before = rss(), rss("RssAnon")
     for i, f in enumerate(files):
         load(base, f, adapter_name=f"t{i}")
-    after = rss()
+    after, anon_after = rss(), rss("RssAnon")
     entries, held = held_bytes(base) if files else (0, 0)
     malloc_trim()
     trimmed = rss()
     return {"n": len(files), "entries": entries, "held": held, "rss_before": before, "rss_after": after,
-            "rss_trimmed": trimmed}
+            "rss_trimmed": trimmed, "anon_growth": anon_after - anon_before}
 
 
 def main() -> None:
@@ -133,12 +139,12 @@ def main() -> None:
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
     mib = 2**20
-    print(f"{'N':>3} | {'entries':>10} | {'held MiB':>8} | {'RSS growth MiB':>14} | {'growth/held':>11} | {'after trim MiB':>14}")
+    print(f"{'N':>3} | {'entries':>10} | {'held MiB':>8} | {'RSS growth MiB':>14} | {'growth/held':>11} | {'after trim MiB':>14} | {'anon growth MiB':>15}")
     for r in rows:
         growth, trimmed = r["rss_after"] - r["rss_before"], r["rss_trimmed"] - r["rss_before"]
         ratio = f"{growth / r['held']:.2f}" if r["held"] else "-"
         print(f"{r['n']:>3} | {r['entries']:>10} | {r['held'] / mib:>8.1f} | {growth / mib:>14.1f} | {ratio:>11} | "
-              f"{trimmed / mib:>14.1f}")
+              f"{trimmed / mib:>14.1f} | {r['anon_growth'] / mib:>15.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"model": "tiny-llama" if args.quick else "SmolLM2-135M-Instruct",
                                           "density": args.density, "rows": rows}, indent=1) + "\n")
