@@ -265,6 +265,10 @@ def _join(parts: list, n: int, device: torch.device) -> slice | torch.Tensor:
 
 
 def _fast_ok(fast: patching.FastPath, pname: str) -> bool:
+    """Whether the task's correction comes from its entries; a conv kernel's rows run again instead
+    (with its entries written in place: O(k), no copy)."""
+    if fast.kind == "conv":
+        return False
     return pname == "weight" or (pname == "bias" and fast.kind == "linear")
 
 
