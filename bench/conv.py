@@ -97,6 +97,13 @@ def generic_path():
         patching.FAST_PATHS.update(taken)
 
 
+def patching_untouched() -> bool:
+    """Whether every conv type has its fast path again (after `generic_path`)."""
+    from sparsedelta.core import patching
+
+    return all(p in patching.FAST_PATHS for p in CONV_PATHS)
+
+
 def make_step(model, optimizer, args):
     import torch
     import torch.nn.functional as F

@@ -245,6 +245,24 @@ def test_export_refuses_a_delta_on_a_conv_kernel_naming_it(tmp_path):
     assert not (tmp_path / "peft").exists()
 
 
+def test_autocast_bf16_gradient_follows_the_generic_path(monkeypatch):
+    """Under CPU autocast the fast path's values gradient matches the generic path's (bf16 products)."""
+    grads = {}
+    for path in ("fast", "generic"):
+        if path == "generic":
+            for name in [n for n in patching.FAST_PATHS if ".conv.Conv" in n]:
+                monkeypatch.delitem(patching.FAST_PATHS, name)
+        net = make_net().float()
+        sd.prepare(net, sara())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(batch(dtype=torch.float32))
+        out.float().pow(2).mean().backward()
+        grads[path] = {n: d.values.grad for n, d in deltas_of(net).items()}
+    for name, grad in grads["fast"].items():
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, grads["generic"][name], rtol=2e-2, atol=1e-3, msg=name)
+
+
 def test_conv_padding_normalises_same_and_valid():
     assert ops.conv_padding("valid", (3, 3), (1, 1)) == ((0, 0), None)
     assert ops.conv_padding("same", (3, 5), (2, 1)) == ((2, 2), None)
