@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnknownAdapterError, UsageError
@@ -22,7 +23,16 @@ from . import patching
 from .config import DeltaConfig, SelectionReport
 from .correction import bake_corrected, in_float32
 from .delta import SparseDelta
-from .ops import AddDelta, EmbeddingDelta, LinearCorrected, LinearDelta, compute_dtype, sampled_pays
+from .ops import (
+    AddDelta,
+    ConvDelta,
+    EmbeddingDelta,
+    LinearCorrected,
+    LinearDelta,
+    compute_dtype,
+    conv_padding,
+    sampled_pays,
+)
 from .targeting import CONTAINER, Target, find_targets
 
 
@@ -79,7 +89,21 @@ def _embedding(module, delta, path, ids):
     return EmbeddingDelta.apply(ids, module.weight, delta.values, delta.indices, module.padding_idx, every)
 
 
-FAST = {"linear": _linear, "embedding": _embedding}
+def _conv(module, delta, path, x):
+    """nn.Conv1d/2d/3d with zero padding (patching.fast_path); a corrected kernel never comes here."""
+    padding, extra = conv_padding(module.padding, module.kernel_size, module.dilation)
+    unbatched = x.dim() == module.weight.dim() - 1  # e.g. (C, H, W) into a Conv2d
+    if unbatched:
+        x = x.unsqueeze(0)
+    if extra is not None:  # 'same' with an even reach: the odd pixel goes right, outside the function
+        x = F.pad(x, extra)
+    y = ConvDelta.apply(x, module.weight, module.bias, delta.values, delta.indices,
+                        module.stride, padding, module.dilation, module.groups)  # fmt: skip
+    return y.squeeze(0) if unbatched else y
+
+
+FAST = {"linear": _linear, "embedding": _embedding, "conv": _conv}
+CORRECTED_FAST = ("linear", "embedding")  # kinds whose fast path also adds a corrected delta
 
 
 class DeltaLayer:
@@ -128,7 +152,7 @@ class DeltaLayer:
     @staticmethod
     def _corrected(module, inner, bound, corrected, path, fast_delta, args, kwargs):
         others = {pname: d for pname, d in bound if d is not fast_delta}
-        fast = fast_delta is not None and "weight" in corrected
+        fast = fast_delta is not None and "weight" in corrected and path.kind in CORRECTED_FAST
         if fast and (not others or (path.kind == "linear" and set(others) == {"bias"} and "bias" in corrected)):
             x = args[0] if args else next(iter(kwargs.values()))
             if path.kind == "linear":

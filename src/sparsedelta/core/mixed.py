@@ -18,10 +18,12 @@ task's rows only (rowwise.py). No weight is copied per task. Per kind of tensor:
   base output is not computed at all when every row runs so. Biases: y_rows[..., j] += Δb_j;
   `nn.Embedding` weights: the entries of the looked-up rows are added. These are the fast paths of
   `patching.FAST_PATHS`.
-- Any other tensor (norms, conv kernels, embeddings that renormalise, a module with a forward of
-  its own): the module runs again on the task's rows with θ + Δ in place of that tensor, a transient
-  copy freed after the call. Exact, and cheap for norms and biases; a conv kernel costs one more
+- `nn.Conv1d/2d/3d` kernels (the "conv" fast path): the layer runs again on the task's rows with
+  θ + Δ written into its kernel in place and restored after (O(k) writes, no copy): one more
   convolution per task present.
+- Any other tensor (norms, convs that pad other than with zeros, embeddings that renormalise, a
+  module with a forward of its own): the module runs again on the task's rows with θ + Δ in place
+  of that tensor, a transient copy freed after the call. Exact, and cheap for norms and biases.
 - Densely saved modules (`modules_to_save`, e.g. a classifier head): the module runs once per
   distinct head on the rows that use it ("__base__" rows and tasks without a head of their own use
   the base's). Tasks whose heads differ in shape (other label counts) cannot share a batch, since
@@ -287,6 +289,10 @@ def _join(parts: list, n: int, device: torch.device) -> slice | torch.Tensor:
 
 
 def _fast_ok(fast: patching.FastPath, pname: str) -> bool:
+    """Whether the task's correction comes from its entries; a conv kernel's rows run again instead
+    (with its entries written in place: O(k), no copy)."""
+    if fast.kind == "conv":
+        return False
     return pname == "weight" or (pname == "bias" and fast.kind == "linear")
 
 

@@ -12,7 +12,8 @@ input's own dtype.
 
 A *corrected* delta (a bfloat16/float16 or sharded weight that holds θ, not θ + delta; see
 core/delta.py) adds its effect in the forward: `LinearCorrected` computes y = x θᵀ + x Δᵀ + b, and
-`EmbeddingDelta` adds the looked-up rows' entries in float32.
+`EmbeddingDelta` adds the looked-up rows' entries in float32. A corrected convolution runs the
+generic path (core/correction.py).
 """
 
 from __future__ import annotations
@@ -249,6 +250,72 @@ def _rows_hit(flat_ids: torch.Tensor, entry_rows: torch.Tensor, num_rows: int):
     slot[rows] = torch.arange(len(rows), device=flat_ids.device)
     entry_slot = slot[entry_rows]
     return rows, inverse, entry_slot >= 0, entry_slot
+
+
+# A convolution's ∂L/∂W at one entry (o, c, offset) is the dot of grad_out[:, o] with x[:, c] shifted
+# by the offset, over the batch and every output position. A sampled form (entries grouped by offset,
+# the channels gathered, multiplied and summed) was measured against the dense weight gradient of
+# the layer's own kernel (aten.convolution_backward, as autograd computes it), 2-core CPU, 1 thread,
+# Conv2d 64 → 64, 3 × 3, batch 16 × 32 × 32: 11.6 ms against 7.6 ms at 1% density, 6.1 against 7.6
+# at 0.1%, 45 against 7.5 at 5% (it moves every gathered channel through memory; the dense product
+# is compute-bound and blocked). So the dense gradient stays, gathered at once and freed.
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def conv_padding(padding, kernel_size, dilation) -> tuple[tuple[int, ...], list[int] | None]:
+    """A convolution's padding as (symmetric padding per spatial dim, extra right-side padding for
+    F.pad or None). 'same' with an even reach (dilation·(kernel − 1) odd) pads one more on the right,
+    as torch does, so that the convolution itself only ever sees symmetric integer padding."""
+    if padding == "valid":
+        return (0,) * len(kernel_size), None
+    if padding != "same":
+        return tuple(padding), None
+    reach = [d * (k - 1) for d, k in zip(dilation, kernel_size, strict=True)]
+    left = tuple(r // 2 for r in reach)
+    extra = [r - 2 * lo for r, lo in zip(reach, left, strict=True)]
+    if not any(extra):
+        return left, None
+    pad = []  # F.pad lists the last dimension first, (left, right) each
+    for e in reversed(extra):
+        pad += [0, e]
+    return left, pad
+
+
+class ConvDelta(Function):
+    """y = conv(x, W) + b (F.conv1d/2d/3d, batched input, symmetric integer padding, zero-padded);
+    backward returns the input gradient, the bias' if asked, and ∂L/∂values: the dense weight gradient
+    of this one layer gathered at the k positions and freed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, indices, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight, indices)
+        ctx.conv = (list(stride), list(padding), list(dilation), groups)
+        ctx.values_dtype = values.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, indices = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        wants_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[3], wants_bias]
+        if not any(mask):
+            return (None,) * 9
+        g = grad_out.contiguous()  # autocast: the product ran in grad_out's dtype, so the factors follow it
+        grad_x, grad_w, grad_bias = torch.ops.aten.convolution_backward(
+            g, x.to(g.dtype), weight.to(g.dtype), [weight.shape[0]] if wants_bias else None,
+            stride, padding, dilation, False, [0] * len(stride), groups, mask,
+        )  # fmt: skip
+        grad_values = None
+        if grad_w is not None:
+            grad_values = _gather(grad_w, indices, ctx.values_dtype)
+            del grad_w  # the layer's dense weight gradient lives only until its k entries are taken
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, grad_values, None, None, None, None, None
 
 
 class AddDelta(Function):

@@ -30,7 +30,7 @@ PATCH = "_sparsedelta_patch"  # instance attribute holding a module's layers
 class FastPath:
     """How a layer type computes its output from `weight`, so a method can supply its own gradient."""
 
-    kind: str  # "linear" (y = x Wᵀ + b) or "embedding" (a row lookup)
+    kind: str  # "linear" (y = x Wᵀ + b), "embedding" (a row lookup) or "conv" (F.conv1d/2d/3d)
     transposed: bool = False  # linear with W stored (in, out): transformers' Conv1D, y = x W + b
 
 
@@ -40,17 +40,23 @@ FAST_PATHS: dict[str, FastPath] = {
     "torch.nn.modules.linear.Linear": FastPath("linear"),
     "transformers.pytorch_utils.Conv1D": FastPath("linear", transposed=True),
     "torch.nn.modules.sparse.Embedding": FastPath("embedding"),
+    "torch.nn.modules.conv.Conv1d": FastPath("conv"),
+    "torch.nn.modules.conv.Conv2d": FastPath("conv"),
+    "torch.nn.modules.conv.Conv3d": FastPath("conv"),
 }
 
 
 def fast_path(module: nn.Module) -> FastPath | None:
     """The fast path for this module's `weight`, or None. Embeddings that renormalise their table
-    (max_norm), scale gradients by frequency or want sparse gradients take the generic path."""
+    (max_norm), scale gradients by frequency or want sparse gradients, and convolutions that pad
+    other than with zeros (reflect, replicate, circular) take the generic path."""
     kind = type(module)
     path = FAST_PATHS.get(f"{kind.__module__}.{kind.__qualname__}")
     if path is not None and path.kind == "embedding":
         if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
             return None
+    if path is not None and path.kind == "conv" and module.padding_mode != "zeros":
+        return None
     return path
 
 

@@ -96,6 +96,8 @@ class PhaseOneLayer:
         sampled = module.training
         keep = sampled and torch.is_grad_enabled()  # this forward's noise is kept for its backward
         path = patching.fast_path(module) if inner.plain else None
+        if path is not None and path.kind not in ("linear", "embedding"):
+            path = None  # phase 1 has no conv kernel of its own: the generic path is exact
         swapped, fast = [], None
         try:
             for pname, diff in self.bindings:
