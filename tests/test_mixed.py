@@ -65,12 +65,14 @@ def assert_same_state(model, before):
     ids=["one task", "two tasks", "many and base", "a task absent", "base only"],
 )
 @pytest.mark.parametrize(
-    "rerun_at, block",
-    [(0.0, rowwise.TOKEN_BLOCK), (float("inf"), rowwise.TOKEN_BLOCK), (float("inf"), 3)],
-    ids=["linear rows run again", "linear rows corrected", "corrected in blocks of 3 tokens"],
-)
-def test_each_row_equals_its_tasks_merged_model(tied, names, rerun_at, block, monkeypatch):
-    monkeypatch.setattr(mixed, "RERUN_AT", rerun_at)  # which of the two ways a linear layer's rows take
+    "rerun_at, block, table_at",
+    [(0.0, rowwise.TOKEN_BLOCK, mixed.GATHER_AT), (float("inf"), rowwise.TOKEN_BLOCK, mixed.GATHER_AT),
+     (float("inf"), rowwise.TOKEN_BLOCK, 0), (float("inf"), 3, 0)],
+    ids=["linear rows run again", "linear rows from the table", "linear rows corrected per task", "corrected in blocks of 3 tokens"],
+)  # fmt: skip
+def test_each_row_equals_its_tasks_merged_model(tied, names, rerun_at, block, table_at, monkeypatch):
+    monkeypatch.setattr(mixed, "RERUN_AT", rerun_at)  # which of the ways a linear layer's rows take
+    monkeypatch.setattr(mixed, "GATHER_AT", table_at)  # 0: no task's rows are few enough for the table
     monkeypatch.setattr(rowwise, "TOKEN_BLOCK", block)  # 3: the blocks cut rows of 7 tokens mid-row
     torch.manual_seed(0)
     model = TinyNet(tied=tied).double().eval()
@@ -104,6 +106,49 @@ def test_the_context_manager_serves_any_forward_and_frozen_entries_count():
     with torch.no_grad():
         for i, name in enumerate(names):
             torch.testing.assert_close(out[i], reference(model, name, lambda i=i: model(ids[i : i + 1]))[0], atol=1e-10, rtol=0)
+
+
+def test_a_delta_changed_between_batches_or_forwards_is_seen(monkeypatch):
+    """The layers' tables (every task's linear entries) follow values written in place, entries
+    frozen, an adapter deleted or added, between batches and between two forwards of one batch."""
+    torch.manual_seed(3)
+    model = TinyNet().double().eval()
+    attach(model, ["a", "b", "c"], kinds=("weight",))
+    ids = torch.randint(1, 50, (4, 3))
+    names = ["a", "b", BASE, "c"]
+    monkeypatch.setattr(mixed, "RERUN_AT", float("inf"))  # every linear row from the table
+    built = []
+    real = rowwise.linear_table
+    monkeypatch.setattr(rowwise, "linear_table", lambda *a: built.append(1) or real(*a))
+
+    def check(names, out):
+        for i, name in enumerate(names):
+            torch.testing.assert_close(out[i], reference(model, name, lambda i=i: model(ids[i : i + 1]))[0], atol=1e-10, rtol=0)
+
+    def values(name):
+        return next(d for p, d in sd.state_of(model).adapters[name].deltas.items() if p == "proj.weight").values
+
+    with torch.no_grad():
+        check(names, model(ids, adapter_names=names))
+        first = len(built)
+        assert first > 0
+        check(names, model(ids, adapter_names=names))
+        assert len(built) == first  # nothing changed: the tables are kept
+        values("b").mul_(-2.0)  # written in place, as an optimizer step does
+        check(names, model(ids, adapter_names=names))
+        with sd.mixed_batch(model, names):
+            values("c").add_(0.5)
+            inside = model(ids)
+            values("c").add_(0.5)  # between two forwards of one batch
+            again = model(ids)
+        assert not torch.equal(inside[3], again[3])
+        check(names, again)
+        delta = next(d for p, d in sd.state_of(model).adapters["a"].deltas.items() if p == "proj.weight")
+        delta.freeze_entries(torch.arange(len(delta.indices)) % 3 == 0)
+        check(names, model(ids, adapter_names=names))
+        sd.delete_adapter(model, "b")
+        attach(model, ["b"], kinds=("weight",), seed=7)  # a new adapter under the old name
+        check(names, model(ids, adapter_names=names))
 
 
 def test_fast_paths_copy_no_weight(monkeypatch):
@@ -218,6 +263,28 @@ def test_a_causal_lm_with_mixed_generate_pickles(llama, tmp_path):
         assert torch.equal(copied.generate(ids, attention_mask=mask, **options), llama.generate(ids, attention_mask=mask, **options))
     sd.unload(copied)
     assert "generate" not in copied.__dict__  # the per-model generate (adapter_names=) goes with the last delta
+
+
+def test_bfloat16_rows_from_the_table_match_the_merged_model(monkeypatch):
+    monkeypatch.setattr(mixed, "RERUN_AT", float("inf"))
+    tables = []
+    real = rowwise.add_table
+    monkeypatch.setattr(rowwise, "add_table", lambda *a: tables.append(1) or real(*a))
+    model = tiny_llama().to(torch.bfloat16)
+    attach(model, ["a", "b"], density=0.05, kinds=("weight",), scale=0.05)
+    names = ["a", BASE, "b", "a"]
+    ids, mask = left_padded(len(names), 5)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits.float()
+        for i, name in enumerate(names):
+            one = dict(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1])
+            expected = reference(model, name, lambda one=one: model(**one).logits[0]).float()
+            keep = mask[i].bool()
+            torch.testing.assert_close(logits[i][keep], expected[keep], atol=0.05, rtol=0.02)
+            if name != BASE:  # the tolerance is far below what a delta changes
+                base = reference(model, BASE, lambda one=one: model(**one).logits[0]).float()
+                assert (base[keep] - expected[keep]).abs().max() > 0.2
+    assert tables
 
 
 def test_gpt2_conv1d_and_broadcast_position_embeddings():

@@ -8,16 +8,16 @@ The base model runs once, unmerged, for the whole batch (switching every delta o
 each module that holds a delta adds, for each task in the batch, that task's correction to that
 task's rows only (rowwise.py). No weight is copied per task. Per kind of tensor:
 
-- `nn.Linear` and transformers' `Conv1D` weights: y_rows += x_rows Δᵀ for rows of few tokens
-  (generation; up to GATHER_AT tokens per task): every (token, entry) pair of every task in the batch
-  gathered from x, scaled and added into y in one `index_add_` per layer, its index plan kept per
-  layer while the batch's rows stay the same (a decoding loop reuses it at every step; 12 bytes per
-  pair); a task's rows of more tokens take a sparse product over the k entries; rows of many tokens (tokens × density ≥
-  RERUN_AT) run the layer again with θ + Δ written into the weight in place and restored after (O(k)
-  writes; CPU sparse kernels are slow enough that this is cheaper from ~25 tokens at 1%), and the
-  base output is not computed at all when every row runs so. Biases: y_rows[..., j] += Δb_j;
-  `nn.Embedding` weights: the entries of the looked-up rows are added. These are the fast paths of
-  `patching.FAST_PATHS`.
+- `nn.Linear` and transformers' `Conv1D` weights: when every task's rows hold few tokens (up to
+  GATHER_AT each: decoding), y += x Δᵀ for all of them at once: each layer keeps every task's entries
+  in one padded table (12 bytes per entry), and each token gathers its inputs, scales them by its
+  task's values and adds them into its outputs (one gather, one product, one scatter per layer,
+  whatever the number of tasks); otherwise a task's rows take a sparse product over its k entries,
+  or, for rows of many tokens (tokens × density ≥ RERUN_AT), run the layer again with θ + Δ written
+  into the weight in place and restored after (O(k) writes; CPU sparse kernels are slow enough that
+  this is cheaper from ~25 tokens at 1%), and the base output is not computed at all when every row
+  runs so. Biases: y_rows[..., j] += Δb_j; `nn.Embedding` weights: the entries of the looked-up rows
+  are added. These are the fast paths of `patching.FAST_PATHS`.
 - `nn.Conv1d/2d/3d` kernels (the "conv" fast path): the layer runs again on the task's rows with
   θ + Δ written into its kernel in place and restored after (O(k) writes, no copy): one more
   convolution per task present.
@@ -45,6 +45,11 @@ adapter_names) holds the model's lock, and every forward of a model with deltas 
 in its pre-hook: a plain forward on another thread waits for the batch, then runs on the merged
 model. The lock is re-entrant (forwards inside a batch, generate's steps) and kept beside the model,
 not on it, so copies and pickles carry none. Calls into a submodule directly are not serialised.
+
+What a batch needs is kept between batches (a server opens one at every decoding step): the
+model's layers with each adapter's deltas (until an adapter is added or deleted), each layer's plan
+for the batch's rows and input shape, and its table (until a delta of the batch changes, which is
+checked at each forward of the model).
 
 Inference only: refused in training mode, and no gradient flows through the corrections (train one
 task at a time with `set_adapter`). How `adapter_names` reaches the layers: a forward pre-hook on the
@@ -98,8 +103,12 @@ class Routing:
         self.names = names
         self.repeats = {repeats} if repeats else set()  # rows known repeated m times: the caller's m
         self.generated: set[int] = set()  # and generate's, seen in the model's input at each forward
+        self.key = tuple(names)  # what a layer's memo of its work for this batch is keyed by
         self.tasks = list(dict.fromkeys(names))
         self._codes = torch.tensor([self.tasks.index(n) for n in names])
+        self.layers: list[MixedLayer] = []  # the layers serving this batch, and the tasks' rows in their tables
+        self.table_rows: list[int] = []
+        self.checked = False  # the tables were checked since the last forward (_drop_stale)
         self._groups: dict[tuple[int, torch.device], list[tuple[str, slice | torch.Tensor]]] = {}
         self._input: tuple[torch.Tensor, int] | None = None  # the last input transposed, and its version
         self._transposed: dict[tuple, torch.Tensor] = {}
@@ -164,17 +173,23 @@ def _update(y: torch.Tensor, rows: slice | torch.Tensor, fix) -> None:
 
 
 class MixedLayer:
-    """A module's patching layer for one mixed batch: the base output, then each task's correction
-    for its rows (fast path), or the module run again on those rows with the task's tensors
-    (generic path, and densely saved heads)."""
+    """A module's patching layer for mixed batches: the base output, then each task's correction for
+    its rows (fast path), or the module run again on those rows with the task's tensors (generic path,
+    and densely saved heads). Kept in the model's _Layout from batch to batch: `routing` and `heads`
+    are the open batch's; what to do for a batch's rows and input shape is worked out once (`_work`),
+    and linear weights keep every task's entries in one table (`rowwise.linear_table`)."""
 
-    __slots__ = ("routing", "deltas", "heads", "name")
+    __slots__ = ("routing", "deltas", "heads", "name", "index", "weights", "_memo", "_table")
 
-    def __init__(self, routing: Routing, name: str):
-        self.routing = routing
+    def __init__(self, name: str, index: dict[str, int]):
+        self.routing: Routing | None = None
+        self.index = index  # task -> its row in the tables (the layout's order, shared by its layers)
         self.name = name  # the module's path, for messages
         self.deltas: dict[str, list[tuple[str, SparseDelta]]] = {}  # task -> (parameter name, delta)
         self.heads: dict[str, dict[str, torch.Tensor]] = {}  # task -> {parameter name: saved tensor}
+        self.weights: list[SparseDelta | None] = []  # per task of the layout, its weight delta here
+        self._memo: tuple | None = None  # (batch key, its work)
+        self._table: tuple | None = None  # (what it was built from, the table)
 
     def __call__(self, module: nn.Module, inner, *args, **kwargs):
         x, put = _first_input(args, kwargs, self.name)
@@ -189,13 +204,7 @@ class MixedLayer:
                 "(to train, switch tasks with sparsedelta.set_adapter)"
             )
         fast = patching.fast_path(module) if inner.plain_but(DELTA_KEY) else None
-        fixes, reruns = [], []  # (task, rows, bound): corrected from the entries / run again with the task's tensors
-        for task, rows in groups:
-            bound = self.deltas.get(task)
-            if bound:
-                fixable = fast is not None and all(_fast_ok(fast, p) for p, _ in bound)
-                (fixes if fixable and not _rerun_is_cheaper(fast, bound, x, rows) else reruns).append((task, rows, bound))
-        rerun_rows = sum(_count(rows, x.shape[0]) for _, rows, _ in reruns)
+        fixes, reruns, rerun_rows, codes = self._work(fast, x, groups)
         with torch.no_grad():
             y = None  # the base output, skipped when every row runs again with its task's tensors
             if self.heads:
@@ -209,29 +218,63 @@ class MixedLayer:
                 if y is None:
                     y = out.new_empty((x.shape[0], *out.shape[1:]))
                 rowwise.put(y, rows, out)
-            gathered = []  # few-token rows of linear weights: every task's correction in one pass
             for task, rows, bound in fixes:
                 for pname, delta in bound:
-                    if pname == "weight" and fast.kind == "linear" and y.is_contiguous() and _few_tokens(x, rows):
-                        gathered.append((rowwise.linear_entries(delta, module.weight, fast.transposed), rows))
-                    else:
-                        self._fast_fix(module, fast, pname, delta, x, y, task, rows)
-            if gathered:
-                rowwise.add_gathered(self._plan(module, gathered, x, y), x, y)
+                    self._fast_fix(module, fast, pname, delta, x, y, task, rows)
+            if codes is not None:
+                rowwise.add_table(self._linear_table(module, fast), codes, x, y)
         return y
 
-    def _plan(self, module: nn.Module, gathered: list, x: torch.Tensor, y: torch.Tensor) -> tuple:
-        """The gather plan of this module for this batch's rows, kept while they stay the same: a
-        generation (or the serving engine's decoding loop) reuses it at every step until a row joins
-        or leaves or a delta changes. Costs 12 bytes per (token, entry) pair of the rows corrected."""
-        key = (tuple(self.routing.names), tuple(x.shape), tuple(y.shape))
-        entries = [e for e, _ in gathered]
-        kept = _PLANS.get(module)
-        if kept is not None and kept[0] == key and len(kept[1]) == len(entries) and all(a is b for a, b in zip(kept[1], entries)):
-            return kept[2]
-        plan = rowwise.gather_plan(gathered, x, y.shape[-1])
-        _PLANS[module] = (key, entries, plan)  # holding the entries keeps their identity meaningful
-        return plan
+    def _work(self, fast: patching.FastPath | None, x: torch.Tensor, groups) -> tuple:
+        """(fixes, reruns, rows run again, table codes): which tasks' rows are corrected from their
+        entries and which run again, and, when every task's linear weight rows hold few tokens
+        (decoding), each token's row of the weight table (those of other tasks: the zero row). Worked
+        out once per batch and input shape: a server opens a batch of the same rows at every step."""
+        key = (self.routing.key, tuple(x.shape), x.device, fast)
+        if self._memo is not None and self._memo[0] == key:
+            return self._memo[1]
+        fixes, reruns, tabled = [], [], []  # (task, rows, bound); tabled: (task, rows)
+        for task, rows in groups:
+            bound = self.deltas.get(task)
+            if not bound:
+                continue
+            if fast is None or not all(_fast_ok(fast, p) for p, _ in bound) or _rerun_is_cheaper(fast, bound, x, rows):
+                reruns.append((task, rows, bound))
+                continue
+            weight = fast.kind == "linear" and any(p == "weight" for p, _ in bound)
+            if weight:
+                tabled.append((task, rows))
+            fixes.append((task, rows, bound))
+        codes = None
+        if tabled and all(_few_tokens(x, rows) for _, rows in tabled):
+            per_row = torch.full((x.shape[0],), len(self.index), dtype=torch.long)  # the last row: zeros
+            for task, rows in tabled:
+                per_row[rows if isinstance(rows, slice) else rows.cpu()] = self.index[task]
+            codes = per_row.repeat_interleave(x.numel() // max(1, x.shape[0] * x.shape[-1])).to(x.device)
+            fixes = [(t, r, [(p, d) for p, d in b if p != "weight"]) for t, r, b in fixes]
+            fixes = [f for f in fixes if f[2]]
+        rerun_rows = sum(_count(rows, x.shape[0]) for _, rows, _ in reruns)
+        work = (fixes, reruns, rerun_rows, codes)
+        self._memo = (key, work)
+        return work
+
+    def _linear_table(self, module: nn.Module, fast: patching.FastPath) -> tuple:
+        """Every task's weight entries of this layer in one table (kept until `drop_stale` finds a
+        delta of the batch changed, or the weight's dtype changes)."""
+        weight = module._parameters["weight"]
+        if self._table is None or self._table[0] != (weight.dtype, weight.device):
+            stamps = [_stamp(d) for d in self.weights]
+            held = [(d.values, d.indices) for d in self.weights if d is not None]  # ids in the stamps stay theirs
+            self._table = ((weight.dtype, weight.device), stamps, rowwise.linear_table(self.weights, weight, fast.transposed), held)
+        return self._table[2]
+
+    def drop_stale(self, rows: list[int]) -> None:
+        """Forget the table if the delta of one of these rows changed since it was built (values
+        trained or written in place, positions re-selected, entries frozen): checked at every forward
+        of the model, in one pass over its layers (within each forward's layers, the deltas' memory
+        was cold and the same checks took 4 × longer)."""
+        if self._table is not None and any(self._table[1][i] != _stamp(self.weights[i]) for i in rows):
+            self._table = None
 
     def _fast_fix(self, module, fast: patching.FastPath, pname: str, delta: SparseDelta, x, y, task: str, rows) -> None:
         """One task's correction of its rows, from the delta's entries (rowwise.py)."""
@@ -306,8 +349,16 @@ def _count(rows: slice | torch.Tensor, n: int) -> int:
     return len(range(n)[rows]) if isinstance(rows, slice) else len(rows)
 
 
-GATHER_AT = 64  # tokens of a task's rows up to which its correction joins the layer's gathered pass
-_PLANS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()  # module -> (key, entries, plan)
+GATHER_AT = 64  # tokens of a task's rows up to which its linear weight's correction comes from the table
+
+
+def _stamp(delta: SparseDelta | None) -> tuple | None:
+    """What a delta's table row was built from (the table holds these tensors, so no other takes their id)."""
+    if delta is None:
+        return None
+    values, buffers = delta._parameters["values"], delta._buffers  # nn.Module's __getattr__ took 1 µs a name here
+    indices = buffers["indices"]
+    return id(values), values._version, id(indices), indices._version, buffers["frozen_indices"].numel()
 
 
 def _few_tokens(x: torch.Tensor, rows) -> bool:
@@ -373,22 +424,54 @@ def _check_names(state: DeltaState, adapter_names) -> list[str]:
     return names
 
 
-def _plan(model: nn.Module, state: DeltaState, routing: Routing) -> list[tuple[nn.Module, MixedLayer]]:
-    """A MixedLayer for every module that holds a delta or a saved tensor of a task in the batch."""
-    names = {id(m): n for n, m in model.named_modules()}
-    layers: dict[int, tuple[nn.Module, MixedLayer]] = {}
+class _Layout:
+    """A MixedLayer for every module holding a delta of any of the model's adapters, kept while the
+    adapters stay the same (a server opens a mixed batch at every decoding step: building this each
+    time walked every module and every task's deltas). Heads are the batch's (`_heads`)."""
 
-    def layer(module: nn.Module) -> MixedLayer:
-        made = layers.setdefault(id(module), (module, MixedLayer(routing, names.get(id(module), "a module"))))
+    def __init__(self, model: nn.Module, state: DeltaState):
+        self.adapters = tuple(state.adapters.items())  # what it was built from, compared by identity
+        self.index = {task: row for row, task in enumerate(state.adapters)}  # a task's row in the tables
+        self.paths = {id(m): n for n, m in model.named_modules()}
+        self.layers: dict[int, tuple[nn.Module, MixedLayer]] = {}
+        self.modules_of: dict[str, list[int]] = {task: [] for task in state.adapters}  # task -> ids of its modules
+        for task, adapter in state.adapters.items():
+            for path, delta in adapter.deltas.items():
+                for module, pname in state.owners[path]:
+                    self.layer(module).deltas.setdefault(task, []).append((pname, delta))
+                    self.modules_of[task].append(id(module))
+        for _, layer in self.layers.values():
+            weights = {t: d for t, bound in layer.deltas.items() for p, d in bound if p == "weight"}
+            layer.weights = [weights.get(task) for task in self.index]
+
+    def layer(self, module: nn.Module) -> MixedLayer:
+        made = self.layers.get(id(module))
+        if made is None:
+            made = self.layers[id(module)] = (module, MixedLayer(self.paths.get(id(module), "a module"), self.index))
         return made[1]
 
+    def fits(self, state: DeltaState) -> bool:
+        return len(self.adapters) == len(state.adapters) and all(
+            name == other and adapter is state.adapters.get(other) for (name, adapter), other in zip(self.adapters, state.adapters)
+        )
+
+
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
+
+
+def _layout(model: nn.Module, state: DeltaState) -> _Layout:
+    layout = _LAYOUTS.get(model)
+    if layout is None or not layout.fits(state):
+        layout = _LAYOUTS[model] = _Layout(model, state)
+    return layout
+
+
+def _heads(model: nn.Module, state: DeltaState, routing: Routing, layout: _Layout) -> set[int]:
+    """Give the batch's densely saved heads to the layers of their modules; the ids of those modules."""
     tasks = [t for t in routing.tasks if t != BASE]
-    for task in tasks:
-        for path, delta in state.adapters[task].deltas.items():
-            for module, pname in state.owners[path]:
-                layer(module).deltas.setdefault(task, []).append((pname, delta))
-    heads = sorted({path for t in tasks for path in state.adapters[t].saved})
-    for path in heads:
+    paths = sorted({path for t in tasks for path in state.adapters[t].saved})
+    found = set()
+    for path in paths:
         module_name, _, pname = path.rpartition(".")
         module = model.get_submodule(module_name)
         own = {t: state.adapters[t].saved.get(path) if t != BASE else None for t in routing.tasks}
@@ -401,8 +484,9 @@ def _plan(model: nn.Module, state: DeltaState, routing: Routing) -> list[tuple[n
                 "share one batch: split the batch by head (sparsedelta predict groups tasks by head)"
             )
         for task, tensor in per_task.items():
-            layer(module).heads.setdefault(task, {})[pname] = tensor
-    return list(layers.values())
+            layout.layer(module).heads.setdefault(task, {})[pname] = tensor
+        found.add(id(module))
+    return found
 
 
 @contextlib.contextmanager
@@ -452,15 +536,47 @@ def _running(model: nn.Module, state: DeltaState, names: list[str], repeats: int
         with _only(model, state, routing.tasks[0]), _opened(model, routing):
             yield model
         return
-    layers = _plan(model, state, routing)
-    with disabled(model), _opened(model, routing):  # every delta unmerged: the base serves the whole batch
+    layout = _layout(model, state)
+    chosen = set()
+    with _unmerged(model, state), _opened(model, routing):  # every delta unmerged: the base serves the whole batch
         try:
-            for module, layer in layers:
+            chosen = {i for t in routing.tasks if t != BASE for i in layout.modules_of[t]}
+            chosen |= _heads(model, state, routing, layout)
+            for i in chosen:
+                module, layer = layout.layers[i]
+                layer.routing = routing
                 patching.wrap(module, LAYER_KEY, layer)
+            routing.layers = [layout.layers[i][1] for i in chosen]
+            routing.table_rows = [layout.index[t] for t in routing.tasks if t != BASE]
+            _drop_stale(routing)
             yield model
         finally:
-            for module, _ in layers:
-                patching.unwrap(module, LAYER_KEY)
+            for i in chosen:
+                patching.unwrap(layout.layers[i][0], LAYER_KEY)
+            for _, layer in layout.layers.values():  # heads given before a refusal too
+                layer.routing, layer.heads = None, {}
+
+
+def _drop_stale(routing: Routing, forward: bool = False) -> None:
+    """Forget the tables that a delta of the batch changed since they were built: when the batch
+    opens, and at every forward of the model but the first after that."""
+    if forward and routing.checked:
+        routing.checked = False
+        return
+    for layer in routing.layers:
+        layer.drop_stale(routing.table_rows)
+    routing.checked = not forward
+
+
+@contextlib.contextmanager
+def _unmerged(model: nn.Module, state: DeltaState):
+    """Every delta out of the weights, then as it was (nothing to do when none is merged: a server
+    keeps none merged between its mixed batches)."""
+    if state.active is None or not state.merged:
+        yield
+        return
+    with disabled(model):
+        yield
 
 
 @contextlib.contextmanager
@@ -518,6 +634,7 @@ def _take_names(model: nn.Module, args: tuple, kwargs: dict):
             stack.enter_context(mixed_batch(model, names))
             model.__dict__[_CALL] = stack
     elif routing is not None:
+        _drop_stale(routing, forward=True)  # a delta may have changed since the last forward of this batch
         # generate expands the rows (beams, num_return_sequences) before calling the model, whose own
         # inputs (input_ids, attention_mask...) are batch-first: their m·B rows are the expansion
         rows, generating = len(routing.names), getattr(_lock(model)[1], "generating", False)

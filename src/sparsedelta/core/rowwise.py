@@ -6,6 +6,8 @@ task's merged model by what the delta Δ_t adds; these functions add exactly tha
     linear  (nn.Linear, W of shape (out, in); transformers' Conv1D, W of shape (in, out))
             y_rows += x_rows Δᵀ: a sparse (CSR) product with the k entries, N·k multiply-adds for N tokens
     bias    y_rows[..., j] += Δb_j for the delta's positions j
+    table   y[t] += x[t] Δ_{task(t)}ᵀ for the tokens of every task at once: the entries of every task in
+            a padded table, gathered by each token's task (few tokens per task: decoding)
     embedding  y_rows[token, j] += Δ[id(token), j]: each token's entries found through the delta's
             CSR row pointers, so only the entries of the ids present are touched
     merged_tensor  θ with the task's entries written in: the generic path's transient copy of one
@@ -135,41 +137,46 @@ def add_linear(matrix: torch.Tensor, blocks: list[torch.Tensor], y: torch.Tensor
         y.index_add_(0, rows, flat.view(len(rows), *y.shape[1:]))
 
 
-def linear_entries(delta: SparseDelta, weight: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The effective Δ as (output index, input index, value) per entry, for W (out, in), or W (in, out)
-    when `transposed` (Conv1D)."""
-
-    def build(positions, effective):
-        width = weight.shape[1]
+def linear_table(deltas: list[SparseDelta | None], weight: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, ...]:
+    """Every task's effective Δ of one linear weight as rows of a padded table: (outputs, inputs,
+    values), each (len(deltas) + 1, k_max), indices int32 (12 bytes per entry). Row i holds deltas[i]'s
+    entries, then zeros; a None and the last row are all zeros (the bare base, tasks without a delta
+    here). For W (out, in), or W (in, out) when `transposed` (Conv1D)."""
+    width = weight.shape[1]
+    dtype = compute_dtype(weight.dtype)
+    parts = []
+    for delta in deltas:
+        if delta is None:
+            parts.append(None)
+            continue
+        positions, base, merged = _merged_entries(delta, weight)
         major, minor = positions // width, positions % width
-        return (minor, major, effective) if transposed else (major, minor, effective)
-
-    return _prepared(delta, weight, "entries", build)
-
-
-def gather_plan(parts: list[tuple[tuple, slice | torch.Tensor]], x: torch.Tensor, n_out: int) -> tuple[torch.Tensor, ...]:
-    """(source in x, target in y, value) for every (token, entry) pair of every task's rows: the
-    correction y[rows] += x[rows] Δᵀ of several tasks as one gather and one `index_add_`.
-    `parts`: ((outputs, inputs, values) from `linear_entries`, that task's rows)."""
-    n_in = x.shape[-1]
-    per_row = x.numel() // (x.shape[0] * n_in)  # tokens per row
-    sources, targets, scales = [], [], []
-    for (outs, cols, values), rows in parts:
-        index = torch.arange(x.shape[0], device=x.device)[rows] if isinstance(rows, slice) else rows
-        tokens = (index[:, None] * per_row + torch.arange(per_row, device=x.device)).reshape(-1, 1)
-        sources.append((tokens * n_in + cols).reshape(-1))
-        targets.append((tokens * n_out + outs).reshape(-1))
-        scales.append(values.expand(len(tokens), -1).reshape(-1))
-    small = max(x.numel(), x.shape[0] * per_row * n_out) < 2**31
-    index_dtype = torch.int32 if small else torch.long  # 12 bytes per pair instead of 20
-    return torch.cat(sources).to(index_dtype), torch.cat(targets).to(index_dtype), torch.cat(scales)
+        outs, ins = (minor, major) if transposed else (major, minor)
+        parts.append((outs, ins, merged.to(dtype) - base.to(dtype)))
+    k_max = max((len(p[0]) for p in parts if p is not None), default=0)
+    outs = torch.zeros(len(deltas) + 1, k_max, dtype=torch.int32, device=weight.device)
+    ins = torch.zeros_like(outs)
+    values = torch.zeros(len(deltas) + 1, k_max, dtype=dtype, device=weight.device)
+    for row, part in enumerate(parts):
+        if part is not None:
+            k = len(part[0])
+            outs[row, :k], ins[row, :k], values[row, :k] = part
+    return outs, ins, values
 
 
-def add_gathered(plan: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor) -> None:
-    """y += the corrections of `gather_plan`, in place (y contiguous)."""
-    sources, targets, scales = plan
-    gathered = x.reshape(-1).index_select(0, sources).to(scales.dtype) * scales
-    y.view(-1).index_add_(0, targets, gathered.to(y.dtype))
+def add_table(table: tuple[torch.Tensor, ...], codes: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+    """y[t] += x[t] Δᵀ of the table's row codes[t], for every token t of x (..., in) and y (..., out), in
+    place: one gather, one product and one scatter for every task of the batch, whatever their number.
+    Half-precision outputs are summed in float32 first, as the merged weight's product would be."""
+    outs, ins, values = table
+    x2 = x.reshape(-1, x.shape[-1])
+    gathered = x2.gather(1, ins.index_select(0, codes).long()).to(values.dtype) * values.index_select(0, codes)
+    targets = outs.index_select(0, codes).long()
+    if y.dtype == values.dtype and y.is_contiguous():
+        y.view(-1, y.shape[-1]).scatter_add_(1, targets, gathered)
+        return
+    total = gathered.new_zeros(x2.shape[0], y.shape[-1]).scatter_add_(1, targets, gathered)
+    y += total.view(y.shape).to(y.dtype)
 
 
 def bias_entries(delta: SparseDelta, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
