@@ -66,13 +66,14 @@ def assert_same_state(model, before):
 )
 @pytest.mark.parametrize(
     "rerun_at, block, table_at",
-    [(0.0, rowwise.TOKEN_BLOCK, mixed.GATHER_AT), (float("inf"), rowwise.TOKEN_BLOCK, mixed.GATHER_AT),
+    [(0.0, rowwise.TOKEN_BLOCK, mixed.TABLE_AT), (float("inf"), rowwise.TOKEN_BLOCK, 64), (float("inf"), rowwise.TOKEN_BLOCK, 7),
      (float("inf"), rowwise.TOKEN_BLOCK, 0), (float("inf"), 3, 0)],
-    ids=["linear rows run again", "linear rows from the table", "linear rows corrected per task", "corrected in blocks of 3 tokens"],
+    ids=["linear rows run again", "linear rows from the table", "one-row tasks from the table, others per task",
+         "linear rows corrected per task", "corrected in blocks of 3 tokens"],
 )  # fmt: skip
 def test_each_row_equals_its_tasks_merged_model(tied, names, rerun_at, block, table_at, monkeypatch):
     monkeypatch.setattr(mixed, "RERUN_AT", rerun_at)  # which of the ways a linear layer's rows take
-    monkeypatch.setattr(mixed, "GATHER_AT", table_at)  # 0: no task's rows are few enough for the table
+    monkeypatch.setattr(mixed, "TABLE_AT", table_at)  # tokens of a task's rows up to which they take the table
     monkeypatch.setattr(rowwise, "TOKEN_BLOCK", block)  # 3: the blocks cut rows of 7 tokens mid-row
     torch.manual_seed(0)
     model = TinyNet(tied=tied).double().eval()
@@ -117,6 +118,7 @@ def test_a_delta_changed_between_batches_or_forwards_is_seen(monkeypatch):
     ids = torch.randint(1, 50, (4, 3))
     names = ["a", "b", BASE, "c"]
     monkeypatch.setattr(mixed, "RERUN_AT", float("inf"))  # every linear row from the table
+    monkeypatch.setattr(mixed, "TABLE_AT", 64)
     built = []
     real = rowwise.linear_table
     monkeypatch.setattr(rowwise, "linear_table", lambda *a: built.append(1) or real(*a))
@@ -265,8 +267,10 @@ def test_a_causal_lm_with_mixed_generate_pickles(llama, tmp_path):
     assert "generate" not in copied.__dict__  # the per-model generate (adapter_names=) goes with the last delta
 
 
-def test_bfloat16_rows_from_the_table_match_the_merged_model(monkeypatch):
+@pytest.mark.parametrize("table_at", [64, 5], ids=["every row", "one-row tasks"])
+def test_bfloat16_rows_from_the_table_match_the_merged_model(table_at, monkeypatch):
     monkeypatch.setattr(mixed, "RERUN_AT", float("inf"))
+    monkeypatch.setattr(mixed, "TABLE_AT", table_at)
     tables = []
     real = rowwise.add_table
     monkeypatch.setattr(rowwise, "add_table", lambda *a: tables.append(1) or real(*a))

@@ -164,19 +164,28 @@ def linear_table(deltas: list[SparseDelta | None], weight: torch.Tensor, transpo
     return outs, ins, values
 
 
-def add_table(table: tuple[torch.Tensor, ...], codes: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
-    """y[t] += x[t] Δᵀ of the table's row codes[t], for every token t of x (..., in) and y (..., out), in
-    place: one gather, one product and one scatter for every task of the batch, whatever their number.
-    Half-precision outputs are summed in float32 first, as the merged weight's product would be."""
+def add_table(table: tuple[torch.Tensor, ...], codes: torch.Tensor, tokens: torch.Tensor | None, x: torch.Tensor,
+              y: torch.Tensor) -> None:  # fmt: skip
+    """y[t] += x[t] Δᵀ of the table's row codes[i] for each token t = tokens[i] of x (..., in) and y
+    (..., out) (tokens None: every token, in order), in place: one gather, one product and one scatter
+    for every task of the batch, whatever their number. Summed in the table's dtype (float32 for
+    half-precision layers) before it is added to y, as the merged weight's product would be."""
     outs, ins, values = table
     x2 = x.reshape(-1, x.shape[-1])
+    if tokens is not None:
+        x2 = x2.index_select(0, tokens)
     gathered = x2.gather(1, ins.index_select(0, codes).long()).to(values.dtype) * values.index_select(0, codes)
     targets = outs.index_select(0, codes).long()
-    if y.dtype == values.dtype and y.is_contiguous():
+    if tokens is None and y.dtype == values.dtype and y.is_contiguous():
         y.view(-1, y.shape[-1]).scatter_add_(1, targets, gathered)
         return
-    total = gathered.new_zeros(x2.shape[0], y.shape[-1]).scatter_add_(1, targets, gathered)
-    y += total.view(y.shape).to(y.dtype)
+    total = gathered.new_zeros(x2.shape[0], y.shape[-1]).scatter_add_(1, targets, gathered).to(y.dtype)
+    if tokens is None:
+        y += total.view(y.shape)
+    elif y.is_contiguous():
+        y.view(-1, y.shape[-1]).index_add_(0, tokens, total)
+    else:
+        y += y.new_zeros(y.shape).view(-1, y.shape[-1]).index_add_(0, tokens, total).view(y.shape)
 
 
 def bias_entries(delta: SparseDelta, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
