@@ -5,7 +5,9 @@
     python bench/serve_memory.py --quick    # a tiny Llama, N = 0, 1, 4
 
 Each N runs in a fresh process. "held" is the nbytes of every tensor of every adapter's SparseDelta
-objects; "trimmed" is RSS after glibc's malloc_trim(0) (what the allocator kept but nobody uses)."""
+objects; "trimmed" is RSS after glibc's malloc_trim(0) (what the allocator kept but nobody uses);
+"serving" is the growth (trimmed) after a prefill and a few decoding steps with one row per delta in
+mixed batches, as the engine runs them: the layers' tables of every delta's entries are built there."""
 
 from __future__ import annotations
 
@@ -112,8 +114,32 @@ def child(model: str | None, files: list[str]) -> dict:
     entries, held = held_bytes(base) if files else (0, 0)
     malloc_trim()
     trimmed = rss()
+    serving = decode(base, len(files)) if files else trimmed
     return {"n": len(files), "entries": entries, "held": held, "rss_before": before, "rss_after": after,
-            "rss_trimmed": trimmed, "anon_growth": anon_after - anon_before}
+            "rss_trimmed": trimmed, "anon_growth": anon_after - anon_before, "rss_serving": serving}
+
+
+def decode(model, adapters: int, steps: int = 4) -> int:
+    """RSS (trimmed) after a server's work: one row per adapter, a prompt of 8 tokens, then `steps`
+    decoding steps in mixed batches, as the engine runs them (the layers' tables are built here)."""
+    import torch
+
+    from sparsedelta.core.adapters import set_adapter
+    from sparsedelta.core.mixed import mixed_batch
+
+    set_adapter(model, None)  # the engine keeps none merged between mixed steps
+    names = [f"t{i}" for i in range(adapters)] if adapters > 1 else ["t0", "__base__"]
+    ids = torch.randint(1, 100, (len(names), 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with mixed_batch(model, names):
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        for _ in range(steps):
+            with mixed_batch(model, names):
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    del out, cache
+    malloc_trim()
+    return rss()
 
 
 def main() -> None:
@@ -139,12 +165,13 @@ def main() -> None:
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
     mib = 2**20
-    print(f"{'N':>3} | {'entries':>10} | {'held MiB':>8} | {'RSS growth MiB':>14} | {'growth/held':>11} | {'after trim MiB':>14} | {'anon growth MiB':>15}")
+    print(f"{'N':>3} | {'entries':>10} | {'held MiB':>8} | {'RSS growth MiB':>14} | {'growth/held':>11} | {'after trim MiB':>14} | "
+          f"{'anon growth MiB':>15} | {'serving MiB':>11}")
     for r in rows:
         growth, trimmed = r["rss_after"] - r["rss_before"], r["rss_trimmed"] - r["rss_before"]
         ratio = f"{growth / r['held']:.2f}" if r["held"] else "-"
         print(f"{r['n']:>3} | {r['entries']:>10} | {r['held'] / mib:>8.1f} | {growth / mib:>14.1f} | {ratio:>11} | "
-              f"{trimmed / mib:>14.1f} | {r['anon_growth'] / mib:>15.1f}")
+              f"{trimmed / mib:>14.1f} | {r['anon_growth'] / mib:>15.1f} | {(r['rss_serving'] - r['rss_before']) / mib:>11.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"model": "tiny-llama" if args.quick else "SmolLM2-135M-Instruct",
                                           "density": args.density, "rows": rows}, indent=1) + "\n")
