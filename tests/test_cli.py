@@ -100,7 +100,12 @@ def test_default_pipeline_end_to_end(default_run, minilm_path):
 def test_eval_reproduces_the_test_accuracy_and_reads_other_files(default_run, tmp_path, capsys):
     out, _ = default_run
     metrics = json.loads((out / "metrics.json").read_text())
-    assert main(["eval", str(out), "--json"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(["eval", str(out), "--json", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=1e-9)
     rows = [{"text": "shares in the bank fell as profits dropped", "topic": "business"},
             {"text": "the striker scored twice in the cup final", "topic": "sports"}]  # fmt: skip

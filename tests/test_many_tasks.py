@@ -156,9 +156,14 @@ def test_predict_prints_throughput_and_serves_one_adapter_without_a_task_column(
     rows = [{"text": r["text"]} for r in make_rows(2, seed=3)]
     path = write_csv(tmp_path / "plain.csv", rows)
     out = tmp_path / "p.json"
-    assert main(["predict", "--adapter", f"a={runs['a']}", "--input-file", str(path), "--output", str(out)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(["predict", "--adapter", f"a={runs['a']}", "--input-file", str(path), "--output", str(out), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     captured = capsys.readouterr()
-    assert "rows/s" in captured.out and "predict" in captured.err  # the throughput line and the progress bar
+    assert "rows/s on 1 thread(s)" in captured.out and "predict" in captured.err  # the throughput line and the progress bar
     assert {p["task"] for p in json.loads(out.read_text())} == {"a"}
 
 

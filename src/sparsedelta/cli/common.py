@@ -8,6 +8,20 @@ from pathlib import Path
 from ..errors import UsageError
 
 
+def add_threads_flag(parser) -> None:
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: one per idle core, by the load average)")
+
+
+def use_threads(requested: int | None) -> int:
+    """Set torch's CPU threads to `requested`, or one per idle core (train.threads.pick_threads)."""
+    import torch
+
+    from ..train.threads import pick_threads
+
+    torch.set_num_threads(pick_threads(requested))
+    return torch.get_num_threads()
+
+
 def print_result(result: dict, as_json: bool, line: str) -> int:
     print(json.dumps(result) if as_json else line)
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import print_result
+from .common import add_threads_flag, print_result, use_threads
 from .flags import add_field_groups, check_task_flags, given
 
 NAME = "eval"
@@ -14,6 +14,7 @@ def add(sub) -> None:
     p.set_defaults(fields=add_field_groups(p, ("data",)) | add_field_groups(p, ("model", "optimisation"),
                    only={"model", "max_length", "eval_batch_size"}))  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_threads_flag(p)
     p.set_defaults(func=run)
 
 
@@ -21,6 +22,7 @@ def run(args) -> int:
     from ..train.finished import load_run
     from ..train.runfolder import RunFolder
 
+    use_threads(args.threads)
     overrides = given(args, args.fields)
     model = overrides.pop("model", None)
     check_task_flags(overrides, args.fields, RunFolder.existing(args.run).config["train"].get("task", "classification"))

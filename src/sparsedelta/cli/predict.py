@@ -3,7 +3,7 @@ its tasks' deltas in mixed-task batches (`sparsedelta.train.predict.predict`).""
 
 from __future__ import annotations
 
-from .common import duration
+from .common import add_threads_flag, duration, use_threads
 from .flags import add_base_flags
 
 NAME = "predict"
@@ -27,6 +27,7 @@ def add(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="causal LM: tokens generated per row (default 32)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_flag(p)
     add_base_flags(p)
     p.set_defaults(func=run)
 
@@ -34,6 +35,7 @@ def add(sub) -> None:
 def run(args) -> int:
     from ..train.predict import parse_adapters, predict
 
+    threads = use_threads(args.threads)
     result = predict(
         parse_adapters(args.adapter), args.input_file, args.output, text_columns=args.text_column,
         task_column=args.task_column, model=args.model, task=args.task,
@@ -43,6 +45,6 @@ def run(args) -> int:
     )  # fmt: skip
     print(
         f"predicted {result['rows']:,} rows of {result['tasks']} task(s) in {duration(result['seconds'])}: "
-        f"{result['rows_per_s']:,.1f} rows/s -> {result['output']}"
+        f"{result['rows_per_s']:,.1f} rows/s on {threads} thread(s) -> {result['output']}"
     )
     return 0
