@@ -296,8 +296,8 @@ class MixedLayer:
         elif fast.kind == "embedding":
             table = rowwise.embedding_rows(delta, param)
             _update(y, rows, lambda part: rowwise.add_embedding(table, rowwise.take(x, rows), part))
-        else:
-            matrix = rowwise.linear_matrix(delta, param, fast.transposed)
+        else:  # the task's row of the table as a CSR matrix: no form of its own kept per delta
+            matrix = rowwise.table_matrix(self._linear_table(module, fast), self.index[task], param.shape[0 if fast.transposed else 1])
             rowwise.add_linear(matrix, self.routing.transposed(x, task, rows, matrix.dtype), y, rows)
 
     def _with_heads(self, module, inner, x, put, args, kwargs, groups):
