@@ -74,19 +74,21 @@ LAYER_KEY = "sparsedelta"
 
 
 def _linear(module, delta, path, x, bias_delta=None):
-    weight = module.weight
-    sampled = sampled_pays(weight, len(delta.indices), compute_dtype(weight))
-    if delta.holds_delta:
-        pattern = delta.csr() if sampled else None
-        return LinearDelta.apply(x, weight, module.bias, delta.values, delta.indices, path.transposed, pattern)
-    bias = module.bias if bias_delta is None else bias_delta.added_to(module.bias)
+    weight, observer = module.weight, delta.grad_observer
+    # an observer needs the layer's dense gradient, so the sampled product is skipped while it looks
+    sampled = observer is None and sampled_pays(weight, len(delta.indices), compute_dtype(weight))
     pattern = delta.csr() if sampled else None
-    return LinearCorrected.apply(x, weight, bias, delta.values, delta.indices, path.transposed, pattern, delta.every_entry())
+    if delta.holds_delta:
+        return LinearDelta.apply(x, weight, module.bias, delta.values, delta.indices, path.transposed, pattern, observer)
+    bias = module.bias if bias_delta is None else bias_delta.added_to(module.bias)
+    return LinearCorrected.apply(x, weight, bias, delta.values, delta.indices, path.transposed, pattern,
+                                 delta.every_entry(), observer)  # fmt: skip
 
 
 def _embedding(module, delta, path, ids):
     every = None if delta.holds_delta else delta.every_entry()
-    return EmbeddingDelta.apply(ids, module.weight, delta.values, delta.indices, module.padding_idx, every)
+    return EmbeddingDelta.apply(ids, module.weight, delta.values, delta.indices, module.padding_idx, every,
+                                delta.grad_observer)  # fmt: skip
 
 
 def _conv(module, delta, path, x):
@@ -98,7 +100,7 @@ def _conv(module, delta, path, x):
     if extra is not None:  # 'same' with an even reach: the odd pixel goes right, outside the function
         x = F.pad(x, extra)
     y = ConvDelta.apply(x, module.weight, module.bias, delta.values, delta.indices,
-                        module.stride, padding, module.dilation, module.groups)  # fmt: skip
+                        module.stride, padding, module.dilation, module.groups, delta.grad_observer)  # fmt: skip
     return y.squeeze(0) if unbatched else y
 
 
@@ -139,7 +141,7 @@ class DeltaLayer:
                 if delta is fast_delta:
                     continue
                 original = module._parameters[pname]
-                module._parameters[pname] = AddDelta.apply(original, delta.values, delta.indices)
+                module._parameters[pname] = AddDelta.apply(original, delta.values, delta.indices, delta.grad_observer)
                 swapped.append((pname, original))
             if fast_delta is not None:
                 x = args[0] if args else next(iter(kwargs.values()))
