@@ -317,9 +317,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_bert, topic_file
 
     def args(out):
         return tiny_args(tiny_bert, topic_files, out, "--method", "spiel", "--density", 0.02, "--max-steps", 30,
-                         "--checkpoint-every", 3, "--eval-every", 30, "--option", "reselection_steps=6",
-                         "--option", "accumulation_steps=2", "--seed", 3, "--threads", 1)  # fmt: skip
+                         "--checkpoint-every", 4, "--eval-every", 30, "--option", "reselection_steps=6",
+                         "--option", "accumulation_steps=3", "--seed", 3, "--threads", 1)  # fmt: skip
 
-    # killed at step >= 9: after the re-selections at 2 and 8; checkpoints at 9, 12, ... lie inside windows
-    m, _ = check_resume_matches(args(tmp_path / "reference"), args(tmp_path / "killed"), tmp_path, 9, 30)
-    assert [e["step"] for e in m["events"]] == [2, 8, 14, 20, 26]
+    # re-selections at 3, 9, 15, ...; the checkpoint at step 8 lies inside the window of step 9 (steps
+    # 7-9), so the candidates and their sums of two steps must come back
+    m, _ = check_resume_matches(args(tmp_path / "reference"), args(tmp_path / "killed"), tmp_path, 8, 30)
+    assert [e["step"] for e in m["events"]] == [3, 9, 15, 21, 27]
