@@ -324,3 +324,35 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_bert, topic_file
     # 7-9), so the candidates and their sums of two steps must come back
     m, _ = check_resume_matches(args(tmp_path / "reference"), args(tmp_path / "killed"), tmp_path, 8, 30)
     assert [e["step"] for e in m["events"]] == [3, 9, 15, 21, 27]
+
+
+@pytest.mark.slow
+def test_two_processes_grow_the_same_positions_as_one_with_the_global_batch(tiny_bert, topic_files, tmp_path):
+    """torchrun, 2 CPU processes: the candidates and their sums are averaged across processes, so both
+    ranks move the same entries, and as one process with the global batch does."""
+    import os
+    import subprocess
+    import sys
+
+    from sparsedelta.core.io import read
+    from test_cli import SRC, run_cli
+
+    common = ["--method", "spiel", "--density", 0.02, "--max-steps", 10, "--eval-every", 10, "--seed", 5,
+              "--option", "reselection_steps=4", "--option", "accumulation_steps=2"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sparsedelta",
+           *tiny_args(tiny_bert, topic_files, tmp_path / "ddp", "--batch-size", 8, *common)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert len(set(metrics["rank_fingerprints"])) == 1 and [e["step"] for e in metrics["events"]] == [2, 6, 10]
+    single = run_cli(*tiny_args(tiny_bert, topic_files, tmp_path / "single", "--batch-size", 16, *common, "--threads", 1))
+    assert single.returncode == 0, single.stderr[-3000:]
+    (_, a), (_, b) = read(tmp_path / "ddp"), read(tmp_path / "single")
+    assert a.keys() == b.keys()
+    assert any(key.endswith(".indices") for key in a)
+    for key in a:
+        if key.endswith(".indices"):
+            assert torch.equal(a[key], b[key]), key  # the same entries moved
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
