@@ -356,3 +356,13 @@ def test_two_processes_grow_the_same_positions_as_one_with_the_global_batch(tiny
             assert torch.equal(a[key], b[key]), key  # the same entries moved
         else:
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_fsdp_is_refused_in_words():
+    """A grown entry's θ is read from the weight, which --fsdp shards across processes."""
+    from sparsedelta.train import sharding
+    from sparsedelta.train.distributed import World
+
+    runner = make_runner(MethodSettings(method="spiel"))
+    with pytest.raises(UsageError, match="moves its entries to new positions mid-run.*drop --fsdp"):
+        sharding.check(runner, World(rank=0, size=2))

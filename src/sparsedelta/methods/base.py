@@ -115,6 +115,7 @@ class MethodRunner:
     schedule_class: ClassVar[type | None] = None  # a dataclass of further settings that are not the config's
     takes_budget: ClassVar[bool] = False  # accepts --threshold / --density
     swaps_parameters: ClassVar[bool] = False  # changes its trainable tensors mid-run (a new phase)
+    moves_entries: ClassVar[bool] = False  # moves delta entries to new positions mid-run, reading θ there (SpIEL)
     lrs: ClassVar[dict[str, float]] = {}  # default learning rate per task; "default" for the others
     default_options: ClassVar[dict[str, Any]] = {}  # --option defaults that differ from the option class's own
     # the targeting settings the method honours; any other one given is refused, never ignored

@@ -21,6 +21,7 @@ class SpIELRunner(_BaselineRunner):
     summary = "SpIEL (Ansell et al. 2024, arXiv 2401.16405): drop the entries that moved least, grow by accumulated gradients"
     config_class = SpIELConfig
     config: SpIELConfig
+    moves_entries = True  # θ at a grown position is read from the weight: not under --fsdp (train/sharding.py)
 
     def __init__(self, settings):
         super().__init__(settings)
