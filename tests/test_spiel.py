@@ -366,3 +366,29 @@ def test_fsdp_is_refused_in_words():
     runner = make_runner(MethodSettings(method="spiel"))
     with pytest.raises(UsageError, match="moves its entries to new positions mid-run.*drop --fsdp"):
         sharding.check(runner, World(rank=0, size=2))
+
+
+@pytest.mark.slow
+def test_the_trainer_under_accelerate_moves_the_same_entries_on_both_processes(tiny_bert, topic_files, tmp_path):
+    """The Trainer's DistributedDataParallel averages the values' gradients; the observers average the
+    candidates' (a collective inside backward, beside DDP's own): both processes move the same entries,
+    as one process with the global batch does."""
+    import subprocess
+    import sys
+
+    from test_accelerate import TRAINER_SCRIPT, TWO_PROCESSES, assert_same_delta, environment
+
+    env, args = environment(tmp_path), [tiny_bert, topic_files["train"]]
+    # 4 steps: the first epoch, as test_accelerate's (later epochs draw another order under several processes)
+    options = json.dumps({"reselection_steps": 2, "accumulation_steps": 1})
+    launched = subprocess.run([*TWO_PROCESSES, TRAINER_SCRIPT, *map(str, args), tmp_path / "acc", "8", "4", options,
+                               "spiel"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    single = subprocess.run([sys.executable, TRAINER_SCRIPT, *map(str, args), tmp_path / "one", "16", "4", options,
+                             "spiel"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    log = json.loads((tmp_path / "acc" / "log.json").read_text())
+    assert log["world_size"] == 2 and [step for step, _ in log["events"]] == [1, 3]
+    assert log["events"] == json.loads((tmp_path / "one" / "log.json").read_text())["events"]
+    assert_same_delta(tmp_path / "acc" / "delta-rank0", tmp_path / "acc" / "delta-rank1", rtol=0, atol=0)
+    assert_same_delta(tmp_path / "acc" / "delta-rank0", tmp_path / "one" / "delta-rank0", rtol=1e-4, atol=1e-6)
