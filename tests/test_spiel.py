@@ -262,6 +262,17 @@ def test_bf16_weights_take_the_delta_as_a_correction_and_still_move_it():
         assert torch.equal(delta.weight.detach(), theta[name])  # the bf16 weight is never written
 
 
+def test_the_memory_model_adds_the_first_windows_sums_and_one_layers_gradient():
+    from sparsedelta.train.memory import estimate, model_shape
+
+    shape = model_shape(None, "classification")
+    sara, spiel = estimate(shape, "sara", density=0.01), estimate(shape, "spiel", density=0.01)
+    k = round(0.01 * shape.targeted)
+    assert spiel.trainable == sara.trainable
+    assert spiel.state - sara.state == 120 * k  # C = 5k candidates + k entries, 20 bytes each
+    assert spiel.activations - sara.activations == 4 * shape.largest_targeted
+
+
 # -- end to end -----------------------------------------------------------------------------------------
 def test_cli_trains_spiel_and_its_product_is_an_ordinary_delta(tiny_bert, topic_files, tmp_path):
     from transformers import AutoModelForSequenceClassification

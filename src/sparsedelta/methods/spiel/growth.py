@@ -4,8 +4,8 @@ changed entries reset.
 
 Memory. No dense gradient of the model is kept: while a window is open, each targeted layer's backward
 computes its own dense weight gradient (as the non-sampled fast path does anyway), shows it to the
-layer's `CandidateScores` and frees it. The first step of the window picks the C largest |gradient|
-positions outside the delta (C = candidates_per_slot × the entries to replace, the official
+layer's `CandidateScores` and frees it. The window's first backward (its first micro-batch under
+gradient accumulation) picks the C largest |gradient| positions outside the delta (C = candidates_per_slot × the entries to replace, the official
 `candidates_per_replacement_slot`); every step of the window adds the gradient at those C positions
 and at the delta's own k entries, so that an entry about to be dropped competes with the candidates
 (as in the official code, where a dropped entry can be grown back in place). Kept per tensor for the
@@ -82,8 +82,10 @@ class CandidateScores:
         self.steps += 1
 
     def state(self) -> dict:
-        return {"count": self.count, "steps": self.steps, "positions": self.positions, "this_step": self.this_step,
-                "total": self.total, "squares": self.squares}  # fmt: skip
+        # copies: the sums keep growing in place after a checkpoint is taken
+        tensors = {k: None if v is None else v.clone() for k, v in (("positions", self.positions),
+                   ("this_step", self.this_step), ("total", self.total), ("squares", self.squares))}  # fmt: skip
+        return {"count": self.count, "steps": self.steps, **tensors}
 
     @classmethod
     def from_state(cls, state: dict, delta: SparseDelta) -> CandidateScores:
