@@ -120,7 +120,7 @@ def test_growth_takes_the_largest_summed_gradients_on_a_known_case():
     for g in (g1, g2):
         scores(g.view(4, 4))
         scores.end_step()
-    assert sorted(scores.positions[:3].tolist()) == [5, 10, 12]
+    assert scores.positions.tolist() == [0, 1, 2, 3, 5, 10, 12]  # 3 candidates and the entries, sorted
     values_before = delta.values.detach().clone()
     moved = drop_and_grow(delta, scores, 2, optimizer)
     # dropped: slots of 1 (|0.01|) and 3 (|0.02|); pool by |Σg|: 5 (16), 3 (12), 12 (1), 1 (0.4), 10 (0)
@@ -207,6 +207,41 @@ def test_the_observer_sees_each_paths_dense_gradient():
         module(x).pow(2).sum().backward()
         assert len(seen) == 1, kind
         torch.testing.assert_close(seen[0].reshape(reference.weight.shape), reference.weight.grad, msg=kind)
+
+
+def test_window_steps_after_the_first_take_the_sampled_product_at_the_candidates(monkeypatch):
+    """The first backward of a window needs the dense gradient (to choose the candidates); later ones
+    only the C + k positions, which a sparse linear layer takes from the sampled product: the same sums
+    and the same values' gradients as from the dense product."""
+    from sparsedelta.core import ops
+
+    real, calls = ops._sampled_weight_grad, []
+    monkeypatch.setattr(ops, "_sampled_weight_grad", lambda *a: calls.append(1) or real(*a))
+
+    def window(sampled: bool):
+        monkeypatch.setattr(ops, "SAMPLED_MAX_DENSITY", 0.1 if sampled else 0.0)
+        calls.clear()
+        torch.manual_seed(0)
+        layer = nn.Linear(64, 48)
+        sd.prepare(layer, sd.SpIELConfig(density=0.01))
+        delta = deltas_of(layer)["weight"]
+        delta.grad_observer = scores = CandidateScores(3 * len(delta.indices), delta)  # C + k = 4% of the layer
+        gen, grads = torch.Generator().manual_seed(1), []
+        for _ in range(3):
+            layer(torch.randn(32, 64, generator=gen)).pow(2).sum().backward()
+            grads.append(delta.values.grad.clone())
+            delta.values.grad = None
+            scores.end_step()
+        return scores, grads, len(calls)
+
+    sampled, sampled_grads, sampled_calls = window(True)
+    dense, dense_grads, dense_calls = window(False)
+    assert (sampled_calls, dense_calls) == (2, 0)
+    assert torch.equal(sampled.positions, dense.positions)
+    torch.testing.assert_close(sampled.total, dense.total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sampled.squares, dense.squares, rtol=1e-5, atol=1e-5)
+    for a, b in zip(sampled_grads, dense_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 # -- resume ---------------------------------------------------------------------------------------------

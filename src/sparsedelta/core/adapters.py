@@ -75,9 +75,12 @@ LAYER_KEY = "sparsedelta"
 
 def _linear(module, delta, path, x, bias_delta=None):
     weight, observer = module.weight, delta.grad_observer
-    # an observer needs the layer's dense gradient, so the sampled product is skipped while it looks
-    sampled = observer is None and sampled_pays(weight, len(delta.indices), compute_dtype(weight))
-    pattern = delta.csr() if sampled else None
+    if observer is None:
+        pattern = delta.csr() if sampled_pays(weight, len(delta.indices), compute_dtype(weight)) else None
+    else:  # the observer's positions (the entries among them) as a sampled pattern, else the dense gradient
+        offered = observer.sampled_pattern() if hasattr(observer, "sampled_pattern") else None
+        pays = offered is not None and sampled_pays(weight, len(offered[1]), compute_dtype(weight))
+        pattern = offered if pays else None
     if delta.holds_delta:
         return LinearDelta.apply(x, weight, module.bias, delta.values, delta.indices, path.transposed, pattern, observer)
     bias = module.bias if bias_delta is None else bias_delta.added_to(module.bias)

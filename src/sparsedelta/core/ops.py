@@ -17,8 +17,11 @@ generic path (core/correction.py).
 
 Every function also takes an optional `observer`: a callable given the layer's dense weight gradient
 (the weight's shape, transient) during backward, before its k entries are gathered, for a method that
-scores positions outside the delta (SpIEL's growth). With an observer the linear layers take the
-dense product, never the sampled one; the gradient is not kept after the call.
+scores positions outside the delta (SpIEL's growth); the gradient is not kept after the call. An
+observer that wants the gradient at fixed positions only may offer them (`sampled_pattern()`, see
+`adapters._linear`): a linear layer then takes the sampled product at those positions, which contain
+the delta's entries, hands it to `observer.add` and returns the entries' part (`observer.entry_slots`);
+otherwise an observed linear layer takes the dense product.
 """
 
 from __future__ import annotations
@@ -79,9 +82,13 @@ def _gather(dense_grad: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype)
 
 def _values_grad(ctx, g: torch.Tensor, x2: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """∂L/∂values of a linear layer: the sampled product at the pattern, or the dense product + gather
-    (shown to the observer first, if there is one)."""
-    if ctx.pattern is not None and ctx.observer is None:
+    (shown to the observer first, if there is one). With an observer, a pattern is the observer's."""
+    if ctx.pattern is not None:
         grad = _sampled_weight_grad(g, x2, ctx.pattern, ctx.weight_shape, ctx.transposed)
+        if ctx.observer is not None:
+            with torch.no_grad():
+                ctx.observer.add(grad)
+            grad = grad[ctx.observer.entry_slots]
         return grad.to(ctx.values_dtype)
     dense = x2.t().matmul(g) if ctx.transposed else g.t().matmul(x2)
     _observe(ctx.observer, dense)

@@ -12,7 +12,10 @@ and at the delta's own k entries, so that an entry about to be dropped competes 
 window: C + k positions (int64) and three float32 sums (this step, all steps, squares), 20 bytes
 each: 40·k bytes at a later re-selection (C = 5 · 0.2k = k) and 120·k bytes at the first one
 (first_rate 1: C = 5k, capped at the free positions). Transient: the layer's dense gradient and its
-|·| for the top-C on the first step, one layer at a time. The official code (`gradient_accumulation_
+|·| for the top-C on the first step, one layer at a time. Later steps of the window need the
+gradient at the C + k positions only: a linear layer whose sampled product pays at that count (CPU,
+C + k ≤ 10% of the layer) takes the sampled product there instead of the dense one
+(`sampled_pattern`, core/ops.py), so only the window's first step costs a dense product. The official code (`gradient_accumulation_
 hook`) takes its candidates among all positions, active ones included, C = k per module; at density
 1% and above the active entries then fill much of the candidate list (in a 16×32 test layer at 10%
 density no entry moved after the first re-selection), so ours are drawn from the free positions.
@@ -26,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ...core.delta import SparseDelta
+from ...core.delta import SparseDelta, csr_of
 
 
 def _world() -> int:
@@ -49,7 +52,8 @@ class CandidateScores:
     def __init__(self, count: int, delta: SparseDelta):
         self.count = count  # C, the candidates to keep besides the delta's entries
         self.__dict__["_delta"] = delta  # its entries at the first gradient seen (they do not move in a window)
-        self.positions: torch.Tensor | None = None  # C candidates, then the delta's entries; set at the first gradient
+        self.positions: torch.Tensor | None = None  # C candidates and the delta's entries, sorted; set at the first gradient
+        self._pattern = None  # (crow, col) of `positions` and the entries' places among them, once asked for
         self.this_step: torch.Tensor | None = None
         self.total: torch.Tensor | None = None
         self.squares: torch.Tensor | None = None
@@ -64,12 +68,31 @@ class CandidateScores:
             scores[delta.indices] = -1  # below every |gradient|: never a candidate
             scores[delta.frozen_indices] = -1
             count = min(self.count, flat.numel() - delta.num_entries)
-            # sorted positions: the order of equal scores never depends on topk's internal order
-            candidates = torch.sort(torch.topk(scores, count, sorted=False).indices).values
-            self.positions = torch.cat([candidates, delta.indices])
+            candidates = torch.topk(scores, count, sorted=False).indices
+            # sorted: the order of equal scores never depends on topk's, and the positions make a CSR pattern
+            self.positions = torch.sort(torch.cat([candidates, delta.indices])).values
             self.this_step = torch.zeros(len(self.positions), dtype=torch.float32, device=flat.device)
             self.total, self.squares = torch.zeros_like(self.this_step), torch.zeros_like(self.this_step)
-        self.this_step += flat[self.positions].float()  # micro-batches of one step add up to its gradient
+        self.add(flat[self.positions])
+
+    def add(self, grad_at_positions: torch.Tensor) -> None:
+        """This backward's gradient at `positions` (from the dense gradient, or the sampled product)."""
+        self.this_step += grad_at_positions.float()  # micro-batches of one step add up to its gradient
+
+    def sampled_pattern(self):
+        """`positions` as a CSR pattern (crow, col) of a 2-D weight, for the sampled product; None
+        before the first gradient chose them, or for another shape."""
+        delta = self._delta
+        if self.positions is None or len(delta.shape) != 2:
+            return None
+        if self._pattern is None:
+            self._pattern = csr_of(self.positions, delta.shape)
+        return self._pattern
+
+    @property
+    def entry_slots(self) -> torch.Tensor:
+        """The places of the delta's entries in `positions` (both sorted)."""
+        return torch.searchsorted(self.positions, self._delta.indices)
 
     def end_step(self) -> None:
         """A step was taken: its gradient at the candidates joins the sums."""
