@@ -176,7 +176,7 @@ def setup(method: str, model, args):
         config = sd.SaRAConfig(density=density, rank_penalty=penalty, **delta_targets(model, args.task))
         sd.prepare(model, config)
         return sd.trainable_parameters(model), (lambda m: sara.rank_penalty(m, penalty)) if penalty else None, None
-    if method.startswith(("spiel@", "spiel-window@")):
+    if method.startswith(("spiel@", "spiel-window@", "spiel-first@")):
         return spiel_setup(method, model, args.task)
     if method.startswith("supertuning@"):
         return supertuning_setup(model, spec_density(method.split("@")[1], model, args.task), args.task)
@@ -190,20 +190,29 @@ SPIEL_RATE = 0.2  # the replaced fraction a window is sized for: SpIEL's p₀, C
 
 def spiel_setup(method: str, model, task: str):
     """SpIEL at a density, random positions. "spiel@": a step outside an accumulation window (the
-    same work as any fixed mask). "spiel-window@": a step inside one: every tensor's observer open,
-    sized for a re-selection at SPIEL_RATE, each layer's dense gradient shown to it and the sums
-    closed after the step. The worker also times one drop and grow over every tensor ("select_s")."""
+    same work as any fixed mask). "spiel-window@": a later step inside one (the warm-up step was its
+    first): every tensor's observer open, sized for a re-selection at SPIEL_RATE, the gradient taken
+    at its C + k positions (the sampled product where it pays) and the sums closed after the step; the
+    worker also times one drop and grow over every tensor ("select_s"). "spiel-first@": a window's
+    first step, each time (fresh observers after every step): the layers' dense gradients, the top-C."""
     import sparsedelta as sd
     from sparsedelta.methods.spiel import CandidateScores, SpIELConfig, replacements
 
     density = spec_density(method.split("@")[1], model, task)
     sd.prepare(model, SpIELConfig(density=density, **delta_targets(model, task)))
-    if method.startswith("spiel-window@"):
-        deltas = sd.state_of(model).adapters["default"].deltas
+    deltas = sd.state_of(model).adapters["default"].deltas
+
+    def open_window():
         for delta in deltas.values():
             n = replacements(len(delta.indices), SPIEL_RATE)
             delta.grad_observer = CandidateScores(5 * n, delta) if n else None
+
+    if method.startswith("spiel-window@"):
+        open_window()
         model.__dict__["bench_after_step"] = lambda: [d.grad_observer.end_step() for d in deltas.values() if d.grad_observer]
+    elif method.startswith("spiel-first@"):
+        open_window()
+        model.__dict__["bench_after_step"] = open_window
     return sd.trainable_parameters(model), None, None
 
 
@@ -264,7 +273,7 @@ def file_size(method: str, model, tmp: Path) -> dict:
 
         sora.export_peft(model, tmp)
         return {"file_bytes": (tmp / "adapter_model.safetensors").stat().st_size}
-    if method.startswith(("sara@", "sara-no-penalty@", "spiel@", "spiel-window@")):
+    if method.startswith(("sara@", "sara-no-penalty@", "spiel@", "spiel-window@", "spiel-first@")):
         from sparsedelta.core.encoding import information_floor_bits
 
         sizes = {}
@@ -609,7 +618,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     known = " ".join(dict.fromkeys(SPEED_METHODS + SWEEP + ["diff-pruning-phase1", "diff-pruning-phase2", "spiel@1%",
-                                                            "spiel-window@1%"]))
+                                                            "spiel-window@1%", "spiel-first@1%"]))
     # argparse %-formats help texts
     parser.add_argument("--methods", nargs="*", default=None, help="subset of " + known.replace("%", "%%"))
     parser.add_argument("--no-sweep", action="store_true", help="skip the density sweep")

@@ -7,13 +7,15 @@ SHiRA and `sara@shira-k`), or --density. Rows:
     lora                PEFT LoRA r = 8, all linear layers
     sara@K              SaRA at k (nuclear-norm penalty on, as in bench.py)
     spiel@K             SpIEL at k, a step outside an accumulation window (sampled product, as any fixed mask)
-    spiel-window@K      SpIEL at k, a step inside a window: each layer's dense gradient shown to its
-                        observer (C = k candidates, sized for p₀ = 0.2), the sums closed after the step;
-                        the worker also times one drop and grow over every tensor (select s)
+    spiel-first@K       SpIEL at k, the first step of a window: each layer's dense gradient shown to its
+                        observer, which keeps the top C (C = k candidates, sized for p₀ = 0.2)
+    spiel-window@K      SpIEL at k, a later step of a window: the gradient at the C + k positions (the
+                        sampled product where it pays), the sums closed after the step; the worker also
+                        times one drop and grow over every tensor (select s)
 
-SpIEL's cost over a run: A window steps and one re-selection every R steps, so its mean step is
-((R − A) · outside + A · window + select) / R, given for the official SftConfig's R = 20, A = 5 and its
-scripts' R = 100.
+SpIEL's cost over a run: per R steps, one first window step, A − 1 later ones and one re-selection, so
+its mean step is ((R − A) · outside + first + (A − 1) · window + select) / R, given for the official
+SftConfig's R = 20, A = 5 and its scripts' R = 100.
 
     .venv/bin/python bench/spiel.py             # batch 32 x 128, 2 rounds (minutes on the 2-core CPU)
     .venv/bin/python bench/spiel.py --quick     # a smoke run: batch 4 x 32, one round
@@ -37,12 +39,13 @@ SCHEDULES = ((20, 5), (100, 5))  # (R, A): SftConfig's, its scripts'
 
 
 def methods(spec: str) -> list[str]:
-    return ["full", "lora", f"sara@{spec}", f"spiel@{spec}", f"spiel-window@{spec}"]
+    return ["full", "lora", f"sara@{spec}", f"spiel@{spec}", f"spiel-first@{spec}", f"spiel-window@{spec}"]
 
 
-def mean_step(outside: float, window: float, select: float, every: int, accumulate: int) -> float:
-    """SpIEL's mean step over a run: R − A plain steps, A window steps and one re-selection per R."""
-    return ((every - accumulate) * outside + accumulate * window + select) / every
+def mean_step(outside: float, first: float, window: float, select: float, every: int, accumulate: int) -> float:
+    """SpIEL's mean step over a run: per R steps, R − A plain ones, a window's first, A − 1 later window
+    steps and one re-selection."""
+    return ((every - accumulate) * outside + first + (accumulate - 1) * window + select) / every
 
 
 def table(summary: dict[str, dict], spec: str) -> list[str]:
@@ -59,10 +62,10 @@ def table(summary: dict[str, dict], spec: str) -> list[str]:
         select = f"{r['select_s']:>10.3f}" if "select_s" in r else ""
         lines.append(f"{method:<24}{r['step_s']:>9.3f}{r['step_s'] / full['step_s']:>8.2f}{tensors:>13.1f}"
                      f"{tensors / full.get('peak_tensor_mib', float('nan')):>8.2f}{int(r['trainable']):>12,}{select}")  # fmt: skip
-    outside, window = summary.get(f"spiel@{spec}"), summary.get(f"spiel-window@{spec}")
-    if outside and window:
+    outside, first, window = (summary.get(f"{m}@{spec}") for m in ("spiel", "spiel-first", "spiel-window"))
+    if outside and first and window:
         for every, accumulate in SCHEDULES:
-            step = mean_step(outside["step_s"], window["step_s"], window["select_s"], every, accumulate)
+            step = mean_step(outside["step_s"], first["step_s"], window["step_s"], window["select_s"], every, accumulate)
             lines.append(f"SpIEL's mean step, R = {every}, A = {accumulate}: {step:.3f} s = {step / full['step_s']:.2f} × full")
     return lines
 
