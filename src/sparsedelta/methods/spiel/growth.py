@@ -51,7 +51,7 @@ class CandidateScores:
 
     def __init__(self, count: int, delta: SparseDelta):
         self.count = count  # C, the candidates to keep besides the delta's entries
-        self.__dict__["_delta"] = delta  # its entries at the first gradient seen (they do not move in a window)
+        self._delta = delta  # its entries at the first gradient seen (they do not move in a window)
         self.positions: torch.Tensor | None = None  # C candidates and the delta's entries, sorted; set at the first gradient
         self._pattern = None  # (crow, col) of `positions` and the entries' places among them, once asked for
         self.this_step: torch.Tensor | None = None

@@ -4,15 +4,16 @@ that calls `on_step` after each optimizer step (`sparsedelta train`, the Trainer
 from __future__ import annotations
 
 from ...errors import UsageError
-from ..base import active_adapter
-from ..baselines import _BaselineRunner
+from ..base import DeltaRunner, active_adapter
+from ..baselines import sara_density, sara_lr
 from ..registry import register_method
+from ..sara import SaRARunner
 from .config import SpIELConfig, replacements
 from .growth import CandidateScores, drop_and_grow
 
 
 @register_method
-class SpIELRunner(_BaselineRunner):
+class SpIELRunner(DeltaRunner):
     """k entries at SaRA's budget (as the baselines), random (or |θ|-ranked) at first; every
     `reselection_steps` the entries that moved least go and the positions with the largest
     accumulated gradient come in."""
@@ -22,6 +23,7 @@ class SpIELRunner(_BaselineRunner):
     config_class = SpIELConfig
     config: SpIELConfig
     moves_entries = True  # θ at a grown position is read from the weight: not under --fsdp (train/sharding.py)
+    lrs = SaRARunner.lrs  # SaRA's learning rates, as the baselines at its budget
 
     def __init__(self, settings):
         super().__init__(settings)
@@ -30,8 +32,11 @@ class SpIELRunner(_BaselineRunner):
         self.window = False  # whether the deltas' observers are accumulating for it
         self.history: list[dict] = []  # one record per re-selection
 
-    def budget_fields(self, model, targeting):
-        return {**super().budget_fields(model, targeting), "seed": self.settings.seed}  # --option seed=N overrides
+    def default_lr(self, task):
+        return sara_lr(self.settings, task)
+
+    def budget_fields(self, model, targeting):  # SaRA's budget; --option seed=N overrides the run's seed
+        return {"density": sara_density(self.settings, model, targeting), "seed": self.settings.seed}
 
     def prepare(self, model, head_modules, total_steps, default_targets=None):
         if not total_steps or total_steps < 1:
