@@ -308,6 +308,51 @@ def test_the_memory_model_adds_the_first_windows_sums_and_one_layers_gradient():
     assert spiel.activations - sara.activations == 4 * shape.largest_targeted
 
 
+def test_the_sums_are_unscaled_and_a_skipped_steps_gradients_are_forgotten():
+    weight = torch.zeros(2, 3)
+    delta = SparseDelta(weight, torch.tensor([0]))
+    delta.merge()
+    scores = CandidateScores(2, delta)
+    g = torch.tensor([0.0, 3.0, -1.0, 0.5, 0.0, 0.0])
+    scores.begin_step()
+    scores(1024 * g)  # fp16's loss scale 1024 in this backward
+    scores.end_step(1024.0)
+    scores.begin_step()
+    scores(torch.full((6,), 7.0))  # a step the loss scaler skipped: no end_step
+    scores.begin_step()
+    scores(512 * g)
+    scores.end_step(512.0)
+    assert scores.steps == 2 and scores.positions.tolist() == [0, 1, 2]
+    assert scores.total.tolist() == [0.0, 6.0, -2.0] and scores.squares.tolist() == [0.0, 18.0, 2.0]
+
+
+def test_fp16_loss_scaling_leaves_growth_and_moments_as_in_fp32(tiny_bert, topic_files, tmp_path, monkeypatch):
+    """The candidates' sums are unscaled: the same positions grow as in fp32 and the grown entries move as
+    far (sums carrying the loss scale 65536 would seed Adam's second moment 65536² times too large and
+    freeze them). A step the scaler skips at the due step moves the re-selection to the next step taken."""
+    from sparsedelta.cli import main
+    from test_precision import overflow_at
+
+    def run(out, *extra):
+        assert main(tiny_args(tiny_bert, topic_files, out, "--method", "spiel", "--density", 0.02, "--max-steps", 8,
+                              "--eval-every", 8, "--threads", 1, "--option", "reselection_steps=4",
+                              "--option", "accumulation_steps=2", *extra)) == 0  # fmt: skip
+        metrics = json.loads((out / "metrics.json").read_text())
+        return metrics, product_tensors(out / metrics["product"])
+
+    (_, t32), (m16, t16) = run(tmp_path / "fp32"), run(tmp_path / "fp16", "--precision", "fp16")
+    assert [e["step"] for e in m16["events"]] == [2, 6]
+    for key in (k for k in t32 if k.endswith(".indices")):
+        same = torch.isin(t16[key].long(), t32[key].long()).float().mean()
+        assert same > 0.9, key
+    values32 = torch.cat([v.abs().flatten() for k, v in t32.items() if k.endswith(".values")]).mean()
+    values16 = torch.cat([v.abs().flatten() for k, v in t16.items() if k.endswith(".values")]).mean()
+    assert 0.7 < float(values16 / values32) < 1.4
+    overflow_at(monkeypatch, 2)
+    skipped, _ = run(tmp_path / "skipped", "--precision", "fp16")
+    assert [e["step"] for e in skipped["events"]] == [3, 6]
+
+
 # -- end to end -----------------------------------------------------------------------------------------
 def test_cli_trains_spiel_and_its_product_is_an_ordinary_delta(tiny_bert, topic_files, tmp_path):
     from transformers import AutoModelForSequenceClassification

@@ -7,6 +7,8 @@ A runner's hooks, in the order a loop calls them:
                                        attach the method; freeze the rest
     param_groups(model)                optimizer groups, each with its own lr
     phase_starts(total_steps)          steps where the lr schedule starts afresh (default [0])
+    before_step(model, step, scale)    before each step's forward, taken or not, with the loss scale its
+                                       backward uses (fp16; else 1): for a method reading raw gradients
     extra_loss(model, step)            a term added to the task loss (e.g. SaRA's nuclear norm)
     after_optimizer_step(model, opt)   right after optimizer.step(), at the lr of that step (SoRA's
                                        proximal step on its gates)
@@ -160,6 +162,9 @@ class MethodRunner:
 
     def phase_starts(self, total_steps: int) -> list[int]:
         return [0]
+
+    def before_step(self, model: nn.Module, step: int, loss_scale: float = 1.0) -> None:
+        pass
 
     def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
         return None

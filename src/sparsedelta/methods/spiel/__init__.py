@@ -20,8 +20,9 @@ Where we differ from the official code (AlanAnsell/peft, tuners/sft) and why:
   moments are pre-multiplied by the bias correction at the current step (growth.py);
 - the SM3-based growth ("SpIEL-MA") needs the official SM3 optimizer and is not built: any optimizer
   works here, and the accumulated-gradient rule is the one the paper recommends where memory allows;
-- under fp16 loss scaling the observed gradients are scaled: the ranking is unaffected, seeded moments
-  are not (use bf16, or grown_state=zero).
+- under fp16 loss scaling the observed gradients carry the loss scale: each step's sums are divided by
+  the scale of that step's backward (the runner's `before_step` gets it from the loop or the Trainer
+  callback), and what a skipped step left is dropped at the next step's start.
 """
 
 from .config import SpIELConfig, replacements

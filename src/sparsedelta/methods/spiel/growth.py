@@ -94,11 +94,17 @@ class CandidateScores:
         """The places of the delta's entries in `positions` (both sorted)."""
         return torch.searchsorted(self.positions, self._delta.indices)
 
-    def end_step(self) -> None:
-        """A step was taken: its gradient at the candidates joins the sums."""
+    def begin_step(self) -> None:
+        """A step starts: what a step skipped by fp16's loss scaler left is dropped."""
+        if self.this_step is not None:
+            self.this_step.zero_()
+
+    def end_step(self, loss_scale: float = 1.0) -> None:
+        """A step was taken: its gradient at the candidates, divided by the loss scale its backward
+        carried (fp16), joins the sums."""
         if self.positions is None:
             return
-        step = _averaged(self.this_step)
+        step = _averaged(self.this_step) / loss_scale
         self.total += step
         self.squares += step * step
         self.this_step.zero_()

@@ -31,6 +31,7 @@ class SpIELRunner(DeltaRunner):
         self.next_selection = 0  # the step of the next re-selection
         self.window = False  # whether the deltas' observers are accumulating for it
         self.history: list[dict] = []  # one record per re-selection
+        self.loss_scale = 1.0  # of the current step's backward (fp16), to unscale the candidates' gradients
 
     def default_lr(self, task):
         return sara_lr(self.settings, task)
@@ -67,6 +68,13 @@ class SpIELRunner(DeltaRunner):
             delta.grad_observer = None
         self.window = False
 
+    def before_step(self, model, step, loss_scale=1.0):
+        self.loss_scale = loss_scale
+        if self.window:
+            for delta in self._deltas(model).values():
+                if delta.grad_observer is not None:
+                    delta.grad_observer.begin_step()
+
     def on_step(self, model, step, optimizer):
         if not self.window:
             self._maybe_open(model, step)
@@ -74,7 +82,7 @@ class SpIELRunner(DeltaRunner):
         deltas = self._deltas(model)
         for delta in deltas.values():
             if delta.grad_observer is not None:
-                delta.grad_observer.end_step()
+                delta.grad_observer.end_step(self.loss_scale)
         if step < self.next_selection:
             return None
         # the first step taken at or after the due step (fp16 may skip the due one)
