@@ -326,10 +326,35 @@ def test_the_sums_are_unscaled_and_a_skipped_steps_gradients_are_forgotten():
     assert scores.total.tolist() == [0.0, 6.0, -2.0] and scores.squares.tolist() == [0.0, 18.0, 2.0]
 
 
+def test_a_loss_scale_changes_nothing_once_unscaled():
+    """A loss scaled by 1024 (fp16's scaler, exactly: a power of two) with the gradients unscaled before
+    the step, and the scale given to `before_step`: the run is bit for bit the unscaled one, seeded
+    moments included."""
+
+    def run(scale):
+        model = mlp()
+        runner = spiel(model, 12)
+        optimizer = torch.optim.AdamW(runner.param_groups(model), lr=1e-2)
+        x, y = batch()
+        for step in range(1, 13):
+            runner.before_step(model, step - 1, scale)
+            (scale * nn.functional.cross_entropy(model(x), y)).backward()
+            for p in runner.trainable(model):
+                p.grad /= scale
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            runner.on_step(model, step, optimizer)
+        return {n: (d.indices.clone(), d.values.detach().clone()) for n, d in deltas_of(model).items()}
+
+    plain, scaled = run(1.0), run(1024.0)
+    for name, (indices, values) in plain.items():
+        assert torch.equal(scaled[name][0], indices) and torch.equal(scaled[name][1], values), name
+
+
 def test_fp16_loss_scaling_leaves_growth_and_moments_as_in_fp32(tiny_bert, topic_files, tmp_path, monkeypatch):
-    """The candidates' sums are unscaled: the same positions grow as in fp32 and the grown entries move as
-    far (sums carrying the loss scale 65536 would seed Adam's second moment 65536² times too large and
-    freeze them). A step the scaler skips at the due step moves the re-selection to the next step taken."""
+    """`sparsedelta train --precision fp16` (GradScaler, scale 65536 on CPU): the same positions grow as in
+    fp32 and the entries move as far (the exact check of the unscaling is the test above). A step the
+    scaler skips at the due step moves the re-selection to the next step taken."""
     from sparsedelta.cli import main
     from test_precision import overflow_at
 
