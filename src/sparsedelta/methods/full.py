@@ -29,7 +29,8 @@ class FullRunner(MethodRunner):
     def save(self, model, tokenizer, folder, card=None):
         target = Path(folder) / "model"
         model.save_pretrained(target)
-        tokenizer.save_pretrained(target)
+        if tokenizer is not None:  # a diffusion run's product is the UNet alone
+            tokenizer.save_pretrained(target)
         return target
 
     def load(self, model, folder):
