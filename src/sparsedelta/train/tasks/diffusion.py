@@ -5,8 +5,10 @@ held-out loss at fixed noise and timesteps, and a grid of samples before and aft
 Without --model and --train-file: the embedded UNet pre-trained on scikit-learn's digits 0-4
 (`models/digits_unet.py`), adapted to the digits 5-9.
 
-The training noise and timesteps are drawn from torch's global generator, which checkpoints keep,
-so a resumed run draws what an uninterrupted one would. The held-out loss draws its own, once, from
+The training noise and timesteps are drawn from torch's global generator, seeded with --seed when
+the training data loads and kept by checkpoints, so a resumed run draws what an uninterrupted one
+would (several processes draw the same noise for their different images: a checkpoint keeps rank
+0's generator, so this is what a resumed run can repeat). The held-out loss draws its own, once, from
 a fixed seed: every image is noised at EVAL_TIMESTEPS evenly spaced timesteps with the same noise in
 every run and every evaluation, so the numbers are comparable across steps, methods and runs.
 """
@@ -51,6 +53,8 @@ class DiffusionTask(Task):
         if not splits:
             return
         self.sets = self._images(splits)
+        if "train" in splits:
+            torch.manual_seed(cfg.seed)  # the training noise (seeds.py)
         conditional = self.diffusion.conditional
         for role, images in self.sets.items():
             if conditional and images.captions is None:
@@ -166,6 +170,7 @@ class DiffusionTask(Task):
         if cfg.output_dir and self.world.main:
             from ...report.grid import save_grid
 
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # the baseline's grid comes before config.json
             save_grid(images, Path(cfg.output_dir) / name, scale=max(1, 64 // images.shape[-1]))
         return {"samples": out}
 
