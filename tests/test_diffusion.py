@@ -21,6 +21,7 @@ from fixtures_diffusion import (  # noqa: F401  (fixtures)
 from sparsedelta.cli import main
 from sparsedelta.core.io import read as read_delta
 from sparsedelta.data import images as img
+from sparsedelta.methods import method_names
 from sparsedelta.models import diffusion as dm
 from sparsedelta.train.config import TrainConfig
 from sparsedelta.train.tasks import make_task
@@ -144,6 +145,10 @@ def test_sara_full_and_lora_lower_the_held_out_loss_and_eval_reproduces_it(metho
     assert result["loss"] == pytest.approx(m["test"]["loss"], rel=1e-6)
     if method != "full":  # the base model under the adapter's disabled(): the loss measured before training
         assert result["base"]["loss"] == pytest.approx(m["baseline"]["test"]["loss"], rel=1e-6)
+        # merged into a plain UNet, written as a pipeline folder: the run's test loss as a base model
+        assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
+        merged = task_on(tmp_path / "merged", digit_images)
+        assert merged.evaluate(merged.model, "test")["loss"] == pytest.approx(m["test"]["loss"], rel=1e-5)
 
 
 def test_sara_changes_only_its_selected_conv_and_linear_entries(tiny_unet_dir, digit_images, tmp_path):
@@ -274,3 +279,25 @@ def test_a_diffusion_run_resumes_after_a_kill_where_an_uninterrupted_run_ends(ti
     assert m["baseline"] == m_ref["baseline"]
     grids = [(tmp_path / run / "samples_after.png").read_bytes() for run in ("reference", "killed")]
     assert grids[0] == grids[1]
+
+
+LINEAR_ONLY = {"shira": ["--option", "r=1"], "supertuning": []}  # PEFT's SHiRA and Super-Tuning adapt nn.Linear alone
+
+
+@pytest.mark.parametrize("method", [m for m in method_names() if m not in ("sara", "full", "lora")])
+def test_every_other_method_trains_a_unet_and_eval_reproduces_it(method, tiny_unet_dir, digit_images, tmp_path, capsys):
+    out = tmp_path / "run"
+    extra = ["--target-modules", "to_q", "to_k", "to_v", "to_out.0", *LINEAR_ONLY[method]] if method in LINEAR_ONLY else []
+    assert main(diffusion_args(tiny_unet_dir, digit_images, out, "--method", method, "--max-steps", 3, *extra)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [s["step"] for s in m["steps"]] == [1, 2, 3] and all(s["loss"] == s["loss"] for s in m["steps"])
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(m["test"]["loss"], rel=1e-6)
+
+
+def test_linear_only_methods_refuse_the_default_conv_targets_by_name(tiny_unet_dir, digit_images, tmp_path, capsys):
+    from test_cli import cli_error
+
+    message = cli_error(capsys, *diffusion_args(tiny_unet_dir, digit_images, tmp_path / "run", "--method", "supertuning"))
+    assert "nn.Linear weights only" in message and "Conv2d" in message

@@ -241,3 +241,15 @@ def layer_suffixes(unet: nn.Module) -> list[str]:
         clash = any(o == suffix or o.endswith("." + suffix) for o in others)
         suffixes.add(name if clash else suffix)
     return sorted(suffixes)
+
+
+def save_pipeline(model: DiffusionModel, unet: nn.Module, folder: str | Path) -> Path:
+    """`unet` with `model`'s scheduler (and text encoder, tokenizer, VAE) as a pipeline folder that
+    `load_diffusion` (and `--model` of a diffusion run) reads back: unet/, scheduler/, ..."""
+    folder = Path(folder)
+    unet.save_pretrained(folder / "unet")
+    model.scheduler.save_pretrained(folder / "scheduler")
+    for part in ("text_encoder", "tokenizer", "vae"):
+        if getattr(model, part) is not None:
+            getattr(model, part).save_pretrained(folder / part)
+    return folder
