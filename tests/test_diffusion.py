@@ -301,3 +301,14 @@ def test_linear_only_methods_refuse_the_default_conv_targets_by_name(tiny_unet_d
 
     message = cli_error(capsys, *diffusion_args(tiny_unet_dir, digit_images, tmp_path / "run", "--method", "supertuning"))
     assert "nn.Linear weights only" in message and "Conv2d" in message
+
+
+def test_predict_refuses_a_diffusion_run_by_name(tiny_unet_dir, digit_images, tmp_path, capsys):
+    from test_cli import cli_error
+
+    out = tmp_path / "run"
+    assert main(diffusion_args(tiny_unet_dir, digit_images, out, "--max-steps", 1)) == 0
+    (tmp_path / "rows.csv").write_text("text\nhello\n")
+    message = cli_error(capsys, "predict", "--adapter", f"digits={out}", "--input-file", tmp_path / "rows.csv",
+                        "--output", tmp_path / "p.jsonl")  # fmt: skip
+    assert "--adapter digits: a diffusion run" in message

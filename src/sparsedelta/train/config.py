@@ -26,7 +26,7 @@ TASK_DEFAULTS = {
             "validation_fraction": 0.1, "test_fraction": 0.2, "max_length": 256, "max_eval_samples": 120},
     # the embedded digits: 630 training images, 300 steps = about 15 epochs of 32 (max_length: caption tokens)
     "diffusion": {"max_steps": 300, "batch_size": 32, "eval_batch_size": 64, "weight_decay": 0.0, "warmup_ratio": 0.05,
-                  "validation_fraction": 0.1, "test_fraction": 0.2, "max_length": 77},
+                  "validation_fraction": 0.1, "test_fraction": 0.2, "max_length": 77, "eval_every": 50},
 }  # fmt: skip
 
 
