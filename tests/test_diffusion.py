@@ -312,3 +312,33 @@ def test_predict_refuses_a_diffusion_run_by_name(tiny_unet_dir, digit_images, tm
     message = cli_error(capsys, "predict", "--adapter", f"digits={out}", "--input-file", tmp_path / "rows.csv",
                         "--output", tmp_path / "p.jsonl")  # fmt: skip
     assert "--adapter digits: a diffusion run" in message
+
+
+def test_a_latent_diffusion_pipeline_trains_on_the_vae_latents(digit_images, tmp_path):
+    """A pipeline folder with vae/: images are encoded once to scaled latent means, the UNet denoises
+    4-channel 4x4 latents of the 8x8 grey images, and the sample grid is decoded back to pixels."""
+    from diffusers import AutoencoderKL, UNet2DModel
+    from PIL import Image
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=8)  # fmt: skip
+    unet = UNet2DModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)  # fmt: skip
+    folder = save_pipeline(tmp_path / "ldm", unet)
+    vae.save_pretrained(folder / "vae")
+    task = task_on(folder, digit_images)
+    assert task.diffusion.sample_size == 8 and task.diffusion.image_channels == 1
+    pixels = img.read_image_folder(digit_images, 8, 1).images
+    rows = [int(name[3:6]) for name in task.sets["train"].names[:3]]  # img007.png is the folder's 8th image
+    with torch.no_grad():
+        expected = vae.encode(pixels[rows]).latent_dist.mean * vae.config.scaling_factor
+    assert task.inputs["train"].shape[1:] == (4, 4, 4)
+    torch.testing.assert_close(task.inputs["train"][:3], expected)
+    out = tmp_path / "run"
+    assert main(diffusion_args(folder, digit_images, out, "--method", "sara", "--max-steps", 2)) == 0
+    assert Image.open(out / "samples_after.png").size == (152, 152)  # decoded: 8 px images, 2 x 2
+    assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "vae" / "config.json").is_file()

@@ -83,8 +83,8 @@ def load_diffusion(source: str) -> DiffusionModel:
         model = DiffusionModel(unet, scheduler, str(source))
         if model.conditional:
             model.text_encoder, model.tokenizer = _text_encoder(source, has)
-            if has("vae"):
-                model.vae = d.AutoencoderKL.from_pretrained(source, subfolder="vae").eval().requires_grad_(False)
+        if has("vae"):  # latent diffusion: the UNet denoises the frozen VAE's latents
+            model.vae = d.AutoencoderKL.from_pretrained(source, subfolder="vae").eval().requires_grad_(False)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         if isinstance(e, UsageError):
             raise
