@@ -69,7 +69,7 @@ class TrainConfig(MethodSettings):
                        "attention stays within each)", "data", tasks=SFT)  # fmt: skip
     # model
     model: str | None = _f(None, "local folder, hub id or (causal-lm) .gguf file (default: the embedded MiniLM-L6; SmolLM2-135M; diffusion: a UNet pre-trained on digits 0-4)", "model")  # fmt: skip
-    max_length: int | None = _f(None, "tokens per example (default 128; causal-lm: per block, 128; sft 256)", "model")
+    max_length: int | None = _f(None, "tokens per example (default 128; causal-lm: per block, 128; sft 256; diffusion: per caption, 77)", "model")
     # optimisation
     epochs: float | None = _f(None, "passes over the training data (default 2; causal-lm: --max-steps 40)", "optimisation")  # fmt: skip
     max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides --epochs)", "optimisation")

@@ -49,6 +49,7 @@ class DiffusionTask(Task):
             self.model_name = source
         self.diffusion = dm.load_diffusion(source)
         self.model, self.tokenizer = self.diffusion.unet, None  # the product is the UNet's alone
+        self.model.name_or_path = self.model_name  # what a delta's model card names as its base (transformers' attribute)
         self.inputs, self.text, self.fixed, self.sets = {}, {}, {}, {}
         if not splits:
             return
