@@ -342,3 +342,30 @@ def test_a_latent_diffusion_pipeline_trains_on_the_vae_latents(digit_images, tmp
     assert Image.open(out / "samples_after.png").size == (152, 152)  # decoded: 8 px images, 2 x 2
     assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "vae" / "config.json").is_file()
+
+
+def test_a_hub_pipeline_loads_from_the_hub_cache_offline(tiny_unet_dir, tmp_path):
+    """A hub id resolves through huggingface_hub: here a pipeline laid out in a hub cache (as a download
+    leaves it), read offline in a fresh process; its stored scheduler (v-prediction here) is the one used."""
+    import shutil
+    import subprocess
+    import sys
+
+    from diffusers import DDPMScheduler
+
+    from test_resume import ENV
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-ddpm" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_unet_dir / "unet", snapshot / "unet")
+    DDPMScheduler(num_train_timesteps=500, prediction_type="v_prediction").save_pretrained(snapshot / "scheduler")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    code = ("from sparsedelta.models.diffusion import load_diffusion; m = load_diffusion('someone/tiny-ddpm'); "
+            "print(type(m.unet).__name__, m.scheduler.config.num_train_timesteps, m.scheduler.config.prediction_type)")  # fmt: skip
+    env = {**ENV, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["UNet2DModel", "500", "v_prediction"]
+    missing = subprocess.run([sys.executable, "-m", "sparsedelta", "train", "--task", "diffusion", "--model", "nobody/none",
+                              "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert missing.returncode == 2 and "cannot load the diffusion model nobody/none" in missing.stderr

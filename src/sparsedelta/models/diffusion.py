@@ -68,7 +68,7 @@ def load_diffusion(source: str) -> DiffusionModel:
     local = Path(source)
     if local.exists() and not local.is_dir():
         raise UsageError(f"--model {source} is a file; give a folder holding a diffusers UNet (or pipeline) or a hub id")
-    pipeline = (local / "unet").is_dir() if local.is_dir() else _hub_has(source, "unet/config.json")
+    pipeline = (local / "unet").is_dir() if local.is_dir() else _hub_has(source, "unet")
     sub = "unet" if pipeline else None
     try:
         unet_config = _read_config(source, sub)
@@ -77,7 +77,7 @@ def load_diffusion(source: str) -> DiffusionModel:
             raise UsageError(f"{source}: {'unet/' if sub else ''}config.json describes a {kind!r}, not one of "
                              f"{', '.join(UNET_CLASSES)}; give a diffusers UNet or pipeline folder")  # fmt: skip
         unet = getattr(d, kind).from_pretrained(source, subfolder=sub)
-        has = (lambda part: (local / part).is_dir()) if local.is_dir() else (lambda part: _hub_has(source, f"{part}/"))
+        has = (lambda part: (local / part).is_dir()) if local.is_dir() else (lambda part: _hub_has(source, part))
         scheduler = (d.DDPMScheduler.from_config(d.DDPMScheduler.load_config(source, subfolder="scheduler"))
                      if has("scheduler") else d.DDPMScheduler(num_train_timesteps=1000))  # fmt: skip
         model = DiffusionModel(unet, scheduler, str(source))
@@ -105,22 +105,24 @@ def _read_config(source: str, subfolder: str | None) -> dict:
     return json.loads(Path(hf_hub_download(source, "config.json", subfolder=subfolder)).read_text())
 
 
-def _hub_has(repo: str, path: str) -> bool:
-    """Whether hub repo `repo` has the file or folder `path` (from the hub or its cache)."""
+MARKERS = {"unet": "config.json", "scheduler": "scheduler_config.json", "text_encoder": "config.json",
+           "tokenizer": "tokenizer_config.json", "vae": "config.json"}  # the file that says a pipeline part is there
+
+
+def _hub_has(repo: str, part: str) -> bool:
+    """Whether hub repo `repo` has the pipeline part `part` (unet, scheduler, ...): its file list when
+    the hub answers, else its marker file in the local hub cache (offline)."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    marker = f"{part}/{MARKERS[part]}"
     try:
-        from huggingface_hub import list_repo_files
-
-        return any(f == path or f.startswith(path) for f in list_repo_files(repo))
-    except Exception:  # offline or unknown: the layouts are then tried by loading
-        if path.endswith("/config.json"):
-            try:
-                from huggingface_hub import hf_hub_download
-
-                hf_hub_download(repo, path.rsplit("/", 1)[1], subfolder=path.rsplit("/", 1)[0])
-                return True
-            except Exception:
-                return False
-        return False
+        return marker in list_repo_files(repo)
+    except Exception:  # offline, or a private repo without a token: what the cache holds
+        try:
+            hf_hub_download(repo, MARKERS[part], subfolder=part, local_files_only=True)
+            return True
+        except Exception:
+            return False
 
 
 def _text_encoder(source: str, has):
