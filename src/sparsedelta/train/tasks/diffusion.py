@@ -73,6 +73,11 @@ class DiffusionTask(Task):
 
     def _images(self, splits) -> dict[str, img.ImageSet]:
         cfg, model = self.cfg, self.diffusion
+
+        def read(folder):
+            column = (cfg.text_columns or [None])[0]
+            return img.read_image_folder(folder, model.sample_size, model.image_channels, column)
+
         if cfg.dataset:
             raise UsageError("--task diffusion reads image folders (--train-file FOLDER), not hub datasets")
         if cfg.train_file is None:
@@ -85,8 +90,6 @@ class DiffusionTask(Task):
                                  "the embedded digits are 1-channel 16px: give --train-file with a folder of images")  # fmt: skip
             everything = img.digits(ADAPT_CLASSES, 16)
         else:
-            column = (cfg.text_columns or [None])[0]
-            read = lambda path: img.read_image_folder(path, model.sample_size, model.image_channels, column)  # noqa: E731
             everything = read(cfg.train_file)
         self.source = everything.source
         given = {role: getattr(cfg, f"{role}_file") for role in HELD_OUT}
