@@ -265,6 +265,7 @@ def test_loading_errors_name_the_problem(tmp_path):
         dm.load_diffusion(str(lonely))
 
 
+@pytest.mark.slow
 def test_a_diffusion_run_resumes_after_a_kill_where_an_uninterrupted_run_ends(tiny_unet_dir, digit_images, tmp_path):
     """SIGKILL after a checkpoint, then --resume: the same delta, step losses (the training noise comes
     back with the global generator), held-out and test losses as a run never stopped."""
