@@ -370,3 +370,14 @@ def test_a_hub_pipeline_loads_from_the_hub_cache_offline(tiny_unet_dir, tmp_path
     missing = subprocess.run([sys.executable, "-m", "sparsedelta", "train", "--task", "diffusion", "--model", "nobody/none",
                               "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert missing.returncode == 2 and "cannot load the diffusion model nobody/none" in missing.stderr
+
+
+def test_the_digit_reader_of_the_diffusion_study_reads_real_digits():
+    """study/diffusion_digits.py counts which digits samples are; on the real 16 px digits it must read 5-9 as 5-9."""
+    from conftest import load_script
+
+    study = load_script("study/diffusion_digits.py", "study_diffusion_digits")
+    reader, accuracy = study.digit_reader()
+    assert accuracy > 0.95
+    high, low = study.read_samples(img.digits((5, 6, 7, 8, 9)).images, reader), study.read_samples(img.digits((0, 1)).images, reader)
+    assert high["five_to_nine"] > 0.95 and low["five_to_nine"] < 0.05 and sum(high["counts"]) == 896
