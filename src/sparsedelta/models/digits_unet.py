@@ -41,7 +41,8 @@ def cache_root() -> Path:
 
 
 def unet_config() -> dict:
-    """Two resolutions (16 and 8 px), self-attention at 8 px: 0.7 M parameters, 34 tensors of them conv kernels."""
+    """Two resolutions (16 and 8 px), self-attention at 8 px: 0.7 M parameters; 25 conv kernels hold 80% of the
+    695,872 entries of its 51 conv and linear weights."""
     return {
         "sample_size": SIZE, "in_channels": 1, "out_channels": 1, "block_out_channels": (32, 64), "layers_per_block": 1,
         "down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
