@@ -176,11 +176,56 @@ def setup(method: str, model, args):
         config = sd.SaRAConfig(density=density, rank_penalty=penalty, **delta_targets(model, args.task))
         sd.prepare(model, config)
         return sd.trainable_parameters(model), (lambda m: sara.rank_penalty(m, penalty)) if penalty else None, None
+    if method.startswith(("spiel@", "spiel-window@", "spiel-first@")):
+        return spiel_setup(method, model, args.task)
     if method.startswith("supertuning@"):
         return supertuning_setup(model, spec_density(method.split("@")[1], model, args.task), args.task)
     if method.startswith("diff-pruning"):
         return diff_pruning_setup(method, model, args.task)
     raise ValueError(f"unknown method {method!r}")
+
+
+SPIEL_RATE = 0.2  # the replaced fraction a window is sized for: SpIEL's p₀, C = 5 · 0.2k = k candidates
+
+
+def spiel_setup(method: str, model, task: str):
+    """SpIEL at a density, random positions. "spiel@": a step outside an accumulation window (the
+    same work as any fixed mask). "spiel-window@": a later step inside one (the warm-up step was its
+    first): every tensor's observer open, sized for a re-selection at SPIEL_RATE, the gradient taken
+    at its C + k positions (the sampled product where it pays) and the sums closed after the step; the
+    worker also times one drop and grow over every tensor ("select_s"). "spiel-first@": a window's
+    first step, each time (fresh observers after every step): the layers' dense gradients, the top-C."""
+    import sparsedelta as sd
+    from sparsedelta.methods.spiel import CandidateScores, SpIELConfig, replacements
+
+    density = spec_density(method.split("@")[1], model, task)
+    sd.prepare(model, SpIELConfig(density=density, **delta_targets(model, task)))
+    deltas = sd.state_of(model).adapters["default"].deltas
+
+    def open_window():
+        for delta in deltas.values():
+            n = replacements(len(delta.indices), SPIEL_RATE)
+            delta.grad_observer = CandidateScores(5 * n, delta) if n else None
+
+    if method.startswith("spiel-window@"):
+        open_window()
+        model.__dict__["bench_after_step"] = lambda: [d.grad_observer.end_step() for d in deltas.values() if d.grad_observer]
+    elif method.startswith("spiel-first@"):
+        open_window()
+        model.__dict__["bench_after_step"] = open_window
+    return sd.trainable_parameters(model), None, None
+
+
+def spiel_select_s(model, optimizer) -> float:
+    """Seconds of one re-selection (drop and grow in every tensor, the optimizer's moments moved)."""
+    import sparsedelta as sd
+    from sparsedelta.methods.spiel import drop_and_grow, replacements
+
+    start = time.perf_counter()
+    for delta in sd.state_of(model).adapters["default"].deltas.values():
+        if delta.grad_observer is not None:
+            drop_and_grow(delta, delta.grad_observer, replacements(len(delta.indices), SPIEL_RATE), optimizer)
+    return time.perf_counter() - start
 
 
 def supertuning_setup(model, density: float, task: str):
@@ -228,7 +273,7 @@ def file_size(method: str, model, tmp: Path) -> dict:
 
         sora.export_peft(model, tmp)
         return {"file_bytes": (tmp / "adapter_model.safetensors").stat().st_size}
-    if method.startswith(("sara@", "sara-no-penalty@")):
+    if method.startswith(("sara@", "sara-no-penalty@", "spiel@", "spiel-window@", "spiel-first@")):
         from sparsedelta.core.encoding import information_floor_bits
 
         sizes = {}
@@ -295,6 +340,7 @@ def worker(args) -> dict:
     inputs = make_batch(args)
     model.train()
     precision = getattr(args, "worker_precision", "fp32")
+    after_step = model.__dict__.get("bench_after_step")
 
     def step():
         batch = dict(inputs)  # the floor's transform replaces input_ids
@@ -308,6 +354,8 @@ def worker(args) -> dict:
         if opt:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if after_step:  # e.g. SpIEL's window: the step's candidate gradients join the sums
+            after_step()
 
     times = []
     reset_peak_rss()
@@ -326,6 +374,8 @@ def worker(args) -> dict:
         "peak_tensor_mib": peak_tensor_mib(step),
         "trainable": sum(p.numel() for p in params),
     }
+    if args.worker.startswith("spiel-window@"):
+        result["select_s"] = spiel_select_s(model, opt)
     with tempfile.TemporaryDirectory() as tmp:
         result.update(file_size(args.worker, model, Path(tmp)))
     return result
@@ -567,7 +617,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    known = " ".join(dict.fromkeys(SPEED_METHODS + SWEEP + ["diff-pruning-phase1", "diff-pruning-phase2"]))
+    known = " ".join(dict.fromkeys(SPEED_METHODS + SWEEP + ["diff-pruning-phase1", "diff-pruning-phase2", "spiel@1%",
+                                                            "spiel-window@1%", "spiel-first@1%"]))
     # argparse %-formats help texts
     parser.add_argument("--methods", nargs="*", default=None, help="subset of " + known.replace("%", "%%"))
     parser.add_argument("--no-sweep", action="store_true", help="skip the density sweep")

@@ -110,7 +110,7 @@ def attach_lora(model, tasks: int, k: int):
 
 def delta_bytes(model) -> int:
     """What sparsedelta holds for its tasks: every delta's buffers and values, the saved heads, and
-    the correction cache (rowwise.py) built so far."""
+    the correction forms (rowwise.py) and the tables of mixed batches (mixed.py) built so far."""
     import sparsedelta as sd
     from sparsedelta.core import rowwise
 
@@ -124,6 +124,19 @@ def delta_bytes(model) -> int:
                     prepared, "crow_indices") else list(prepared)  # fmt: skip
                 total += sum(t.numel() * t.element_size() for t in parts)
         total += sum(p.numel() * p.element_size() for p in adapter.saved.values())
+    return total + table_bytes(model)
+
+
+def table_bytes(model) -> int:
+    """The mixed batches' tables of every task's linear entries, per layer (core/mixed.py)."""
+    from sparsedelta.core import mixed
+
+    layout = mixed._LAYOUTS.get(model)
+    total = 0
+    for _, layer in layout.layers.values() if layout is not None else ():
+        if layer._table is not None:
+            outs, ins, values, (_, pointers) = layer._table[2]
+            total += sum(t.numel() * t.element_size() for t in (outs, ins, values, pointers))
     return total
 
 

@@ -291,6 +291,28 @@ def test_bfloat16_rows_from_the_table_match_the_merged_model(table_at, monkeypat
     assert tables
 
 
+def test_a_copy_keeps_no_table_of_the_original(llama, monkeypatch):
+    """What mixed batches keep (layers, tables) belongs to one model object: a deep copy builds its
+    own, and changing the copy's delta leaves the original's rows as they were."""
+    import copy
+
+    monkeypatch.setattr(mixed, "RERUN_AT", float("inf"))
+    monkeypatch.setattr(mixed, "TABLE_AT", 64)
+    names = ["a", "b", BASE]
+    ids, mask = left_padded(len(names), 4)
+    with torch.no_grad():
+        before = llama(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        twin = copy.deepcopy(llama)
+        for delta in sd.state_of(twin).adapters["a"].deltas.values():
+            delta.values.mul_(3.0)
+        sd.sync(twin)
+        changed = twin(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        after = llama(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+    assert torch.equal(before, after)
+    assert not torch.allclose(changed[0], before[0]) and torch.allclose(changed[1:], before[1:], atol=1e-6)
+    assert mixed._LAYOUTS[twin] is not mixed._LAYOUTS[llama]
+
+
 def test_gpt2_conv1d_and_broadcast_position_embeddings():
     from transformers import GPT2Config, GPT2LMHeadModel
 

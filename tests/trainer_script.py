@@ -2,7 +2,9 @@
 `accelerate launch` (several processes) or plain python (one): SaRA on a tiny BERT, the nuclear-norm
 penalty on; every process writes its delta (delta-rank<N>) and the main process the logged losses.
 
-    python trainer_script.py MODEL_DIR TRAIN_CSV OUT BATCH_PER_PROCESS STEPS OPTIONS_JSON
+    python trainer_script.py MODEL_DIR TRAIN_CSV OUT BATCH_PER_PROCESS STEPS OPTIONS_JSON [METHOD]
+
+(METHOD: sara by default; any delta method at SaRA's threshold, e.g. spiel.)
 """
 
 import csv
@@ -24,6 +26,7 @@ from sparsedelta.methods import MethodSettings, make_runner
 from sparsedelta.train.hf import SparseDeltaCallback
 
 model_dir, train_csv, out, batch, steps, options = sys.argv[1:7]
+method = sys.argv[7] if len(sys.argv) > 7 else "sara"
 torch.set_num_threads(1)
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
 with open(train_csv, newline="") as f:
@@ -33,7 +36,7 @@ train_set = [{**tokenizer(r["text"], truncation=True, max_length=16), "labels": 
 
 torch.manual_seed(0)
 model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels))
-runner = make_runner(MethodSettings(method="sara", threshold=2e-3, options=json.loads(options)))
+runner = make_runner(MethodSettings(method=method, threshold=2e-3, options=json.loads(options)))
 model = runner.prepare(model, head_modules=["classifier"], total_steps=int(steps))
 args = TrainingArguments(
     output_dir=out, max_steps=int(steps), per_device_train_batch_size=int(batch), use_cpu=True, report_to=[],

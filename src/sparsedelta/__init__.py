@@ -22,7 +22,17 @@ from .core.delta import SparseDelta
 from .core.io import DeltaFileError, load, read, save
 from .core.mixed import BASE, mixed_batch
 from .interop import export_shira, import_peft
-from .methods import DiffPruningConfig, MagnitudeConfig, RandomConfig, SaRAConfig, SoRAConfig, diff_pruning, sora
+from .methods import (
+    DiffPruningConfig,
+    MagnitudeConfig,
+    RandomConfig,
+    SaRAConfig,
+    SoRAConfig,
+    SpIELConfig,
+    diff_pruning,
+    sora,
+    spiel,
+)
 
 prepare = add_delta  # prepare(model, config): select positions by the config's rule and attach
 
@@ -38,6 +48,7 @@ __all__ = [
     "SelectionReport",
     "SoRAConfig",
     "SparseDelta",
+    "SpIELConfig",
     "add_delta",
     "algebra",
     "compose",
@@ -57,6 +68,7 @@ __all__ = [
     "save",
     "set_adapter",
     "sora",
+    "spiel",
     "state_of",
     "sync",
     "trainable_parameters",

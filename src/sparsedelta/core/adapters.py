@@ -74,19 +74,24 @@ LAYER_KEY = "sparsedelta"
 
 
 def _linear(module, delta, path, x, bias_delta=None):
-    weight = module.weight
-    sampled = sampled_pays(weight, len(delta.indices), compute_dtype(weight))
+    weight, observer = module.weight, delta.grad_observer
+    if observer is None:
+        pattern = delta.csr() if sampled_pays(weight, len(delta.indices), compute_dtype(weight)) else None
+    else:  # the observer's positions (the entries among them) as a sampled pattern, else the dense gradient
+        offered = observer.sampled_pattern() if hasattr(observer, "sampled_pattern") else None
+        pays = offered is not None and sampled_pays(weight, len(offered[1]), compute_dtype(weight))
+        pattern = offered if pays else None
     if delta.holds_delta:
-        pattern = delta.csr() if sampled else None
-        return LinearDelta.apply(x, weight, module.bias, delta.values, delta.indices, path.transposed, pattern)
+        return LinearDelta.apply(x, weight, module.bias, delta.values, delta.indices, path.transposed, pattern, observer)
     bias = module.bias if bias_delta is None else bias_delta.added_to(module.bias)
-    pattern = delta.csr() if sampled else None
-    return LinearCorrected.apply(x, weight, bias, delta.values, delta.indices, path.transposed, pattern, delta.every_entry())
+    return LinearCorrected.apply(x, weight, bias, delta.values, delta.indices, path.transposed, pattern,
+                                 delta.every_entry(), observer)  # fmt: skip
 
 
 def _embedding(module, delta, path, ids):
     every = None if delta.holds_delta else delta.every_entry()
-    return EmbeddingDelta.apply(ids, module.weight, delta.values, delta.indices, module.padding_idx, every)
+    return EmbeddingDelta.apply(ids, module.weight, delta.values, delta.indices, module.padding_idx, every,
+                                delta.grad_observer)  # fmt: skip
 
 
 def _conv(module, delta, path, x):
@@ -98,7 +103,7 @@ def _conv(module, delta, path, x):
     if extra is not None:  # 'same' with an even reach: the odd pixel goes right, outside the function
         x = F.pad(x, extra)
     y = ConvDelta.apply(x, module.weight, module.bias, delta.values, delta.indices,
-                        module.stride, padding, module.dilation, module.groups)  # fmt: skip
+                        module.stride, padding, module.dilation, module.groups, delta.grad_observer)  # fmt: skip
     return y.squeeze(0) if unbatched else y
 
 
@@ -139,7 +144,7 @@ class DeltaLayer:
                 if delta is fast_delta:
                     continue
                 original = module._parameters[pname]
-                module._parameters[pname] = AddDelta.apply(original, delta.values, delta.indices)
+                module._parameters[pname] = AddDelta.apply(original, delta.values, delta.indices, delta.grad_observer)
                 swapped.append((pname, original))
             if fast_delta is not None:
                 x = args[0] if args else next(iter(kwargs.values()))

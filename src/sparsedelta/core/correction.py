@@ -28,9 +28,11 @@ def in_float32(module: nn.Module, inner, deltas: dict[str, SparseDelta], args, k
             if delta is None:
                 new = param.float()
             elif delta.holds_delta:
-                new = AddDelta.apply(param, delta.values, delta.indices).float()
+                new = AddDelta.apply(param, delta.values, delta.indices, delta.grad_observer).float()
             else:
                 new = delta.added_to(param)
+                if delta.grad_observer is not None and new.requires_grad:
+                    new.register_hook(_observing(delta.grad_observer))
             module._parameters[pname] = new
             swapped.append((pname, param))
         with torch.autocast(floats[0].device.type if floats else "cpu", enabled=False):
@@ -39,6 +41,16 @@ def in_float32(module: nn.Module, inner, deltas: dict[str, SparseDelta], args, k
         for pname, original in swapped:
             module._parameters[pname] = original
     return _floats_to(out, floats[0].dtype) if floats else out
+
+
+def _observing(observer):
+    """A tensor hook that shows the gradient of θ + delta (the weight's dense gradient) to `observer`."""
+
+    def hook(grad):
+        with torch.no_grad():
+            observer(grad)
+
+    return hook
 
 
 def _floats_to(obj, dtype: torch.dtype):

@@ -70,6 +70,11 @@ def _sorted_pairs(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Te
 
 
 class SparseDelta(nn.Module):
+    # Called during backward with this tensor's dense gradient (transient, one layer at a time) by the
+    # fast paths and the generic one (core/ops.py); a method sets it to score positions outside the
+    # delta (SpIEL's growth) and clears it again. A class default, so deltas pickled before it load.
+    grad_observer = None
+
     def __init__(self, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor | None = None):
         super().__init__()
         if not weight.is_contiguous():
@@ -269,6 +274,47 @@ class SparseDelta(nn.Module):
         self._merge.synced_key = None
         self._merge.cache_key = self._merge.cache = None
         return keep
+
+    # -- moving entries ---------------------------------------------------------------------------
+    def replace_entries(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Move the trainable entries at `slots` (their places in `indices`) to the flat `positions`,
+        which must be outside the delta (trained and frozen): their old positions get θ back exactly,
+        the new ones start at value 0 over θ. The count k and the Parameter object stay; `indices`
+        stay sorted. Needs the delta merged (its adapter active), so the weight holds θ at every
+        position outside it. Returns `order`: the entries' new order as places of the old (after
+        the replacement), for permuting per-entry state such as optimizer moments the same way."""
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.indices.device).reshape(-1)
+        positions = torch.as_tensor(positions, dtype=self.indices.dtype, device=self.indices.device).reshape(-1)
+        if len(slots) != len(positions):
+            raise UsageError(f"{len(slots)} entries to move but {len(positions)} new positions")
+        if not self._merge.merged:
+            raise UsageError("entries can only be moved while their adapter is active (sparsedelta.set_adapter)")
+        if len(torch.unique(slots)) != len(slots) or len(torch.unique(positions)) != len(positions):
+            raise UsageError("each entry moves once, and to a position of its own")
+        if len(positions) and (int(positions.min()) < 0 or int(positions.max()) >= self.weight.numel()):
+            raise IndexError(f"new positions must lie in [0, {self.weight.numel()}) for a tensor of shape {self.shape}")
+        occupied = torch.cat([self.indices, self.frozen_indices])
+        if bool(torch.isin(positions, occupied).any()):
+            raise UsageError("a new position is already an entry of the delta; move entries to free positions only")
+        with torch.no_grad():
+            if self._merge.written not in ("base", None):
+                self._write(self.indices[slots], self.base[slots])  # θ back, bit for bit, where entries leave
+            indices, base = self.indices.clone(), self.base.clone()
+            values = self.values.detach().clone()
+            indices[slots] = positions
+            base[slots] = self.weight.detach().reshape(-1)[positions].to(base.dtype)  # θ: no entry was there
+            values[slots] = 0
+            order = torch.argsort(indices)
+            self.indices, self.base = indices[order], base[order]
+            self.values.copy_(values[order])  # same object, new version: the weight follows at the next sync
+            if self.values.grad is not None:
+                grad = self.values.grad.clone()
+                grad[slots] = 0
+                self.values.grad = grad[order]
+        self._merge.synced_key = None
+        self._merge.cache_key = self._merge.cache = None
+        self.sync()
+        return order
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, trainable={len(self.indices)}, frozen={len(self.frozen_indices)}"

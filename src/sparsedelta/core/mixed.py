@@ -189,7 +189,7 @@ class MixedLayer:
         self.heads: dict[str, dict[str, torch.Tensor]] = {}  # task -> {parameter name: saved tensor}
         self.weights: list[SparseDelta | None] = []  # per task of the layout, its weight delta here
         self._memo: tuple | None = None  # (batch key, its work)
-        self._table: tuple | None = None  # (what it was built from, the table)
+        self._table: tuple | None = None  # (weight dtype and device, stamps per row, the table, tensors held)
 
     def __call__(self, module: nn.Module, inner, *args, **kwargs):
         x, put = _first_input(args, kwargs, self.name)
@@ -281,9 +281,8 @@ class MixedLayer:
 
     def drop_stale(self, rows: list[int]) -> None:
         """Forget the table if the delta of one of these rows changed since it was built (values
-        trained or written in place, positions re-selected, entries frozen): checked at every forward
-        of the model, in one pass over its layers (within each forward's layers, the deltas' memory
-        was cold and the same checks took 4 × longer)."""
+        trained or written in place, positions re-selected, entries frozen): checked when a batch
+        opens and at every forward of the model, in one pass over its layers (about 0.6 µs a delta)."""
         if self._table is not None and any(self._table[1][i] != _stamp(self.weights[i]) for i in rows):
             self._table = None
 
@@ -296,8 +295,8 @@ class MixedLayer:
         elif fast.kind == "embedding":
             table = rowwise.embedding_rows(delta, param)
             _update(y, rows, lambda part: rowwise.add_embedding(table, rowwise.take(x, rows), part))
-        else:
-            matrix = rowwise.linear_matrix(delta, param, fast.transposed)
+        else:  # the task's row of the table as a CSR matrix: no form of its own kept per delta
+            matrix = rowwise.table_matrix(self._linear_table(module, fast), self.index[task], param.shape[0 if fast.transposed else 1])
             rowwise.add_linear(matrix, self.routing.transposed(x, task, rows, matrix.dtype), y, rows)
 
     def _with_heads(self, module, inner, x, put, args, kwargs, groups):

@@ -14,6 +14,14 @@ A *corrected* delta (a bfloat16/float16 or sharded weight that holds θ, not θ 
 core/delta.py) adds its effect in the forward: `LinearCorrected` computes y = x θᵀ + x Δᵀ + b, and
 `EmbeddingDelta` adds the looked-up rows' entries in float32. A corrected convolution runs the
 generic path (core/correction.py).
+
+Every function also takes an optional `observer`: a callable given the layer's dense weight gradient
+(the weight's shape, transient) during backward, before its k entries are gathered, for a method that
+scores positions outside the delta (SpIEL's growth); the gradient is not kept after the call. An
+observer that wants the gradient at fixed positions only may offer them (`sampled_pattern()`, see
+`adapters._linear`): a linear layer then takes the sampled product at those positions, which contain
+the delta's entries, hands it to `observer.add` and returns the entries' part (`observer.entry_slots`);
+otherwise an observed linear layer takes the dense product.
 """
 
 from __future__ import annotations
@@ -73,23 +81,36 @@ def _gather(dense_grad: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype)
 
 
 def _values_grad(ctx, g: torch.Tensor, x2: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """∂L/∂values of a linear layer: the sampled product at the pattern, or the dense product + gather."""
+    """∂L/∂values of a linear layer: the sampled product at the pattern, or the dense product + gather
+    (shown to the observer first, if there is one). With an observer, a pattern is the observer's."""
     if ctx.pattern is not None:
         grad = _sampled_weight_grad(g, x2, ctx.pattern, ctx.weight_shape, ctx.transposed)
+        if ctx.observer is not None:
+            with torch.no_grad():
+                ctx.observer.add(grad)
+            grad = grad[ctx.observer.entry_slots]
         return grad.to(ctx.values_dtype)
     dense = x2.t().matmul(g) if ctx.transposed else g.t().matmul(x2)
+    _observe(ctx.observer, dense)
     return _gather(dense, indices, ctx.values_dtype)
+
+
+def _observe(observer, dense_grad: torch.Tensor | None) -> None:
+    if observer is not None and dense_grad is not None:
+        with torch.no_grad():
+            observer(dense_grad)
 
 
 class LinearDelta(Function):
     """y = x Wᵀ + b (nn.Linear) or y = x W + b (transformers' Conv1D, `transposed=True`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, transposed, pattern=None):
+    def forward(ctx, x, weight, bias, values, indices, transposed, pattern=None, observer=None):
         """`pattern`: the delta's positions as a CSR (crow, col) of the weight, to take the sampled
-        product in backward; None for the dense product + gather."""
+        product in backward; None for the dense product + gather. `observer`: see the module's doc."""
         ctx.save_for_backward(x, weight, indices)
         ctx.pattern = pattern
+        ctx.observer = observer
         ctx.weight_shape = weight.shape
         ctx.transposed = transposed
         ctx.values_dtype = values.dtype
@@ -108,7 +129,7 @@ class LinearDelta(Function):
             grad_bias = g.sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[3]:
             grad_values = _values_grad(ctx, g, x.reshape(-1, x.shape[-1]).to(g.dtype), indices)
-        return grad_x, None, grad_bias, grad_values, None, None, None
+        return grad_x, None, grad_bias, grad_values, None, None, None, None
 
 
 def _csr(pattern, values: torch.Tensor, shape) -> torch.Tensor:
@@ -145,13 +166,14 @@ class LinearCorrected(Function):
     `LinearDelta`'s, and the bias' gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, transposed, pattern, every):
+    def forward(ctx, x, weight, bias, values, indices, transposed, pattern, every, observer=None):
         """`pattern`: CSR (crow, col) of the trained entries for the sampled ∂L/∂values, or None for
         the dense product + gather; `every`: (positions, float32 values) of every entry, trained and
         frozen, for the correction."""
         positions, all_values = every
         ctx.save_for_backward(x, weight, indices, positions, all_values)
         ctx.pattern = pattern
+        ctx.observer = observer
         ctx.weight_shape = weight.shape
         ctx.transposed = transposed
         ctx.values_dtype = values.dtype
@@ -189,7 +211,7 @@ class LinearCorrected(Function):
             grad_bias = g.float().sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[3]:
             grad_values = _values_grad(ctx, g, x.reshape(-1, x.shape[-1]).to(g.dtype), indices)
-        return grad_x, None, grad_bias, grad_values, None, None, None, None
+        return grad_x, None, grad_bias, grad_values, None, None, None, None, None
 
 
 def _sampled_weight_grad(g, x, pattern, shape, transposed: bool) -> torch.Tensor:
@@ -213,8 +235,9 @@ class EmbeddingDelta(Function):
     entries are added in float32 and the sum cast to the table's dtype."""
 
     @staticmethod
-    def forward(ctx, ids, weight, values, indices, padding_idx, every=None):
+    def forward(ctx, ids, weight, values, indices, padding_idx, every=None, observer=None):
         ctx.save_for_backward(ids, indices)
+        ctx.observer = observer
         ctx.num_rows, ctx.dim = weight.shape
         ctx.padding_idx = padding_idx
         ctx.values_dtype = values.dtype
@@ -237,9 +260,11 @@ class EmbeddingDelta(Function):
             flat_ids, g = flat_ids[keep], g[keep]
         rows, inverse, hit, sel_slot = _rows_hit(flat_ids, indices // ctx.dim, ctx.num_rows)
         row_grads = g.new_zeros(len(rows), ctx.dim).index_add_(0, inverse, g)
+        if ctx.observer is not None:  # the whole table's gradient, only while observed
+            _observe(ctx.observer, g.new_zeros(ctx.num_rows, ctx.dim).index_copy_(0, rows, row_grads))
         grad_values = torch.zeros(len(indices), dtype=ctx.values_dtype, device=g.device)
         grad_values[hit] = row_grads[sel_slot[hit], indices[hit] % ctx.dim].to(ctx.values_dtype)
-        return None, None, grad_values, None, None, None
+        return None, None, grad_values, None, None, None, None
 
 
 def _rows_hit(flat_ids: torch.Tensor, entry_rows: torch.Tensor, num_rows: int):
@@ -287,8 +312,9 @@ class ConvDelta(Function):
     of this one layer gathered at the k positions and freed."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, bias, values, indices, stride, padding, dilation, groups, observer=None):
         ctx.save_for_backward(x, weight, indices)
+        ctx.observer = observer
         ctx.conv = (list(stride), list(padding), list(dilation), groups)
         ctx.values_dtype = values.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -301,7 +327,7 @@ class ConvDelta(Function):
         wants_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[3], wants_bias]
         if not any(mask):
-            return (None,) * 9
+            return (None,) * 10
         g = grad_out.contiguous()  # autocast: the product ran in grad_out's dtype, so the factors follow it
         grad_x, grad_w, grad_bias = torch.ops.aten.convolution_backward(
             g, x.to(g.dtype), weight.to(g.dtype), [weight.shape[0]] if wants_bias else None,
@@ -309,13 +335,14 @@ class ConvDelta(Function):
         )  # fmt: skip
         grad_values = None
         if grad_w is not None:
+            _observe(ctx.observer, grad_w)
             grad_values = _gather(grad_w, indices, ctx.values_dtype)
             del grad_w  # the layer's dense weight gradient lives only until its k entries are taken
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.bias_dtype)
-        return grad_x, None, grad_bias, grad_values, None, None, None, None, None
+        return grad_x, None, grad_bias, grad_values, None, None, None, None, None, None
 
 
 class AddDelta(Function):
@@ -323,15 +350,17 @@ class AddDelta(Function):
     backward gathers the k entries of the dense weight gradient that autograd computed."""
 
     @staticmethod
-    def forward(ctx, weight, values, indices):
+    def forward(ctx, weight, values, indices, observer=None):
         ctx.save_for_backward(indices)
+        ctx.observer = observer
         ctx.values_dtype = values.dtype
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):
         (indices,) = ctx.saved_tensors
-        return None, _gather(grad, indices, ctx.values_dtype), None
+        _observe(ctx.observer, grad)
+        return None, _gather(grad, indices, ctx.values_dtype), None, None
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -3,19 +3,21 @@
 With the base weight θ in place, a module's output for the rows of task t differs from that of the
 task's merged model by what the delta Δ_t adds; these functions add exactly that to those rows:
 
-    linear  (nn.Linear, W of shape (out, in); transformers' Conv1D, W of shape (in, out))
-            y_rows += x_rows Δᵀ: a sparse (CSR) product with the k entries, N·k multiply-adds for N tokens
+    table   (nn.Linear, W of shape (out, in); transformers' Conv1D, W of shape (in, out)): every
+            task's entries of one weight in a padded table (12 bytes per entry), from which
+            y[t] += x[t] Δ_{task(t)}ᵀ for the tokens of every task at once (each token gathers its
+            inputs at its task's entries: few tokens per task, decoding), or a task's row of it as
+            a CSR matrix, y_rows += x_rows Δᵀ, N·k multiply-adds for N tokens
     bias    y_rows[..., j] += Δb_j for the delta's positions j
-    table   y[t] += x[t] Δ_{task(t)}ᵀ for the tokens of every task at once: the entries of every task in
-            a padded table, gathered by each token's task (few tokens per task: decoding)
     embedding  y_rows[token, j] += Δ[id(token), j]: each token's entries found through the delta's
             CSR row pointers, so only the entries of the ids present are touched
     merged_tensor  θ with the task's entries written in: the generic path's transient copy of one
             tensor (norms, conv kernels, ...), see mixed.py
 
 Δ here is the *effective* delta, merged value minus θ in the weight's dtype, so the sum matches
-what the merged weight computes (float64 to rounding). The prepared forms (a CSR matrix, row
-pointers) are cached per delta until its values or positions change: about 8 extra bytes per entry.
+what the merged weight computes (float64 to rounding). The other prepared forms (biases' entries,
+an embedding's row pointers, the merged entries a rerun writes) are cached per delta until its
+values or positions change.
 """
 
 from __future__ import annotations
@@ -75,25 +77,6 @@ def _row_pointers(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     return crow.to(index_dtype)
 
 
-def linear_matrix(delta: SparseDelta, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """The effective Δ as a CSR matrix of shape (out, in), for W (out, in), or for W (in, out) when
-    `transposed` (Conv1D)."""
-
-    def build(positions, effective):
-        if transposed:  # W is (in, out): position = i·out + o
-            n_in, n_out = weight.shape
-            rows, cols = positions % n_out, positions // n_out
-            order = torch.argsort(rows * n_in + cols)
-            rows, cols, effective = rows[order], cols[order], effective[order]
-        else:  # positions are already sorted row-major
-            n_out, n_in = weight.shape
-            rows, cols = positions // n_in, positions % n_in
-        crow = _row_pointers(rows, n_out)
-        return _csr(crow, cols.to(crow.dtype), effective, (n_out, n_in))
-
-    return _prepared(delta, weight, "linear", build)
-
-
 def take(x: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
     """x[rows]: a view for a slice, else `index_select` (advanced indexing, x[index], was 7 × slower here)."""
     return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
@@ -137,11 +120,12 @@ def add_linear(matrix: torch.Tensor, blocks: list[torch.Tensor], y: torch.Tensor
         y.index_add_(0, rows, flat.view(len(rows), *y.shape[1:]))
 
 
-def linear_table(deltas: list[SparseDelta | None], weight: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, ...]:
+def linear_table(deltas: list[SparseDelta | None], weight: torch.Tensor, transposed: bool) -> tuple:
     """Every task's effective Δ of one linear weight as rows of a padded table: (outputs, inputs,
-    values), each (len(deltas) + 1, k_max), indices int32 (12 bytes per entry). Row i holds deltas[i]'s
-    entries, then zeros; a None and the last row are all zeros (the bare base, tasks without a delta
-    here). For W (out, in), or W (in, out) when `transposed` (Conv1D)."""
+    values, (entries per row, CSR row pointers per row)), the first three (len(deltas) + 1, k_max),
+    indices int32 (12 bytes per entry). Row i holds deltas[i]'s entries ordered by (output, input), as a CSR matrix wants them
+    (`table_matrix`), then zeros; a None and the last row are all zeros (the bare base, tasks
+    without a delta here). For W (out, in), or W (in, out) when `transposed` (Conv1D)."""
     width = weight.shape[1]
     dtype = compute_dtype(weight.dtype)
     parts = []
@@ -152,16 +136,32 @@ def linear_table(deltas: list[SparseDelta | None], weight: torch.Tensor, transpo
         positions, base, merged = _merged_entries(delta, weight)
         major, minor = positions // width, positions % width
         outs, ins = (minor, major) if transposed else (major, minor)
-        parts.append((outs, ins, merged.to(dtype) - base.to(dtype)))
+        effective = merged.to(dtype) - base.to(dtype)
+        if transposed or delta.frozen_indices.numel():  # positions sorted by input, or frozen ones appended
+            order = torch.argsort(outs * weight.shape[0 if transposed else 1] + ins)
+            outs, ins, effective = outs[order], ins[order], effective[order]
+        parts.append((outs, ins, effective))
     k_max = max((len(p[0]) for p in parts if p is not None), default=0)
     outs = torch.zeros(len(deltas) + 1, k_max, dtype=torch.int32, device=weight.device)
     ins = torch.zeros_like(outs)
     values = torch.zeros(len(deltas) + 1, k_max, dtype=dtype, device=weight.device)
+    counts = [0] * (len(deltas) + 1)
+    n_out = weight.shape[1 if transposed else 0]
+    pointers = torch.zeros(len(deltas) + 1, n_out + 1, dtype=torch.int32, device=weight.device)
     for row, part in enumerate(parts):
         if part is not None:
-            k = len(part[0])
+            k = counts[row] = len(part[0])
             outs[row, :k], ins[row, :k], values[row, :k] = part
-    return outs, ins, values
+            pointers[row] = _row_pointers(part[0], n_out).to(torch.int32)
+    return outs, ins, values, (counts, pointers)
+
+
+def table_matrix(table: tuple, row: int, n_in: int) -> torch.Tensor:
+    """Row `row` of a `linear_table` as a CSR matrix of shape (out, in): views of the table's
+    column indices, values and row pointers (4 bytes per output per task), no copy."""
+    _, ins, values, (counts, pointers) = table
+    k = counts[row]
+    return _csr(pointers[row], ins[row, :k], values[row, :k], (pointers.shape[1] - 1, n_in))
 
 
 def add_table(table: tuple[torch.Tensor, ...], codes: torch.Tensor, tokens: torch.Tensor | None, x: torch.Tensor,
@@ -170,7 +170,7 @@ def add_table(table: tuple[torch.Tensor, ...], codes: torch.Tensor, tokens: torc
     (..., out) (tokens None: every token, in order), in place: one gather, one product and one scatter
     for every task of the batch, whatever their number. Summed in the table's dtype (float32 for
     half-precision layers) before it is added to y, as the merged weight's product would be."""
-    outs, ins, values = table
+    outs, ins, values, _ = table
     x2 = x.reshape(-1, x.shape[-1])
     if tokens is not None:
         x2 = x2.index_select(0, tokens)

@@ -7,6 +7,8 @@ A runner's hooks, in the order a loop calls them:
                                        attach the method; freeze the rest
     param_groups(model)                optimizer groups, each with its own lr
     phase_starts(total_steps)          steps where the lr schedule starts afresh (default [0])
+    before_step(model, step, scale)    before each step's forward, taken or not, with the loss scale its
+                                       backward uses (fp16; else 1): for a method reading raw gradients
     extra_loss(model, step)            a term added to the task loss (e.g. SaRA's nuclear norm)
     after_optimizer_step(model, opt)   right after optimizer.step(), at the lr of that step (SoRA's
                                        proximal step on its gates)
@@ -115,6 +117,7 @@ class MethodRunner:
     schedule_class: ClassVar[type | None] = None  # a dataclass of further settings that are not the config's
     takes_budget: ClassVar[bool] = False  # accepts --threshold / --density
     swaps_parameters: ClassVar[bool] = False  # changes its trainable tensors mid-run (a new phase)
+    moves_entries: ClassVar[bool] = False  # moves delta entries to new positions mid-run, reading θ there (SpIEL)
     lrs: ClassVar[dict[str, float]] = {}  # default learning rate per task; "default" for the others
     default_options: ClassVar[dict[str, Any]] = {}  # --option defaults that differ from the option class's own
     # the targeting settings the method honours; any other one given is refused, never ignored
@@ -159,6 +162,9 @@ class MethodRunner:
 
     def phase_starts(self, total_steps: int) -> list[int]:
         return [0]
+
+    def before_step(self, model: nn.Module, step: int, loss_scale: float = 1.0) -> None:
+        pass
 
     def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
         return None

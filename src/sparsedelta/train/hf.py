@@ -82,6 +82,11 @@ class SparseDeltaCallback(TrainerCallback):
                 "run one process, or use `sparsedelta train` under torchrun / accelerate launch (it re-selects)"
             )
 
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's fp16 loss scaler, if any
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        self.runner.before_step(model, state.global_step, scale)
+
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         extra = self.runner.extra_loss(model, state.global_step)
         if extra is not None:

@@ -204,6 +204,7 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
         bar.set_description(f"{cfg.method} epoch {epoch + 1}")
         for batch in task.batches(order, cfg.batch_size):
             t = time.perf_counter()
+            runner.before_step(model, step, precision.scale())
             with precision.autocast():
                 loss = task.loss(model, to_device(batch, device)).float()
             extra = runner.extra_loss(model, step)  # in float32: a penalty on the float32 values

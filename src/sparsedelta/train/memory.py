@@ -37,7 +37,10 @@ from torch import nn
 
 from ..errors import UsageError
 
-DELTA_METHODS = ("sara", "random", "magnitude", "diff-pruning-phase2")
+DELTA_METHODS = ("sara", "random", "magnitude", "diff-pruning-phase2", "spiel")
+# SpIEL's first accumulation window (the largest): C = 5k candidates and the k entries, each an int64
+# position and three float32 sums (methods/spiel/growth.py); and each layer's dense gradient in turn
+SPIEL_WINDOW_BYTES_PER_ENTRY = 20 * (5 + 1)
 METHODS = ("full", "lora", *DELTA_METHODS)
 SHOWN = ("full", "lora", "sara")  # `estimate --method all`: every delta method costs what SaRA does at its k
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -209,7 +212,8 @@ def estimate(
 
     Args:
         model: a model folder or hub id, a Shape, or None (the task's embedded default).
-        method: full, lora, or a delta method (sara, random, magnitude, diff-pruning-phase2).
+        method: full, lora, or a delta method (sara, random, magnitude, diff-pruning-phase2, spiel: SaRA's
+            cost plus its first accumulation window's candidate sums and one layer's dense gradient).
         batch, seq: examples per step and tokens per example.
         precision: fp32, or bf16 / fp16 (autocast over float32 weights).
         base_dtype: the frozen base's storage (float32, or bfloat16 / float16 for delta methods and LoRA).
@@ -243,6 +247,9 @@ def estimate(
         state = k * (4 + 8 + 8 + base + 4 + base) + shape.head * 12
     temporaries = (2 * 4 * largest) if device == "cpu" else 4 * trainable
     activations = activation_bytes(shape, batch, seq, precision, base_dtype)
+    if method == "spiel":
+        state += SPIEL_WINDOW_BYTES_PER_ENTRY * k
+        activations += 4 * shape.largest_targeted  # the layer's dense gradient, shown to its observer and freed
     if precision != "fp32" and base_dtype == "float32":  # autocast's copies of float32 weights, kept for the backward
         activations += 2 * (shape.linear_weights if method in ("full", "lora") else shape.untargeted_linear_weights)
     return Estimate(shape, method, trainable, weights, state, 4 * trainable, temporaries, activations)

@@ -29,6 +29,10 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
+    def scale(self) -> float:
+        """The factor the next backward's gradients carry (fp16's loss scale; 1 otherwise)."""
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 

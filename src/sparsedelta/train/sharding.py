@@ -38,6 +38,11 @@ def check(runner, world: World) -> None:
             f"--fsdp shards the frozen base under a sparse delta; --method {runner.name} trains dense tensors "
             "(or swaps them mid-run), which would be replicated whole on every process: drop --fsdp"
         )
+    if runner.moves_entries:
+        raise UsageError(
+            f"--fsdp shards the frozen base, but --method {runner.name} moves its entries to new positions mid-run and "
+            "reads θ there, which no process holds whole: drop --fsdp (torchrun without it works)"
+        )
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
