@@ -6,6 +6,8 @@ run" can be audited here rather than searched for.
 | data split | data.tables.stratified_split, data.text.split_units | `split_seed` (its own flag) |
 | subsets (--max-*-samples) | data.tables | `split_seed` |
 | a new head's initial weights | models.classifier.load_classifier | torch.manual_seed(seed) |
+| diffusion: training noise and timesteps | train.tasks.diffusion | torch.manual_seed(seed) when the data loads; checkpointed |
+| diffusion: held-out noise, sample grids | train.tasks.diffusion | a fixed EVAL_SEED; `seed` (the grid's start) |
 | data order of epoch e | train.loop | `epoch_seed(seed, e)` |
 | a method's per-step choices | methods.base.MethodRunner.rng | random.Random(seed) |
 | random masks | methods.baselines.RandomConfig | `seed` field (default: the run's seed) |

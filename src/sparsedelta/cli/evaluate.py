@@ -40,6 +40,8 @@ def run(args) -> int:
         line = f"{source}: answer perplexity {result['perplexity']:.3f} on {result['tokens']:,} answer tokens"
         if "exact_match" in result:
             line += f", exact match {result['exact_match']:.4f} on {result['examples']} examples"
+    elif task.name == "diffusion":
+        line = f"{source}: denoising loss {result['loss']:.5f} on {result['images']} images at fixed noise"
     else:
         line = (f"{source}: accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}, "
                 f"loss {result['loss']:.4f} on {result['examples']} examples")  # fmt: skip

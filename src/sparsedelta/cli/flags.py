@@ -16,7 +16,7 @@ from ..errors import UsageError
 from ..train.config import TrainConfig
 
 GROUP_TITLES = {
-    "data": "data (default: the embedded BBC News, split 70/10/20 stratified; causal-lm: the KJV by chapter)",
+    "data": "data (default: the embedded BBC News, split 70/10/20 stratified; causal-lm: the KJV by chapter; diffusion: the digits 5-9)",
     "model": "model",
     "optimisation": "optimisation",
     "run": "run",

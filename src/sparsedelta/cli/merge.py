@@ -29,7 +29,15 @@ def run(args) -> int:
     if output.exists() and any(output.iterdir()):
         raise UsageError(f"--output {output} exists and is not empty; choose a new folder")
     finished = load_run(args.run, args.model, splits=())
-    finished.runner.merged(finished.model).save_pretrained(output)
+    merged = finished.runner.merged(finished.model)
+    if finished.task.name == "diffusion":  # the UNet beside its scheduler (and text encoder): a pipeline folder
+        from ..models.diffusion import save_pipeline
+
+        save_pipeline(finished.task.diffusion, merged, output)
+        print(f"merged model written to {output} (unet/ + scheduler/: --model {output} of --task diffusion, or "
+              f"{type(merged).__name__}.from_pretrained({str(output)!r}, subfolder='unet'))")  # fmt: skip
+        return 0
+    merged.save_pretrained(output)
     finished.task.tokenizer.save_pretrained(output)
     kind = "AutoModelForCausalLM" if finished.task.name in GENERATIVE else "AutoModelForSequenceClassification"
     print(f"merged model written to {output} (load it with {kind}.from_pretrained)")

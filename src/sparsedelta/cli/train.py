@@ -31,9 +31,10 @@ def add(sub) -> None:
 
 def add_method_flags(p) -> None:
     m = p.add_argument_group("task and method")
-    m.add_argument("--task", choices=["classification", "causal-lm", "sft"],
+    m.add_argument("--task", choices=["classification", "causal-lm", "sft", "diffusion"],
                    help="classification (default); causal-lm: SmolLM2-135M + the KJV by default; sft (instruction "
-                   "tuning, the loss on the answers): SmolLM2-135M-Instruct + BBC News as topic questions")  # fmt: skip
+                   "tuning, the loss on the answers): SmolLM2-135M-Instruct + BBC News as topic questions; diffusion "
+                   "(a diffusers UNet, the noise-prediction loss): a UNet of digits 0-4 adapted to 5-9")  # fmt: skip
     m.add_argument("--method", help=" | ".join(method_names()) + " (default sara; `sparsedelta methods` describes them)")
     budget = m.add_mutually_exclusive_group()
     budget.add_argument("--threshold", type=float, help="train entries with |θ| below it (SaRA's default 1e-3)")
@@ -109,6 +110,11 @@ def report(result) -> str:
             lines.append(f"test exact match: {t['exact_match']:.4f}{was} on {t['examples']} examples")
         for old, new in zip(m.get("baseline", {}).get("answers", []), m.get("samples", {}).get("answers", []), strict=False):
             lines.append(f"expected {new['expected']!r}: before {old['generated']!r}, after {new['generated']!r}")
+    elif m.get("task") == "diffusion":
+        before = m.get("baseline", {}).get("test", {}).get("loss")
+        lines = [f"test denoising loss: {t['loss']:.5f}" + (f" (before training {before:.5f})" if before is not None else "")
+                 + f" on {t['images']} images at fixed noise"]  # fmt: skip
+        lines.append(f"sample grids: {result.folder / 'samples_before.png'}, {result.folder / 'samples_after.png'}")
     else:
         lines = [f"test accuracy: {t['accuracy']:.4f} (macro-F1 {t['macro_f1']:.4f}, loss {t['loss']:.4f}, {t['examples']} examples)"]
     if b.selected is not None:

@@ -13,7 +13,8 @@ class FullRunner(MethodRunner):
     name = "full"
     targeting_flags = frozenset()  # every parameter trains
     summary = "reference: ordinary fine-tuning of every parameter"
-    lrs = {"default": 5e-5}
+    # the diffusion default (a 0.7 M-parameter UNet, 300 steps): validation loss 0.03000 at 5e-5, 0.02730 at 5e-4, 0.02682 at 2e-3
+    lrs = {"default": 5e-5, "diffusion": 2e-3}
 
     def prepare(self, model, head_modules, total_steps, default_targets=None):
         self.head_modules = head_modules
@@ -29,7 +30,8 @@ class FullRunner(MethodRunner):
     def save(self, model, tokenizer, folder, card=None):
         target = Path(folder) / "model"
         model.save_pretrained(target)
-        tokenizer.save_pretrained(target)
+        if tokenizer is not None:  # a diffusion run's product is the UNet alone
+            tokenizer.save_pretrained(target)
         return target
 
     def load(self, model, folder):

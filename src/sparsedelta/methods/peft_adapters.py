@@ -89,7 +89,8 @@ class LoRARunner(PeftRunner):
     targeting_flags = PeftRunner.targeting_flags | {"exclude_modules"}
     summary = "comparison: PEFT LoRA (r = 8, alpha 16, dropout 0.1)"
     peft_config_name = "LoraConfig"
-    lrs = {"default": 5e-4}
+    # the diffusion default: validation loss 0.03030 at 5e-4, 0.02877 at 2e-3, 0.02817 at 8e-3
+    lrs = {"default": 5e-4, "diffusion": 8e-3}
     default_options = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
 
     @classmethod

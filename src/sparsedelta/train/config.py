@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ..errors import UsageError
 from ..methods.base import MethodSettings
 
-TASKS = ("classification", "causal-lm", "sft")
+TASKS = ("classification", "causal-lm", "sft", "diffusion")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 TASK_DEFAULTS = {
@@ -24,6 +24,9 @@ TASK_DEFAULTS = {
                   "validation_fraction": 0.05, "test_fraction": 0.05},
     "sft": {"max_steps": 60, "batch_size": 8, "eval_batch_size": 16, "weight_decay": 0.0, "warmup_ratio": 0.1,
             "validation_fraction": 0.1, "test_fraction": 0.2, "max_length": 256, "max_eval_samples": 120},
+    # the embedded digits: 630 training images, 300 steps = about 15 epochs of 32 (max_length: caption tokens)
+    "diffusion": {"max_steps": 300, "batch_size": 32, "eval_batch_size": 64, "weight_decay": 0.0, "warmup_ratio": 0.05,
+                  "validation_fraction": 0.1, "test_fraction": 0.2, "max_length": 77, "eval_every": 50},
 }  # fmt: skip
 
 
@@ -33,13 +36,13 @@ def _f(default, help: str, group: str, **extra):
     return field(**factory, metadata={"help": help, "group": group, **extra})
 
 
-CLASSIFICATION, CAUSAL_LM, SFT = ("classification",), ("causal-lm",), ("sft",)
+CLASSIFICATION, CAUSAL_LM, SFT, DIFFUSION = ("classification",), ("causal-lm",), ("sft",), ("diffusion",)
 
 
 @dataclass
 class TrainConfig(MethodSettings):
     # data (no file and no dataset: the task's embedded default, BBC News or the KJV)
-    train_file: str | None = _f(None, "csv, tsv, json, jsonl or parquet (causal-lm: also txt)", "data")
+    train_file: str | None = _f(None, "csv, tsv, json, jsonl or parquet (causal-lm: also txt; diffusion: a folder of images)", "data")  # fmt: skip
     validation_file: str | None = _f(None, "(default: carved from the training file)", "data")
     test_file: str | None = _f(None, "(default: carved from the training file)", "data")
     dataset: str | None = _f(None, "a Hugging Face Hub dataset id (needs the internet or its cache)", "data", tasks=CLASSIFICATION + SFT)  # fmt: skip
@@ -51,9 +54,9 @@ class TrainConfig(MethodSettings):
     validation_fraction: float | None = _f(None, "share carved for validation (default 0.1; causal-lm 0.05 of the text)", "data")  # fmt: skip
     test_fraction: float | None = _f(None, "share carved for test (default 0.2; causal-lm 0.05 of the text)", "data")  # fmt: skip
     split_by: str = _f("chapter", "the KJV's split unit: chapter or book", "data", tasks=CAUSAL_LM)
-    max_train_samples: int | None = _f(None, "use a seeded subset of the training data", "data", tasks=CLASSIFICATION + SFT)
+    max_train_samples: int | None = _f(None, "use a seeded subset of the training data", "data", tasks=CLASSIFICATION + SFT + DIFFUSION)
     max_eval_samples: int | None = _f(None, "use a seeded subset of validation and test (sft default 120)", "data",
-                                      tasks=CLASSIFICATION + SFT)  # fmt: skip
+                                      tasks=CLASSIFICATION + SFT + DIFFUSION)  # fmt: skip
     max_validation_samples: int | None = _f(None, "a seeded subset of validation alone (overrides the above)", "data", tasks=CLASSIFICATION)  # fmt: skip
     eval_blocks: int = _f(24, "evenly spaced blocks of each held-out split", "data", tasks=CAUSAL_LM)
     messages_column: str | None = _f(None, "the chat column: a list of {role, content} (default: messages)", "data", tasks=SFT)  # fmt: skip
@@ -65,8 +68,8 @@ class TrainConfig(MethodSettings):
     packing: bool = _f(False, "lay several examples end to end in one row (position ids restart per example, so "
                        "attention stays within each)", "data", tasks=SFT)  # fmt: skip
     # model
-    model: str | None = _f(None, "local folder, hub id or (causal-lm) .gguf file (default: the embedded MiniLM-L6; SmolLM2-135M)", "model")  # fmt: skip
-    max_length: int | None = _f(None, "tokens per example (default 128; causal-lm: per block, 128; sft 256)", "model")
+    model: str | None = _f(None, "local folder, hub id or (causal-lm) .gguf file (default: the embedded MiniLM-L6; SmolLM2-135M; diffusion: a UNet pre-trained on digits 0-4)", "model")  # fmt: skip
+    max_length: int | None = _f(None, "tokens per example (default 128; causal-lm: per block, 128; sft 256; diffusion: per caption, 77)", "model")
     # optimisation
     epochs: float | None = _f(None, "passes over the training data (default 2; causal-lm: --max-steps 40)", "optimisation")  # fmt: skip
     max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides --epochs)", "optimisation")
@@ -84,6 +87,9 @@ class TrainConfig(MethodSettings):
     # samples (causal LM)
     prompt: str = _f("And God said unto Moses,", "the prompt of the greedy samples before and after", "run", tasks=CAUSAL_LM)  # fmt: skip
     max_new_tokens: int = _f(32, "tokens of each sample", "run", tasks=CAUSAL_LM + SFT)
+    # samples (diffusion)
+    num_samples: int = _f(16, "images in each sample grid (before and after training)", "run", tasks=DIFFUSION)
+    sample_steps: int = _f(50, "denoising steps of each sample grid (DDIM, deterministic from --seed)", "run", tasks=DIFFUSION)  # fmt: skip
     # run
     output_dir: str | None = _f(None, "the run folder (default: runs/<time>-<method>)", "run")
     eval_every: int | None = _f(None, "validate every N steps (default: twice per epoch)", "run")
@@ -98,7 +104,8 @@ class TrainConfig(MethodSettings):
             raise UsageError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.schedule not in SCHEDULES:
             raise UsageError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        for name in ("batch_size", "eval_batch_size", "max_length", "max_steps", "eval_blocks", "max_new_tokens"):
+        for name in ("batch_size", "eval_batch_size", "max_length", "max_steps", "eval_blocks", "max_new_tokens",
+                     "num_samples", "sample_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

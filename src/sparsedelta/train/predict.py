@@ -118,6 +118,10 @@ def load_groups(sources: dict[str, DeltaSource], model=None, task=None, labels=N
 
     `per_row_prompts`: the caller formats each row for its own adapter (the server applies each run's
     chat template), so causal-lm and sft runs of one base may be served together."""
+    images = [n for n, s in sources.items() if s.task == "diffusion"]
+    if images:  # a UNet's delta makes images from noise: there is no text row to predict
+        raise UsageError(f"--adapter {images[0]}: a diffusion run; predict reads text tables. Measure it with "
+                         "`sparsedelta eval`; its sample grids are in its run folder")  # fmt: skip
     kinds = {"generative" if per_row_prompts and s.task in GENERATIVE else s.task for s in sources.values() if s.task}
     if len(kinds) > 1:
         raise UsageError(f"the run folders mix tasks {sorted(kinds)}; predict serves one kind of model at a time")

@@ -8,9 +8,10 @@ from ..distributed import World
 from .base import Task, to_device
 from .causal_lm import CausalLMTask
 from .classification import ClassificationTask
+from .diffusion import DiffusionTask
 from .sft import SFTTask
 
-TASK_CLASSES: dict[str, type[Task]] = {t.name: t for t in (ClassificationTask, CausalLMTask, SFTTask)}
+TASK_CLASSES: dict[str, type[Task]] = {t.name: t for t in (ClassificationTask, CausalLMTask, SFTTask, DiffusionTask)}
 GENERATIVE = (CausalLMTask.name, SFTTask.name)  # tasks whose model is a causal LM that answers with text
 
 
@@ -20,4 +21,4 @@ def make_task(cfg: TrainConfig, world: World | None = None) -> Task:
     return TASK_CLASSES[cfg.task](cfg, world)
 
 
-__all__ = ["GENERATIVE", "CausalLMTask", "ClassificationTask", "SFTTask", "Task", "make_task", "to_device"]
+__all__ = ["GENERATIVE", "CausalLMTask", "ClassificationTask", "DiffusionTask", "SFTTask", "Task", "make_task", "to_device"]
