@@ -21,6 +21,7 @@ from .core.config import DeltaConfig, SelectionReport
 from .core.delta import SparseDelta
 from .core.io import DeltaFileError, load, read, save
 from .core.mixed import BASE, mixed_batch
+from .core.quantized import dequantize, quantize
 from .interop import export_shira, import_peft
 from .methods import DiffPruningConfig, MagnitudeConfig, RandomConfig, SaRAConfig, SoRAConfig, diff_pruning, sora
 
@@ -43,6 +44,7 @@ __all__ = [
     "compose",
     "count_parameters",
     "delete_adapter",
+    "dequantize",
     "diff_pruning",
     "disabled",
     "export_shira",
@@ -52,6 +54,7 @@ __all__ = [
     "merge_and_unload",
     "mixed_batch",
     "prepare",
+    "quantize",
     "print_trainable_parameters",
     "read",
     "save",

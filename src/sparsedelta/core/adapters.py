@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnknownAdapterError, UsageError
-from . import patching
+from . import patching, quantized
 from .config import DeltaConfig, SelectionReport
 from .correction import bake_corrected, in_float32
 from .delta import SparseDelta
 from .ops import (
     AddDelta,
     ConvDelta,
+    DeltaProduct,
     EmbeddingDelta,
     LinearCorrected,
     LinearDelta,
@@ -102,6 +103,23 @@ def _conv(module, delta, path, x):
     return y.squeeze(0) if unbatched else y
 
 
+def _quantized(module, bound, inner, args, kwargs):
+    """A quantized layer (core/quantized.py) runs as it is, on θ, and the deltas' effect is added:
+    x Δᵀ for the weight (`DeltaProduct`), Δb for the bias, in float32, the sum cast to the layer's dtype."""
+    y = inner(*args, **kwargs)
+    x = args[0] if args else next(iter(kwargs.values()))
+    extra = None
+    for pname, delta in bound:
+        if pname == "weight":
+            sampled = sampled_pays(quantized.stand_in(delta.weight), len(delta.indices), torch.float32)
+            pattern = delta.csr() if sampled else None
+            part = DeltaProduct.apply(x, delta.values, delta.indices, delta.shape, pattern, delta.every_entry())
+        else:  # the layer's float bias: its entries added to every output
+            part = delta.added_to(torch.zeros(delta.shape, device=y.device))
+        extra = part if extra is None else extra + part
+    return y + extra.to(y.dtype) if y.dtype == torch.float32 else (y.float() + extra).to(y.dtype)
+
+
 FAST = {"linear": _linear, "embedding": _embedding, "conv": _conv}
 CORRECTED_FAST = ("linear", "embedding")  # kinds whose fast path also adds a corrected delta
 
@@ -151,6 +169,8 @@ class DeltaLayer:
 
     @staticmethod
     def _corrected(module, inner, bound, corrected, path, fast_delta, args, kwargs):
+        if quantized.scheme_of(module):  # whatever lies below: its packed weight can only be run
+            return _quantized(module, bound, inner, args, kwargs)
         others = {pname: d for pname, d in bound if d is not fast_delta}
         fast = fast_delta is not None and "weight" in corrected and path.kind in CORRECTED_FAST
         if fast and (not others or (path.kind == "linear" and set(others) == {"bias"} and "bias" in corrected)):
@@ -191,7 +211,8 @@ def add_delta(
         )
     targets, saved_modules = find_targets(model, config)
     if positions is None:
-        positions, report = config.select({name: t.param.detach() for name, t in targets.items()})
+        # quantized weights are dequantized as the rule reads them, one at a time
+        positions, report = config.select(quantized.Dequantized({name: t.param for name, t in targets.items()}))
     unknown = set(positions) - set(targets)
     if unknown:
         raise UsageError(f"positions given for tensors that are not targeted: {sorted(unknown)[:5]}")
@@ -210,7 +231,9 @@ def add_delta(
         deltas = {}
         for name, idx in positions.items():
             target: Target = targets[name]
-            delta = SparseDelta(target.param, idx, None if values is None else values.get(name))
+            theta = quantized.dequantize(target.param) if quantized.is_quantized_param(target.param) else None
+            delta = SparseDelta(target.param, idx, None if values is None else values.get(name), theta=theta)
+            del theta  # the delta keeps θ at its positions only
             owner, pname = target.owners[0]
             if CONTAINER not in owner._modules:
                 setattr(owner, CONTAINER, nn.ModuleDict())
@@ -364,10 +387,15 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     model from the one trained (entries far below θ's last bit are lost): a warning says how many
     entries lost more than half of their change. For the exact model call `model.float()` first."""
     state = state_of(model)
+    adapter = state.adapters.get(state.active)
+    if adapter is not None and any(d.quantized for d in adapter.deltas.values()):
+        raise UsageError(
+            "merge_and_unload: the base is quantized, and its packed weights cannot take the delta; keep the delta "
+            "unmerged over the quantized base (sparsedelta.load), or dequantize the base first for a float model"
+        )
     if not state.merged:
         merge(model)
     sync(model)
-    adapter = state.adapters.get(state.active)
     if adapter is not None:
         bake_corrected(adapter.deltas)
     _remove_all(model)

@@ -187,7 +187,7 @@ def reselect_relative(model: nn.Module, optimizer: torch.optim.Optimizer | None 
         k = len(delta.indices)
         before += k
         current = delta.current_values().detach()
-        whole = delta.weight.detach().reshape(-1).to(current.dtype).clone()  # θ elsewhere, merged or not
+        whole = delta.dense_weight().reshape(-1).to(current.dtype).clone()  # θ elsewhere, merged or not
         whole[delta.frozen_indices] = delta.frozen_base.to(current.dtype) + delta.frozen_values.to(current.dtype)
         whole[delta.indices] = current
         limit = whole.abs().kthvalue(k).values if k else current.new_zeros(())
