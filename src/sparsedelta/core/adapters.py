@@ -212,7 +212,8 @@ def add_delta(
     targets, saved_modules = find_targets(model, config)
     if positions is None:
         # quantized weights are dequantized as the rule reads them, one at a time
-        positions, report = config.select(quantized.Dequantized({name: t.param for name, t in targets.items()}))
+        owned = {name: (t.param, t.owners[0][0]) for name, t in targets.items()}
+        positions, report = config.select(quantized.Dequantized(owned))
     unknown = set(positions) - set(targets)
     if unknown:
         raise UsageError(f"positions given for tensors that are not targeted: {sorted(unknown)[:5]}")
@@ -231,10 +232,11 @@ def add_delta(
         deltas = {}
         for name, idx in positions.items():
             target: Target = targets[name]
-            theta = quantized.dequantize(target.param) if quantized.is_quantized_param(target.param) else None
-            delta = SparseDelta(target.param, idx, None if values is None else values.get(name), theta=theta)
-            del theta  # the delta keeps θ at its positions only
             owner, pname = target.owners[0]
+            layer = owner if quantized.is_quantized_param(target.param) else None
+            theta = quantized.dequantize(layer) if layer is not None else None
+            delta = SparseDelta(target.param, idx, None if values is None else values.get(name), theta=theta, layer=layer)
+            del theta  # the delta keeps θ at its positions only
             if CONTAINER not in owner._modules:
                 setattr(owner, CONTAINER, nn.ModuleDict())
             container = getattr(owner, CONTAINER)

@@ -79,9 +79,10 @@ class SparseDelta(nn.Module):
         indices: torch.Tensor,
         values: torch.Tensor | None = None,
         theta: torch.Tensor | None = None,
+        layer: nn.Module | None = None,
     ):
-        """`theta`: for a quantized `weight`, its dequantized value (shape, θ at the positions); the
-        delta is then a correction for good."""
+        """`theta`: for a quantized `weight`, its dequantized value (shape, θ at the positions), and
+        `layer` the quantized layer owning it (it holds the scales); the delta is then a correction for good."""
         super().__init__()
         packed, self.quantized = weight, None
         if theta is not None:
@@ -101,6 +102,7 @@ class SparseDelta(nn.Module):
         # A weak reference, not a registered parameter: FSDP replaces the module's weight by its shards,
         # and a strong one would keep the whole original tensor alive on every process.
         self.__dict__["_weight_ref"] = weakref.ref(packed)
+        self.__dict__["_layer_ref"] = (lambda: None) if layer is None else weakref.ref(layer)
         self.shape = tuple(weight.shape)
         self.register_buffer("indices", indices)
         self.register_buffer("base", weight.detach().reshape(-1)[indices].clone())
@@ -133,14 +135,15 @@ class SparseDelta(nn.Module):
     # copies and pickles hold the weight strongly, so that a deep copy of the model points at the copy's weight
     def __getstate__(self):
         state = dict(self.__dict__)
-        ref = state.pop("_weight_ref")
-        state["_weight"] = ref()
+        state["_weight"] = state.pop("_weight_ref")()
+        state["_layer"] = state.pop("_layer_ref")()
         return state
 
     def __setstate__(self, state):
-        weight = state.pop("_weight")
+        weight, layer = state.pop("_weight"), state.pop("_layer", None)
         super().__setstate__(state)
         self.__dict__["_weight_ref"] = (lambda: None) if weight is None else weakref.ref(weight)
+        self.__dict__["_layer_ref"] = (lambda: None) if layer is None else weakref.ref(layer)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -237,7 +240,8 @@ class SparseDelta(nn.Module):
         """The weight as the model holds it, dense: itself, or a quantized weight dequantized (θ, as a
         new float32 tensor of the logical shape)."""
         if self.quantized:
-            return quantized.dequantize(self.weight)
+            layer = self._layer_ref()
+            return quantized.dequantize(self.weight if layer is None else layer)
         return self.weight.detach()
 
     def every_entry(self) -> tuple[torch.Tensor, torch.Tensor]:

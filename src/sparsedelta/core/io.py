@@ -347,7 +347,7 @@ def _base_values(model: nn.Module, name: str, param: nn.Parameter, idx: torch.Te
     """θ at `idx` without unmerging anything: where the active adapter is merged, its stored base
     values stand in for the weight's. A quantized weight: its dequantized θ (never merged)."""
     if quantized.is_quantized_param(param):
-        return quantized.dequantize(param).reshape(-1)[idx.to(param.device)]
+        return quantized.dequantize(model.get_submodule(name.rpartition(".")[0])).reshape(-1)[idx.to(param.device)]
     values = param.detach().reshape(-1)[idx]
     state = getattr(model, "_sparsedelta", None)
     if state is None or not state.merged or state.active is None:

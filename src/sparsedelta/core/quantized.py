@@ -64,9 +64,11 @@ def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(param.shape)
 
 
-def dequantize(param: torch.Tensor) -> torch.Tensor:
-    """θ of a quantized weight as a new float32 tensor of its logical shape (one layer's worth of
-    memory, freed by the caller); any other tensor as it is, detached."""
+def dequantize(layer: nn.Module | torch.Tensor) -> torch.Tensor:
+    """θ of a quantized layer's weight (give the layer: an int8 layer moves its row scales from the
+    weight to its own state at its first forward) as a new float32 tensor of its logical shape, one
+    layer's worth of memory; any other weight as it is, detached."""
+    param = layer.weight if isinstance(layer, nn.Module) else layer
     if not is_quantized_param(param):
         return param.detach()
     import bitsandbytes.functional as bnbf
@@ -76,10 +78,12 @@ def dequantize(param: torch.Tensor) -> torch.Tensor:
         if state is not None:
             return bnbf.dequantize_4bit(param.data, state).float()
         scales = getattr(param, "SCB", None)
+        if scales is None and isinstance(layer, nn.Module):
+            scales = getattr(getattr(layer, "state", None), "SCB", None)
         if scales is None:
             raise UsageError(
-                "this int8 layer holds no row scales (SCB): bitsandbytes quantizes when the model is moved to its "
-                "device; call model.to('cpu') (or .cuda()) before attaching a delta"
+                "this int8 weight holds no row scales (SCB): pass its layer (after a forward they live in "
+                "layer.state), or move the model to its device first (bitsandbytes quantizes on .to())"
             )
         return bnbf.int8_vectorwise_dequant(param.data, scales).float()
 
@@ -92,13 +96,15 @@ def stand_in(param: torch.Tensor) -> torch.Tensor:
 
 class Dequantized(Mapping):
     """Targeted tensors by name, each quantized one dequantized when read and not kept: a selection
-    rule that walks it holds one dequantized layer at a time (plus whatever it keeps of it)."""
+    rule that walks it holds one dequantized layer at a time (plus whatever it keeps of it).
+    `params`: name -> (the tensor, the layer that owns it)."""
 
-    def __init__(self, params: dict[str, torch.Tensor]):
+    def __init__(self, params: dict[str, tuple[torch.Tensor, nn.Module]]):
         self._params = params
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return dequantize(self._params[name])
+        param, layer = self._params[name]
+        return dequantize(layer) if is_quantized_param(param) else param.detach()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._params)

@@ -1,0 +1,249 @@
+"""Deltas over bitsandbytes int8 and 4-bit (nf4) bases: the packed weights never change, the delta
+adds exactly x Δᵀ, gradients match the dense dequantized model's, files load back exactly onto the
+same quantized base and are refused by others, and mixed-task batches match each task's own model.
+
+Tolerances: on this CPU backend both kinds of layer multiply by the dequantized weight in float32
+(measured: a tiny Llama's logits over its quantized layers equal those of a float copy holding the
+dequantized weights within 1e-7), so a quantized model with a delta must equal the float model
+holding θ_dequantized + Δ to float32 rounding: the two differ only in summation order (x θᵀ + x Δᵀ
+against x (θ + Δ)ᵀ), a few ulps of the logits' scale; 1e-5 absolute on logits of size ~1 leaves
+room for that and nothing else (the delta's own effect on the logits is > 1e-2).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sparsedelta as sd
+from sparsedelta.core import quantized
+from sparsedelta.core.adapters import state_of
+from sparsedelta.errors import UsageError
+from test_causal_lm import tiny_llama
+
+pytest.importorskip("bitsandbytes")
+
+SCHEMES = ("int8", "4bit")
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ATOL = 1e-5
+
+
+def llama(seed=0):
+    return tiny_llama(400, seed=seed).eval()
+
+
+def ids(seed=1, rows=3, tokens=12):
+    return torch.randint(1, 400, (rows, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def quantized_layers(model):
+    return {n: m for n, m in model.named_modules() if quantized.scheme_of(m)}
+
+
+def packed(model):
+    """Every byte a quantized layer holds: its packed weight and its scales."""
+    out = {}
+    for name, m in quantized_layers(model).items():
+        w = m.weight
+        out[name] = w.data.clone()
+        state = getattr(w, "quant_state", None)
+        scales = state.absmax if state is not None else (w.SCB if w.SCB is not None else m.state.SCB)
+        out[name + ".scales"] = scales.clone()
+    return out
+
+
+def assert_same_bytes(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+
+
+def attach(model, density=0.05, seed=0, name="default"):
+    """SaRA at `density` over the linear layers, values set to random numbers of a size that changes
+    the logits clearly."""
+    sd.add_delta(model, sd.SaRAConfig(density=density, target_modules=LINEARS), adapter_name=name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for delta in state_of(model).adapters[name].deltas.values():
+            delta.values.copy_(0.05 * torch.randn(len(delta.values), generator=g))
+    return model
+
+
+def dense_equivalent(qmodel, float_model, adapter="default"):
+    """The float model holding θ_dequantized (+ Δ of `adapter`, None: θ only) in each quantized layer."""
+    ref = copy.deepcopy(float_model)
+    deltas = state_of(qmodel).adapters[adapter].deltas if adapter else {}
+    for name, m in quantized_layers(qmodel).items():
+        weight = sd.dequantize(m)
+        delta = deltas.get(name + ".weight")
+        if delta is not None:
+            positions, values = delta.every_entry()
+            weight.view(-1).index_add_(0, positions, values)
+        ref.get_submodule(name).weight.data.copy_(weight)
+    return ref
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_only_the_deltas_entries_change_the_output(scheme):
+    base = llama()
+    model = attach(sd.quantize(copy.deepcopy(base), scheme))
+    x = ids()
+    with torch.no_grad():
+        got = model(x).logits
+        expected = dense_equivalent(model, base)(x).logits
+        without = dense_equivalent(model, base, adapter=None)(x).logits
+    assert (expected - without).abs().max() > 1e-2  # the delta matters
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert {d.quantized for d in state_of(model).adapters["default"].deltas.values()} == {
+        "int8" if scheme == "int8" else "nf4"
+    }
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_training_never_writes_the_packed_weights(scheme):
+    model = attach(sd.quantize(llama(), scheme))
+    before = packed(model)
+    values_before = [d.values.detach().clone() for d in state_of(model).adapters["default"].deltas.values()]
+    opt = torch.optim.AdamW(sd.trainable_parameters(model), lr=1e-2)
+    x = ids()
+    for _ in range(3):
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert_same_bytes(before, packed(model))
+    after = [d.values.detach() for d in state_of(model).adapters["default"].deltas.values()]
+    assert all(not torch.equal(a, b) for a, b in zip(values_before, after, strict=True))  # it did train
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "sparse_delta" not in n)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_values_gradient_equals_the_dense_dequantized_models(scheme):
+    base = llama()
+    model = attach(sd.quantize(copy.deepcopy(base), scheme))
+    deltas = state_of(model).adapters["default"].deltas
+    x = ids()
+    model(x, labels=x).loss.backward()
+
+    # the dense model: θ_dequantized + scatter(values) built inside autograd, values as leaves
+    ref = dense_equivalent(model, base, adapter=None)
+    leaves = {n: d.values.detach().clone().requires_grad_(True) for n, d in deltas.items()}
+    originals = {}
+    for name, leaf in leaves.items():
+        module_name = name.rpartition(".")[0]
+        module = ref.get_submodule(module_name)
+        theta = module.weight.detach()
+        originals[module_name] = theta
+        del module.weight
+        module.weight = theta.reshape(-1).index_add(0, deltas[name].indices, leaf).view(theta.shape)
+    ref(x, labels=x).loss.backward()
+    for name, delta in deltas.items():
+        torch.testing.assert_close(delta.values.grad, leaves[name].grad, atol=1e-6, rtol=1e-4)
+    assert sum(float(d.values.grad.abs().sum()) for d in deltas.values()) > 0
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_disabled_and_unload_give_the_quantized_base_exactly(scheme):
+    base = sd.quantize(llama(), scheme)
+    x = ids()
+    with torch.no_grad():
+        plain = base(x).logits
+    before = packed(base)
+    model = attach(base)
+    with torch.no_grad():
+        assert (model(x).logits - plain).abs().max() > 1e-2
+        with sd.disabled(model):
+            assert torch.equal(model(x).logits, plain)
+        sd.unload(model)
+        assert torch.equal(model(x).logits, plain)
+    assert_same_bytes(before, packed(model))
+    assert not any("sparse_delta" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_save_and_load_onto_the_same_quantized_base_is_exact(scheme, tmp_path):
+    model = attach(sd.quantize(llama(), scheme))
+    x = ids()
+    with torch.no_grad():
+        trained = model(x).logits
+    sd.save(model, tmp_path / "delta")
+    fresh = sd.quantize(llama(), scheme)  # the same checkpoint quantized again: the same bytes
+    sd.load(fresh, tmp_path / "delta")
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, trained)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_load_onto_another_base_is_refused(scheme, tmp_path):
+    model = attach(sd.quantize(llama(), scheme))
+    sd.save(model, tmp_path / "delta")
+    other = "4bit" if scheme == "int8" else "int8"
+    with pytest.raises(sd.DeltaFileError, match="dtype mismatch.*--base-quantization"):
+        sd.load(llama(), tmp_path / "delta")  # the float checkpoint
+    with pytest.raises(sd.DeltaFileError, match="dtype mismatch"):
+        sd.load(sd.quantize(llama(), other), tmp_path / "delta")
+    with pytest.raises(sd.DeltaFileError, match="fingerprint mismatch"):
+        sd.load(sd.quantize(llama(seed=5), scheme), tmp_path / "delta")  # another checkpoint, same scheme
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_mixed_batches_equal_each_tasks_own_model(scheme):
+    model = sd.quantize(llama(), scheme)
+    attach(model, seed=1, name="a")
+    attach(model, seed=2, name="b", density=0.02)
+    names = ["a", sd.BASE, "b", "a"]
+    x = ids(rows=len(names), tokens=10)
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == sd.BASE:
+                with sd.disabled(model):
+                    own = model(x[row : row + 1]).logits
+            else:
+                sd.set_adapter(model, name)
+                own = model(x[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], own, atol=ATOL, rtol=0)
+        # decoding: one token a row takes every task's entries from one table
+        step = model(x[:, :1], adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name != sd.BASE:
+                sd.set_adapter(model, name)
+                torch.testing.assert_close(step[row], model(x[row : row + 1, :1]).logits[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_selection_reads_the_dequantized_weights(scheme):
+    base = llama()
+    model = sd.quantize(copy.deepcopy(base), scheme)
+    dense = dense_equivalent(model, base, adapter=None)
+    config = sd.SaRAConfig(density=0.03, target_modules=LINEARS)
+    sd.add_delta(model, config)
+    sd.add_delta(dense, config)
+    got = state_of(model).adapters["default"].deltas
+    expected = state_of(dense).adapters["default"].deltas
+    assert got.keys() == expected.keys()
+    for name in got:
+        assert torch.equal(got[name].indices, expected[name].indices)
+        assert torch.equal(got[name].base, expected[name].base)
+
+
+def test_full_fine_tuning_and_merging_are_refused():
+    from sparsedelta.methods.base import MethodSettings
+    from sparsedelta.methods.full import FullRunner
+
+    model = sd.quantize(llama(), "4bit")
+    with pytest.raises(UsageError, match="--method sara"):
+        FullRunner(MethodSettings(method="full")).prepare(model, [], 10)
+    attach(model)
+    with pytest.raises(UsageError, match="quantized"):
+        sd.merge_and_unload(model)
+    with pytest.raises(UsageError, match="quantized already"):
+        sd.quantize(model, "int8")
+
+
+def test_quantize_keeps_the_head_and_named_modules_in_float():
+    model = sd.quantize(llama(), "int8", skip=["down_proj"])
+    assert type(model.lm_head) is nn.Linear
+    layers = quantized_layers(model)
+    assert layers and not any(n.endswith("down_proj") for n in layers)
+    assert all(type(m).__name__ == "Linear8bitLt" for m in layers.values())
