@@ -10,6 +10,7 @@ costs O(k).
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -210,6 +211,7 @@ def add_delta(
             f"adapter {adapter_name!r} exists already; pick another name or call sparsedelta.delete_adapter first"
         )
     targets, saved_modules = find_targets(model, config)
+    quantized.keep_packing(model)  # θ of a quantized base stays the θ the delta is taken over
     if positions is None:
         # quantized weights are dequantized as the rule reads them, one at a time
         owned = {name: (t.param, t.owners[0][0]) for name, t in targets.items()}
@@ -436,7 +438,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     if state is not None:
         for adapter in state.adapters.values():
             delta_params |= {id(d.values) for d in adapter.deltas.values()}
-    total = sum(p.numel() for p in model.parameters() if id(p) not in delta_params)
+    total = sum(math.prod(quantized.logical_shape(p)) for p in model.parameters() if id(p) not in delta_params)
     trainable = sum(p.numel() for p in trainable_parameters(model)) if state is not None else total
     return trainable, total
 

@@ -76,6 +76,7 @@ def dequantize(layer: nn.Module | torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         state = getattr(param, "quant_state", None)
         if state is not None:
+            _check_unpacked(state)
             return bnbf.dequantize_4bit(param.data, state).float()
         scales = getattr(param, "SCB", None)
         if scales is None and isinstance(layer, nn.Module):
@@ -86,6 +87,29 @@ def dequantize(layer: nn.Module | torch.Tensor) -> torch.Tensor:
                 "layer.state), or move the model to its device first (bitsandbytes quantizes on .to())"
             )
         return bnbf.int8_vectorwise_dequant(param.data, scales).float()
+
+
+def _check_unpacked(state) -> None:
+    if getattr(state, "packing_format_for_cpu", False):
+        raise UsageError(
+            "this 4-bit layer was repacked by bitsandbytes for its CPU inference kernel (at an eval-mode forward "
+            "without gradients), which rounds its block scales to bf16, so its θ is no longer the one it was "
+            "quantized to; quantize the model again and attach deltas (or call keep_packing(model)) before such a forward"
+        )
+
+
+def keep_packing(model: nn.Module) -> None:
+    """Keep every 4-bit layer of the model in the packing it was quantized to. On CPUs with
+    AVX512-BF16, bitsandbytes repacks a 4-bit weight in place at its first eval-mode forward without
+    gradients, for a faster kernel, and rounds its block scales to bf16 on the way: θ itself changes
+    (and layers with fewer than 64 inputs fail). A delta's positions, base values and fingerprint
+    describe the θ it was trained on, so that repacking is turned off; it costs 4-bit inference that
+    kernel's speed."""
+    for module in model.modules():
+        if scheme_of(module) == "4bit":
+            _check_unpacked(module.weight.quant_state)
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
 
 
 def stand_in(param: torch.Tensor) -> torch.Tensor:
@@ -154,6 +178,7 @@ def quantize(model: nn.Module, scheme: str, skip: list[str] | tuple[str, ...] = 
             replaced += 1
     if not replaced:
         raise UsageError("the model has no nn.Linear layer to quantize (besides the ones kept in float)")
+    keep_packing(model)
     return model
 
 
