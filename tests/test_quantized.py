@@ -247,3 +247,85 @@ def test_quantize_keeps_the_head_and_named_modules_in_float():
     layers = quantized_layers(model)
     assert layers and not any(n.endswith("down_proj") for n in layers)
     assert all(type(m).__name__ == "Linear8bitLt" for m in layers.values())
+
+
+def test_a_model_loaded_with_a_bitsandbytes_config_takes_deltas(tmp_path):
+    """A hub-style quantized load (transformers' BitsAndBytesConfig) is used as it is."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    llama().save_pretrained(tmp_path / "m")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=config, device_map="cpu").eval()
+    before = packed(model)
+    attach(model)
+    x = ids()
+    with torch.no_grad():
+        with sd.disabled(model):
+            plain = model(x).logits
+        changed = model(x).logits
+    assert (changed - plain).abs().max() > 1e-2
+    assert_same_bytes(before, packed(model))  # an eval-mode forward did not repack the 4-bit weights
+
+
+def test_eval_mode_forwards_keep_the_4bit_packing():
+    model = sd.quantize(llama(), "4bit").eval()
+    before = packed(model)
+    with torch.no_grad():
+        model(ids())
+    assert_same_bytes(before, packed(model))
+
+
+# -- the command line -------------------------------------------------------------------------------
+from fixtures_lm import kjv_text_fixture, lm_args, tiny_llama_dir_fixture  # noqa: E402, F401
+from test_causal_lm import kjv, tokenizer  # noqa: E402, F401  (fixtures)
+
+
+def test_cli_train_eval_predict_over_a_4bit_base(tiny_llama_dir, kjv_text, tmp_path):
+    import json
+
+    from sparsedelta.cli import main
+    from sparsedelta.core.io import read_metadata
+
+    out = tmp_path / "run"
+    args = lm_args(tiny_llama_dir, kjv_text, out, "--max-steps", 4, "--base-quantization", "4bit", "--threshold", 2e-3,
+                   "--lr", 1e-2, "--threads", 1)  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["base_quantization"] == "4bit"
+    assert {fp["dtype"] for fp in read_metadata(out / "delta.safetensors")["fingerprint"].values()} == {"nf4"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["perplexity"] != metrics["baseline"]["test"]["perplexity"]
+
+    # eval rebuilds the quantized base from the run: the same test perplexity
+    from sparsedelta.train.finished import load_run
+
+    finished = load_run(out)
+    assert quantized.is_quantized(finished.model)
+    assert finished.task.evaluate(finished.model, "test")["perplexity"] == pytest.approx(metrics["test"]["perplexity"], rel=1e-9)
+
+    # a bare delta brings its base's quantization: predict builds a 4-bit base from --model
+    rows = tmp_path / "in.csv"
+    rows.write_text("task,text\nq,And God said\n")
+    for source in (out, out / "delta.safetensors"):
+        extra = ["--model", tiny_llama_dir] if source != out else []
+        assert main([str(a) for a in ["predict", "--adapter", f"q={source}", "--input-file", rows, "--output",
+                                      tmp_path / "o.csv", "--max-new-tokens", 3, "--no-progress", *extra]]) == 0  # fmt: skip
+
+
+def test_cli_refuses_full_fine_tuning_over_a_quantized_base(tiny_llama_dir, kjv_text, tmp_path, capsys):
+    from sparsedelta.cli import main
+
+    args = lm_args(tiny_llama_dir, kjv_text, tmp_path / "run", "--max-steps", 2, "--base-quantization", "int8",
+                   "--method", "full")  # fmt: skip
+    assert main(args) == 2
+    assert "full fine-tuning needs float weights" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_resume_after_sigkill_over_an_int8_base(tiny_llama_dir, kjv_text, tmp_path):
+    from test_resume import check_resume_matches
+
+    def args(out):
+        return lm_args(tiny_llama_dir, kjv_text, out, "--max-steps", 40, "--checkpoint-every", 5, "--eval-every", 20,
+                       "--threshold", 2e-3, "--lr", 1e-2, "--threads", 1, "--base-quantization", "int8")  # fmt: skip
+
+    check_resume_matches(args(tmp_path / "reference"), args(tmp_path / "killed"), tmp_path, 10, 40)
