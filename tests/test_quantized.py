@@ -227,14 +227,18 @@ def test_selection_reads_the_dequantized_weights(scheme):
         assert torch.equal(got[name].base, expected[name].base)
 
 
-def test_full_fine_tuning_and_merging_are_refused():
+@pytest.mark.parametrize("method", ["full", "diff-pruning", "sora"])
+def test_methods_that_train_dense_weights_are_refused(method):
+    from sparsedelta.methods import make_runner
     from sparsedelta.methods.base import MethodSettings
-    from sparsedelta.methods.full import FullRunner
 
-    model = sd.quantize(llama(), "4bit")
-    with pytest.raises(UsageError, match="--method sara"):
-        FullRunner(MethodSettings(method="full")).prepare(model, [], 10)
-    attach(model)
+    runner = make_runner(MethodSettings(method=method, task="causal-lm", density=0.05 if method == "diff-pruning" else None))
+    with pytest.raises(UsageError, match="needs float weights.*--method sara.*--base-quantization"):
+        runner.prepare(sd.quantize(llama(), "4bit"), [], 10, {"target_modules": LINEARS})
+
+
+def test_merging_and_quantizing_twice_are_refused():
+    model = attach(sd.quantize(llama(), "4bit"))
     with pytest.raises(UsageError, match="quantized"):
         sd.merge_and_unload(model)
     with pytest.raises(UsageError, match="quantized already"):
