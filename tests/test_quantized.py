@@ -333,3 +333,18 @@ def test_cli_resume_after_sigkill_over_an_int8_base(tiny_llama_dir, kjv_text, tm
                        "--threshold", 2e-3, "--lr", 1e-2, "--threads", 1, "--base-quantization", "int8")  # fmt: skip
 
     check_resume_matches(args(tmp_path / "reference"), args(tmp_path / "killed"), tmp_path, 10, 40)
+
+
+def test_streamed_selection_picks_what_the_all_at_once_one_does():
+    """Over a quantized base the k smallest scores are found one tensor at a time; with many ties
+    at the k-th value the same positions must come out, in tensor then position order."""
+    from sparsedelta.core.selection import LazyScores, smallest_k
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randint(0, 6, (n,), generator=g).float() for i, n in enumerate([50, 7, 130, 1, 64])}
+    for k in (1, 5, 37, 100, 252):
+        expected = smallest_k(dict(tensors), k)
+        got = smallest_k(LazyScores(tensors, lambda t: t), k)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[n], expected[n]) for n in got), k
+        assert sum(len(p) for p in got.values()) == k

@@ -125,6 +125,7 @@ class Dequantized(Mapping):
 
     def __init__(self, params: dict[str, tuple[torch.Tensor, nn.Module]]):
         self._params = params
+        self.lazy = any(is_quantized_param(p) for p, _ in params.values())  # selection.scores_of: score as read
 
     def __getitem__(self, name: str) -> torch.Tensor:
         param, layer = self._params[name]
