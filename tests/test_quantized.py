@@ -348,3 +348,40 @@ def test_streamed_selection_picks_what_the_all_at_once_one_does():
         assert got.keys() == expected.keys()
         assert all(torch.equal(got[n], expected[n]) for n in got), k
         assert sum(len(p) for p in got.values()) == k
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_estimate_counts_a_quantized_bases_bytes(scheme):
+    """The memory model's weights term against the bytes a quantized model holds (packed weights,
+    block or row scales, float embeddings and norms), within 1%."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsedelta.train.memory import estimate, shape_of
+
+    config = LlamaConfig(vocab_size=400, hidden_size=512, intermediate_size=1024, num_hidden_layers=1,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    predicted = estimate(shape_of(model, "causal-lm"), "sara", task="causal-lm", base_quantization=scheme).weights
+    sd.quantize(model, scheme)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in quantized_layers(model).values():
+        state = getattr(m.weight, "quant_state", None)
+        scales = [m.weight.SCB] if state is None else [state.absmax, state.state2.absmax]
+        held += sum(s.numel() * s.element_size() for s in scales)
+    assert predicted == pytest.approx(held, rel=0.01)
+
+
+def test_cli_estimate_with_a_quantized_base(capsys):
+    import json
+
+    from sparsedelta.cli import main
+
+    common = ["estimate", "--model", "llama-3.1-8b", "--method", "sara", "--base-dtype", "bfloat16", "--json"]
+    assert main(common) == 0
+    bf16 = json.loads(capsys.readouterr().out)[0]
+    assert main([*common, "--base-quantization", "4bit"]) == 0
+    nf4 = json.loads(capsys.readouterr().out)[0]
+    # the linear layers at 0.52 bytes an entry instead of 2; the embeddings and the LM head stay bf16
+    assert 0.3 < nf4["weights"] / bf16["weights"] < 0.4
+    assert nf4["total"] < bf16["total"] and nf4["state"] == bf16["state"]
