@@ -237,12 +237,20 @@ def test_methods_that_train_dense_weights_are_refused(method):
         runner.prepare(sd.quantize(llama(), "4bit"), [], 10, {"target_modules": LINEARS})
 
 
-def test_merging_and_quantizing_twice_are_refused():
-    model = attach(sd.quantize(llama(), "4bit"))
-    with pytest.raises(UsageError, match="quantized"):
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_merging_gives_the_dequantized_float_model_trained(scheme):
+    model = attach(sd.quantize(llama(), scheme))
+    with pytest.raises(UsageError, match="dequantize=True"):
         sd.merge_and_unload(model)
     with pytest.raises(UsageError, match="quantized already"):
         sd.quantize(model, "int8")
+    x = ids()
+    with torch.no_grad():
+        trained = model(x).logits
+        merged = sd.merge_and_unload(model, dequantize=True)
+        assert not quantized.is_quantized(merged) and not hasattr(merged, "_sparsedelta")
+        assert all(type(m) is nn.Linear for n, m in merged.named_modules() if n.endswith(tuple(LINEARS)))
+        torch.testing.assert_close(merged(x).logits, trained, atol=ATOL, rtol=0)
 
 
 def test_quantize_keeps_the_head_and_named_modules_in_float():
@@ -309,6 +317,15 @@ def test_cli_train_eval_predict_over_a_4bit_base(tiny_llama_dir, kjv_text, tmp_p
     # a bare delta brings its base's quantization: predict builds a 4-bit base from --model
     rows = tmp_path / "in.csv"
     rows.write_text("task,text\nq,And God said\n")
+    # merge: the dequantized float model with the delta folded in, the function trained
+    assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    x = ids(tokens=10)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, finished.model(x).logits, atol=ATOL, rtol=0)
+
     for source in (out, out / "delta.safetensors"):
         extra = ["--model", tiny_llama_dir] if source != out else []
         assert main([str(a) for a in ["predict", "--adapter", f"q={source}", "--input-file", rows, "--output",

@@ -21,7 +21,7 @@ from .core.config import DeltaConfig, SelectionReport
 from .core.delta import SparseDelta
 from .core.io import DeltaFileError, load, read, save
 from .core.mixed import BASE, mixed_batch
-from .core.quantized import dequantize, quantize
+from .core.quantized import dequantize, dequantize_model, quantize
 from .interop import export_shira, import_peft
 from .methods import DiffPruningConfig, MagnitudeConfig, RandomConfig, SaRAConfig, SoRAConfig, diff_pruning, sora
 
@@ -45,6 +45,7 @@ __all__ = [
     "count_parameters",
     "delete_adapter",
     "dequantize",
+    "dequantize_model",
     "diff_pruning",
     "disabled",
     "export_shira",

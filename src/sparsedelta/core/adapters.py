@@ -384,25 +384,34 @@ def _remove_all(model: nn.Module) -> None:
     del model._sparsedelta
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Make the active delta permanent and return a plain model without any sparsedelta parts.
 
     On a bfloat16/float16 base the merged weights are θ + delta rounded to that dtype, a different
     model from the one trained (entries far below θ's last bit are lost): a warning says how many
-    entries lost more than half of their change. For the exact model call `model.float()` first."""
+    entries lost more than half of their change. For the exact model call `model.float()` first.
+
+    A quantized base cannot take θ + delta in its packed weights: refused, unless `dequantize`, which
+    replaces every quantized layer by a float32 `nn.Linear` holding its dequantized θ with the delta
+    added: exactly the function trained, at 4 bytes a weight."""
     state = state_of(model)
     adapter = state.adapters.get(state.active)
-    if adapter is not None and any(d.quantized for d in adapter.deltas.values()):
+    packed = {p: d for p, d in adapter.deltas.items() if d.quantized} if adapter is not None else {}
+    if packed and not dequantize:
         raise UsageError(
             "merge_and_unload: the base is quantized, and its packed weights cannot take the delta; keep the delta "
-            "unmerged over the quantized base (sparsedelta.load), or dequantize the base first for a float model"
+            "unmerged over the quantized base (sparsedelta.load), or pass dequantize=True for a float32 model "
+            "(θ dequantized + the delta: the function trained, 4 bytes a weight)"
         )
     if not state.merged:
         merge(model)
     sync(model)
+    entries = {id(state.owners[p][0][0]): d.every_entry() for p, d in packed.items()}
     if adapter is not None:
-        bake_corrected(adapter.deltas)
+        bake_corrected({p: d for p, d in adapter.deltas.items() if not d.quantized})
     _remove_all(model)
+    if dequantize:
+        quantized.dequantize_model(model, entries=entries)
     return model
 
 

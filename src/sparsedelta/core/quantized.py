@@ -198,6 +198,31 @@ def _quantized_linear(bnb, linear: nn.Linear, scheme: str) -> nn.Module:
     return layer.to(weight.device)  # bitsandbytes quantizes on the move to a device
 
 
+def dequantize_model(
+    model: nn.Module, dtype: torch.dtype = torch.float32, entries: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+) -> nn.Module:
+    """Replace every quantized linear layer by an `nn.Linear` holding its dequantized θ in `dtype`,
+    in place, one layer at a time; returns the model, which computes what the quantized one did (in
+    float32, exactly: both multiply by the dequantized weight). `entries`: id(layer) -> (flat
+    positions, values) added to that layer's θ (a delta folded in)."""
+    entries = entries or {}
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if not scheme_of(child):
+                continue
+            weight = dequantize(child)
+            if id(child) in entries:
+                positions, values = entries[id(child)]
+                weight.view(-1).index_add_(0, positions, values.to(weight.dtype))
+            linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+            linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+            if child.bias is not None:
+                linear.bias = nn.Parameter(child.bias.detach().to(dtype).clone(), requires_grad=False)
+            linear.train(child.training)
+            setattr(module, child_name, linear)
+    return model
+
+
 def refuse_full_training(model: nn.Module, what: str = "full fine-tuning") -> None:
     """Raise a UsageError naming the fix when `model` holds quantized layers."""
     if is_quantized(model):
