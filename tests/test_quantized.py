@@ -84,8 +84,18 @@ def dense_equivalent(qmodel, float_model, adapter="default"):
     return ref
 
 
+@pytest.fixture(params=["fused", "added"])
+def path(request, monkeypatch):
+    """Both forwards of a delta over a quantized layer: one product with θ dequantized + Δ, or the
+    layer's own forward + x Δᵀ (taken under autocast or below other patches)."""
+    from sparsedelta.core import adapters
+
+    monkeypatch.setattr(adapters, "FUSE_QUANTIZED", request.param == "fused")
+    return request.param
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_only_the_deltas_entries_change_the_output(scheme):
+def test_only_the_deltas_entries_change_the_output(scheme, path):
     base = llama()
     model = attach(sd.quantize(copy.deepcopy(base), scheme))
     x = ids()
@@ -101,7 +111,7 @@ def test_only_the_deltas_entries_change_the_output(scheme):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_training_never_writes_the_packed_weights(scheme):
+def test_training_never_writes_the_packed_weights(scheme, path):
     model = attach(sd.quantize(llama(), scheme))
     before = packed(model)
     values_before = [d.values.detach().clone() for d in state_of(model).adapters["default"].deltas.values()]
@@ -118,7 +128,7 @@ def test_training_never_writes_the_packed_weights(scheme):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_values_gradient_equals_the_dense_dequantized_models(scheme):
+def test_values_gradient_equals_the_dense_dequantized_models(scheme, path):
     base = llama()
     model = attach(sd.quantize(copy.deepcopy(base), scheme))
     deltas = state_of(model).adapters["default"].deltas
@@ -402,3 +412,25 @@ def test_cli_estimate_with_a_quantized_base(capsys):
     # the linear layers at 0.52 bytes an entry instead of 2; the embeddings and the LM head stay bf16
     assert 0.3 < nf4["weights"] / bf16["weights"] < 0.4
     assert nf4["total"] < bf16["total"] and nf4["state"] == bf16["state"]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_bf16_autocast_step_over_a_quantized_base(scheme):
+    """Under autocast the delta's effect is added to the layer's output (a bf16 product of θ + δ
+    would round δ away); the step trains the values and leaves the packed bytes as they were."""
+    base = llama()
+    model = attach(sd.quantize(copy.deepcopy(base), scheme))
+    before = packed(model)
+    x = ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x).logits
+        model(x, labels=x).loss.backward()
+    with torch.no_grad():
+        expected = dense_equivalent(model, base)(x).logits
+        without = dense_equivalent(model, base, adapter=None)(x).logits
+    # bf16 compute: within a few bf16 steps of the float result, while the delta moves it further
+    error = (logits.float() - expected).abs().max()
+    assert error < 0.25 * (expected - without).abs().max()
+    grads = [d.values.grad for d in state_of(model).adapters["default"].deltas.values()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert_same_bytes(before, packed(model))

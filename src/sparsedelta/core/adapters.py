@@ -10,6 +10,7 @@ costs O(k).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from .ops import (
     EmbeddingDelta,
     LinearCorrected,
     LinearDelta,
+    QuantizedLinearDelta,
     compute_dtype,
     conv_padding,
     sampled_pays,
@@ -104,11 +106,27 @@ def _conv(module, delta, path, x):
     return y.squeeze(0) if unbatched else y
 
 
+FUSE_QUANTIZED = True  # False: always the layer's own forward + x Δᵀ (tests compare the two paths)
+
+
 def _quantized(module, bound, inner, args, kwargs):
-    """A quantized layer (core/quantized.py) runs as it is, on θ, and the deltas' effect is added:
-    x Δᵀ for the weight (`DeltaProduct`), Δb for the bias, in float32, the sum cast to the layer's dtype."""
-    y = inner(*args, **kwargs)
+    """A quantized layer (core/quantized.py) with deltas. In float32 (no autocast), when nothing but
+    its class's forward lies below: one product with θ dequantized and Δ added for the call
+    (`QuantizedLinearDelta`), the bias (+ Δb) added. Otherwise the layer runs as it is, on θ, and
+    the deltas' effect is added: x Δᵀ for the weight (`DeltaProduct`: a bf16 product of θ + δ would
+    round δ away, as on a bf16 base), Δb for the bias, in float32, the sum cast to the layer's dtype."""
     x = args[0] if args else next(iter(kwargs.values()))
+    weight_delta = next((d for p, d in bound if p == "weight"), None)
+    fused = (FUSE_QUANTIZED and inner.plain and weight_delta is not None and len(args) + len(kwargs) == 1 and x.dtype == torch.float32
+             and not torch.is_autocast_enabled(x.device.type))  # fmt: skip
+    if fused:
+        bias_delta = next((d for p, d in bound if p == "bias"), None)
+        bias = module.bias if bias_delta is None else bias_delta.added_to(module.bias)
+        sampled = sampled_pays(quantized.stand_in(weight_delta.weight), len(weight_delta.indices), torch.float32)
+        return QuantizedLinearDelta.apply(x, weight_delta.values, bias, weight_delta.indices,
+                                          weight_delta.csr() if sampled else None, weight_delta.every_entry(),
+                                          functools.partial(quantized.dequantize, module))  # fmt: skip
+    y = inner(*args, **kwargs)
     extra = None
     for pname, delta in bound:
         if pname == "weight":
