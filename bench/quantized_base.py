@@ -1,4 +1,5 @@
-"""SaRA at 1% over a float32, bf16, int8 and 4-bit (nf4) SmolLM2-135M base: the base's weight bytes,
+"""SaRA at 1% over a float32, bf16, int8 and 4-bit (nf4) SmolLM2-135M base (the quantized ones with the
+rest of the model in float32, or in bf16 under bf16 autocast: "+bf16"): the base's weight bytes,
 the peak of live tensors during one training step, and the step time, each against that base's
 frozen floor (the same step with every weight frozen: input gradients only).
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-BASES = ["float32", "bf16", "int8", "4bit"]
+BASES = ["float32", "bf16", "int8", "4bit", "int8+bf16", "4bit+bf16"]  # +bf16: the rest of the model in bf16
 METHODS = ["floor", "sara@1%"]
 
 
@@ -68,10 +69,10 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = load_causal_lm(None).model
-    if args.base == "bf16":
+    if args.base.endswith("bf16"):
         model = model.bfloat16()
-    elif args.base in ("int8", "4bit"):
-        sd.quantize(model, args.base)
+    if args.base.startswith(("int8", "4bit")):
+        sd.quantize(model, args.base.split("+")[0])
     sizes = weight_bytes(model)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (args.batch, args.seq), generator=gen)
@@ -90,7 +91,7 @@ def worker(args) -> dict:
         inputs = {"input_ids": ids}
         if opt is None:  # the floor: backward through every layer to the input embeddings
             inputs = {"inputs_embeds": embed(ids).detach().requires_grad_(True)}
-        with autocast("bf16" if args.base == "bf16" else "fp32"):
+        with autocast("bf16" if args.base.endswith("bf16") else "fp32"):
             loss = model(**inputs, labels=ids, use_cache=False).loss
         loss.backward()
         if opt is not None:
@@ -141,10 +142,10 @@ def main(argv=None) -> None:
         table[base] = row
     bf16 = table["bf16"]["floor"]["linear_bytes"]
     print(f"SmolLM2-135M, batch {args.batch} x {args.seq}, {args.threads} thread(s), medians of {args.rounds} round(s)")
-    print(f"{'base':<9}{'linear MiB':>11}{'× bf16':>8}{'floor s':>9}{'SaRA s':>8}{'× floor':>8}{'floor MiB':>10}{'SaRA MiB':>9}")
+    print(f"{'base':<10}{'linear MiB':>11}{'× bf16':>8}{'floor s':>9}{'SaRA s':>8}{'× floor':>8}{'floor MiB':>10}{'SaRA MiB':>9}")
     for base, row in table.items():
         f, s = row["floor"], row["sara@1%"]
-        print(f"{base:<9}{f['linear_bytes'] / 2**20:>11.1f}{f['linear_bytes'] / bf16:>8.3f}{f['step_s']:>9.3f}"
+        print(f"{base:<10}{f['linear_bytes'] / 2**20:>11.1f}{f['linear_bytes'] / bf16:>8.3f}{f['step_s']:>9.3f}"
               f"{s['step_s']:>8.3f}{s['step_s'] / f['step_s']:>8.2f}{f['peak_tensor_mib']:>10.1f}{s['peak_tensor_mib']:>9.1f}")  # fmt: skip
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"settings": vars(args) | {"output": str(args.output)}, "runs": runs, "table": table},
