@@ -434,3 +434,21 @@ def test_a_bf16_autocast_step_over_a_quantized_base(scheme):
     grads = [d.values.grad for d in state_of(model).adapters["default"].deltas.values()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     assert_same_bytes(before, packed(model))
+
+
+def test_relative_reselection_reads_the_dequantized_weights():
+    """SaRA's relative re-selection compares trained entries with the whole current tensor: over a
+    quantized base that is the dequantized θ, never the packed bytes."""
+    from sparsedelta.methods import sara
+
+    model = attach(sd.quantize(llama(), "4bit"), density=0.05)
+    deltas = state_of(model).adapters["default"].deltas
+    with torch.no_grad():
+        for delta in deltas.values():
+            delta.values[::2] += 1.0  # every other entry far above any |θ|: those leave
+    before = {n: len(d.indices) for n, d in deltas.items()}
+    report = sara.reselect_relative(model)
+    for name, delta in deltas.items():
+        assert len(delta.indices) + len(delta.frozen_indices) == before[name]
+        assert len(delta.frozen_indices) >= before[name] // 2
+    assert report.selected == sum(len(d.indices) for d in deltas.values())
