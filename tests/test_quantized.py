@@ -223,6 +223,8 @@ def test_mixed_batches_equal_each_tasks_own_model(scheme):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_selection_reads_the_dequantized_weights(scheme):
+    """SaRA at a density over a quantized base picks the smallest |θ_dequantized|: everything below
+    the k-th value, and as many ties at it as the budget needs (spread: see the streamed test)."""
     base = llama()
     model = sd.quantize(copy.deepcopy(base), scheme)
     dense = dense_equivalent(model, base, adapter=None)
@@ -231,10 +233,16 @@ def test_selection_reads_the_dequantized_weights(scheme):
     sd.add_delta(dense, config)
     got = state_of(model).adapters["default"].deltas
     expected = state_of(dense).adapters["default"].deltas
-    assert got.keys() == expected.keys()
-    for name in got:
-        assert torch.equal(got[name].indices, expected[name].indices)
-        assert torch.equal(got[name].base, expected[name].base)
+    # the float model's rule takes ties in order: all into the first tensors; the spread ones reach every layer
+    assert set(expected) <= set(got) and len(got) == len(LINEARS) * 2
+    assert sum(len(d.indices) for d in got.values()) == sum(len(d.indices) for d in expected.values())
+    kth = max(float(d.base.abs().max()) for d in expected.values())
+    for name, delta in got.items():
+        theta = dense.get_parameter(name).detach().reshape(-1)
+        assert torch.equal(delta.base, theta[delta.indices])  # θ at the positions: the dequantized one
+        assert float(delta.base.abs().max()) <= kth
+        below = torch.nonzero(theta.abs() < kth).squeeze(1)
+        assert bool(torch.isin(below, delta.indices).all())
 
 
 @pytest.mark.parametrize("method", ["full", "diff-pruning", "sora"])
@@ -362,19 +370,35 @@ def test_cli_resume_after_sigkill_over_an_int8_base(tiny_llama_dir, kjv_text, tm
     check_resume_matches(args(tmp_path / "reference"), args(tmp_path / "killed"), tmp_path, 10, 40)
 
 
-def test_streamed_selection_picks_what_the_all_at_once_one_does():
-    """Over a quantized base the k smallest scores are found one tensor at a time; with many ties
-    at the k-th value the same positions must come out, in tensor then position order."""
+def test_streamed_selection_spreads_ties_over_tensors_and_positions():
+    """Over a quantized base the k smallest scores are found one tensor at a time: every entry below
+    the k-th value is taken, as the all-at-once form does, and the ties at it (nf4's zero code: many)
+    are shared by the tensors in proportion to their own ties, evenly over positions, rather than
+    given to the first tensor's first positions."""
     from sparsedelta.core.selection import LazyScores, smallest_k
 
     g = torch.Generator().manual_seed(0)
-    tensors = {f"t{i}": torch.randint(0, 6, (n,), generator=g).float() for i, n in enumerate([50, 7, 130, 1, 64])}
-    for k in (1, 5, 37, 100, 252):
-        expected = smallest_k(dict(tensors), k)
+    sizes = [500, 70, 1300, 10, 640]
+    tensors = {f"t{i}": torch.randint(0, 6, (n,), generator=g).float() for i, n in enumerate(sizes)}
+    distinct = {f"t{i}": torch.rand(n, generator=g) for i, n in enumerate(sizes)}
+    for k in (1, 37, 600, 1500, 2520):
         got = smallest_k(LazyScores(tensors, lambda t: t), k)
-        assert got.keys() == expected.keys()
-        assert all(torch.equal(got[n], expected[n]) for n in got), k
         assert sum(len(p) for p in got.values()) == k
+        kth = torch.cat(list(tensors.values())).kthvalue(k).values
+        tied = {n: int((t == kth).sum()) for n, t in tensors.items()}
+        needed = k - sum(int((t < kth).sum()) for t in tensors.values())
+        for name, t in tensors.items():
+            chosen = t[got[name]]
+            assert int((chosen < kth).sum()) == int((t < kth).sum())  # everything below
+            share = len(got[name]) - int((t < kth).sum())
+            assert abs(share - needed * tied[name] / sum(tied.values())) <= 1
+            if share > 1:  # evenly over the tensor, not its first ties
+                ties = torch.nonzero(t == kth).squeeze(1)
+                assert int(got[name][chosen == kth][-1]) > int(ties[len(ties) // 2])
+        # without ties: exactly the all-at-once positions
+        expected = smallest_k(dict(distinct), k)
+        plain = smallest_k(LazyScores(distinct, lambda t: t), k)
+        assert all(torch.equal(plain[n], expected[n]) for n in expected)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -452,3 +476,33 @@ def test_relative_reselection_reads_the_dequantized_weights():
         assert len(delta.indices) + len(delta.frozen_indices) == before[name]
         assert len(delta.frozen_indices) >= before[name] // 2
     assert report.selected == sum(len(d.indices) for d in deltas.values())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_delta_moves_between_quantize_and_a_bitsandbytes_config_load(scheme, tmp_path):
+    """`quantize(model, "4bit")` is BitsAndBytesConfig(load_in_4bit, nf4, double quantization) and
+    "int8" is load_in_8bit, byte for byte: a delta trained over one loads onto the other exactly; a
+    4-bit load without double quantization has other θ and is refused."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    llama().save_pretrained(tmp_path / "m")
+    model = attach(sd.quantize(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), scheme))
+    sd.save(model, tmp_path / "delta")
+    x = ids()
+    with torch.no_grad():
+        trained = model(x).logits
+    if scheme == "int8":
+        configs = {True: BitsAndBytesConfig(load_in_8bit=True)}
+    else:
+        configs = {True: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                            bnb_4bit_compute_dtype=torch.float32),  # fmt: skip
+                   False: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")}
+    for same, config in configs.items():
+        hub = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=config, device_map="cpu").eval()
+        if not same:
+            with pytest.raises(sd.DeltaFileError, match="fingerprint mismatch"):
+                sd.load(hub, tmp_path / "delta")
+            continue
+        sd.load(hub, tmp_path / "delta")
+        with torch.no_grad():
+            torch.testing.assert_close(hub(x).logits, trained, atol=ATOL, rtol=0)

@@ -236,6 +236,11 @@ class SparseDelta(nn.Module):
             flat = flat.index_add(0, self.frozen_indices, self.frozen_values.float())
         return flat.index_add(0, self.indices, self.values.float()).view(tensor.shape)
 
+    @property
+    def layer(self) -> nn.Module | None:
+        """The quantized layer owning the weight (None for a float weight)."""
+        return self._layer_ref()
+
     def dense_weight(self) -> torch.Tensor:
         """The weight as the model holds it, dense: itself, or a quantized weight dequantized (θ, as a
         new float32 tensor of the logical shape)."""

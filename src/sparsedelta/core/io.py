@@ -90,7 +90,7 @@ def save(
             "shape": list(delta.shape),
             "dtype": delta.quantized or str(base.dtype).removeprefix("torch."),  # a quantized base: its scheme
             "entries": len(positions),
-            "sha256": tensor_hash(base),
+            "sha256": tensor_hash(quantized.fingerprint_values(delta.layer, base) if delta.quantized else base),
         }
     for path, param in adapter.saved.items():
         tensors[path] = param.detach().cpu().contiguous()
@@ -346,8 +346,9 @@ def _dtype_fix(dtype: str) -> str:
 def _base_values(model: nn.Module, name: str, param: nn.Parameter, idx: torch.Tensor) -> torch.Tensor:
     """θ at `idx` without unmerging anything: where the active adapter is merged, its stored base
     values stand in for the weight's. A quantized weight: its dequantized θ (never merged)."""
-    if quantized.is_quantized_param(param):
-        return quantized.dequantize(model.get_submodule(name.rpartition(".")[0])).reshape(-1)[idx.to(param.device)]
+    if quantized.is_quantized_param(param):  # θ there and the layer's scales (quantized.fingerprint_values)
+        layer = model.get_submodule(name.rpartition(".")[0])
+        return quantized.fingerprint_values(layer, quantized.dequantize(layer).reshape(-1)[idx.to(param.device)])
     values = param.detach().reshape(-1)[idx]
     state = getattr(model, "_sparsedelta", None)
     if state is None or not state.merged or state.active is None:

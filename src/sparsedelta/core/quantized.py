@@ -89,6 +89,29 @@ def dequantize(layer: nn.Module | torch.Tensor) -> torch.Tensor:
         return bnbf.int8_vectorwise_dequant(param.data, scales).float()
 
 
+def scale_bytes(layer: nn.Module) -> torch.Tensor:
+    """The raw bytes of a quantized layer's scales (4-bit: the block scales, and with double
+    quantization their own scales and offset; int8: the row scales). A delta over a quantized base
+    fingerprints them with θ at its positions: SaRA's smallest |θ| over nf4 are mostly the zero code,
+    whose θ is 0 in any checkpoint, while the scales tell checkpoints (and quantization settings) apart."""
+    param = layer.weight
+    state = getattr(param, "quant_state", None)
+    if state is None:
+        scales = [param.SCB if getattr(param, "SCB", None) is not None else layer.state.SCB]
+    else:
+        _check_unpacked(state)
+        scales = [state.absmax]
+        if state.nested:
+            scales += [state.state2.absmax, torch.as_tensor(state.offset, dtype=torch.float32)]
+    return torch.cat([s.detach().contiguous().cpu().reshape(-1).view(torch.uint8) for s in scales])
+
+
+def fingerprint_values(layer: nn.Module, base: torch.Tensor) -> torch.Tensor:
+    """What a delta over a quantized layer hashes as its base fingerprint: θ at its positions (as
+    float32 bytes), then the layer's scale bytes."""
+    return torch.cat([base.detach().float().contiguous().cpu().view(torch.uint8), scale_bytes(layer)])
+
+
 def _check_unpacked(state) -> None:
     if getattr(state, "packing_format_for_cpu", False):
         raise UsageError(

@@ -73,9 +73,14 @@ def _flat(score: torch.Tensor) -> torch.Tensor:
 
 def _smallest_k_streamed(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """`smallest_k` holding one tensor's scores and k kept values at a time: a first pass keeps the
-    k smallest values seen (so the k-th smallest overall is their largest), a second takes the
-    positions below it and, in tensor and position order, the ties it needs. The same positions as
-    the all-at-once form."""
+    k smallest values seen (so the k-th smallest overall is their largest), a second takes every
+    position below it and the ties at it it needs.
+
+    Ties are spread, not taken in order: over a quantized base many entries share one dequantized
+    value (nf4's zero code holds several % of a layer, exactly the smallest |θ|), and taking them in
+    tensor and position order would put a small budget into the first layers' first rows. Each
+    tensor gets the needed ties in proportion to its own (largest remainders), at evenly spaced
+    positions among them. Without ties at the k-th value: the positions of the all-at-once form."""
     kept, total = None, 0
     for score in scores.values():
         flat = _flat(score)
@@ -86,20 +91,35 @@ def _smallest_k_streamed(scores: Mapping[str, torch.Tensor], k: int) -> dict[str
         raise ValueError(f"cannot select {k} of {total} entries")
     kth = kept.max()
     del kept
-    below, ties = {}, {}
+    below, ties, devices = {}, {}, {}
     for name, score in scores.items():
         flat = _flat(score)
-        below[name] = torch.nonzero(flat < kth).squeeze(1)
-        ties[name] = torch.nonzero(flat == kth).squeeze(1)[:k]
-        device = score.device
-        below[name], ties[name] = below[name].to(device), ties[name].to(device)
-    missing = k - sum(len(p) for p in below.values())
+        below[name], ties[name] = torch.nonzero(flat < kth).squeeze(1), torch.nonzero(flat == kth).squeeze(1)
+        devices[name] = score.device
+    shares = _spread(k - sum(len(p) for p in below.values()), {n: len(t) for n, t in ties.items()})
     out = {}
     for name in below:
-        take = ties[name][: max(missing, 0)]
-        missing -= len(take)
-        out[name] = torch.sort(torch.cat([below[name], take])).values
+        tied, n = ties[name], shares[name]
+        picked = tied[torch.linspace(0, len(tied) - 1, n).round().long()] if n else tied[:0]
+        out[name] = torch.sort(torch.cat([below[name], picked])).values.to(devices[name])
     return out
+
+
+def _spread(needed: int, available: dict[str, int]) -> dict[str, int]:
+    """`needed` split over the names in proportion to `available`, by largest remainders (ties of
+    remainders to the earlier name), none above its availability."""
+    total = sum(available.values())
+    exact = {n: needed * a / total if total else 0.0 for n, a in available.items()}
+    shares = {n: min(int(e), available[n]) for n, e in exact.items()}
+    order = sorted(available, key=lambda n: -(exact[n] - int(exact[n])))
+    rest = needed - sum(shares.values())
+    for name in order * 2:  # a second sweep in case a share was capped
+        if rest <= 0:
+            break
+        if shares[name] < available[name]:
+            shares[name] += 1
+            rest -= 1
+    return shares
 
 
 def smallest_fraction(scores: dict[str, torch.Tensor], density: float, per_tensor: bool) -> dict[str, torch.Tensor]:
