@@ -111,14 +111,21 @@ FUSE_QUANTIZED = True  # False: always the layer's own forward + x Δᵀ (tests 
 
 def _quantized(module, bound, inner, args, kwargs):
     """A quantized layer (core/quantized.py) with deltas. In float32 (no autocast), when nothing but
-    its class's forward lies below: one product with θ dequantized and Δ added for the call
-    (`QuantizedLinearDelta`), the bias (+ Δb) added. Otherwise the layer runs as it is, on θ, and
-    the deltas' effect is added: x Δᵀ for the weight (`DeltaProduct`: a bf16 product of θ + δ would
-    round δ away, as on a bf16 base), Δb for the bias, in float32, the sum cast to the layer's dtype."""
+    its class's forward lies below and that forward multiplies by the dequantized weight: one product
+    with θ dequantized and Δ added for the call (`QuantizedLinearDelta`), the bias (+ Δb) added.
+    Otherwise the layer runs as it is, on θ, and the deltas' effect is added: x Δᵀ for the weight
+    (`DeltaProduct`: a bf16 product of θ + δ would round δ away, as on a bf16 base), Δb for the
+    bias, in float32, the sum cast to the layer's dtype.
+
+    bitsandbytes' int8 layer multiplies by its dequantized weight in training mode only; in eval
+    mode it quantizes its input rows to int8 too (LLM.int8(); here ~1e-3 off the float product on a
+    tiny Llama's logits). An int8 layer in eval mode therefore keeps its own forward, so the base,
+    `disabled`, mixed batches and a delta's model all compute as bitsandbytes does there."""
     x = args[0] if args else next(iter(kwargs.values()))
     weight_delta = next((d for p, d in bound if p == "weight"), None)
-    fused = (FUSE_QUANTIZED and inner.plain and weight_delta is not None and len(args) + len(kwargs) == 1 and x.dtype == torch.float32
-             and not torch.is_autocast_enabled(x.device.type))  # fmt: skip
+    own_int8 = quantized.scheme_of(module) == "int8" and not module.training
+    fused = (FUSE_QUANTIZED and inner.plain and not own_int8 and weight_delta is not None and len(args) + len(kwargs) == 1
+             and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type))  # fmt: skip
     if fused:
         bias_delta = next((d for p, d in bound if p == "bias"), None)
         bias = module.bias if bias_delta is None else bias_delta.added_to(module.bias)

@@ -218,6 +218,7 @@ def _quantized_linear(bnb, linear: nn.Linear, scheme: str) -> nn.Module:
         layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)
     if bias:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    layer.train(linear.training)  # int8 layers compute otherwise in eval mode (see adapters._quantized)
     return layer.to(weight.device)  # bitsandbytes quantizes on the move to a device
 
 
