@@ -507,3 +507,10 @@ def test_a_delta_moves_between_quantize_and_a_bitsandbytes_config_load(scheme, t
         sd.load(hub, tmp_path / "delta")
         with torch.no_grad():
             torch.testing.assert_close(hub(x).logits, trained, atol=ATOL, rtol=0)
+
+
+def test_export_to_peft_says_what_it_would_need(tmp_path):
+    model = attach(sd.quantize(llama(), "4bit"))
+    sd.save(model, tmp_path / "delta")
+    with pytest.raises(UsageError, match="quantized base.*SHiRA.*dequantize=True"):
+        sd.export_shira(tmp_path / "delta", sd.quantize(llama(), "4bit"), tmp_path / "shira")
