@@ -345,6 +345,13 @@ def test_cli_train_eval_predict_over_a_4bit_base(tiny_llama_dir, kjv_text, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(merged(x).logits, finished.model(x).logits, atol=ATOL, rtol=0)
 
+    # serve loads the same base: from the run folder, and for the bare delta from --model
+    from sparsedelta.serve.loading import load_served
+
+    for adapters, model in (({"q": str(out)}, None), ({"q": str(out / "delta.safetensors")}, str(tiny_llama_dir))):
+        served = load_served(adapters, model=model)
+        assert quantized.is_quantized(served.groups[0].task.model) and served.names == ["q"]
+
     for source in (out, out / "delta.safetensors"):
         extra = ["--model", tiny_llama_dir] if source != out else []
         assert main([str(a) for a in ["predict", "--adapter", f"q={source}", "--input-file", rows, "--output",
