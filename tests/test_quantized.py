@@ -5,7 +5,7 @@ same quantized base and are refused by others, and mixed-task batches match each
 Tolerances: on this CPU backend both kinds of layer multiply by the dequantized weight in float32 in
 training mode (measured: a tiny Llama's logits over its quantized layers equal those of a float copy
 holding the dequantized weights within 1e-7; in eval mode bitsandbytes' int8 layer quantizes its
-input rows as well, 2e-3 off, so comparisons with float models run in training mode), so a quantized model with a delta must equal the float model
+input rows as well, 2e-3 off, unless deltas are attached: then it computes as in training mode), so a quantized model with a delta must equal the float model
 holding θ_dequantized + Δ to float32 rounding: the two differ only in summation order (x θᵀ + x Δᵀ
 against x (θ + Δ)ᵀ), a few ulps of the logits' scale; 1e-5 absolute on logits of size ~1 leaves
 room for that and nothing else (the delta's own effect on the logits is > 1e-2).
@@ -155,16 +155,23 @@ def test_values_gradient_equals_the_dense_dequantized_models(scheme, path):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_disabled_and_unload_give_the_quantized_base_exactly(scheme):
+    """The base as it computes in training mode (a CPU's int8 layer in eval mode quantizes its
+    input rows too, unless it carries deltas: they are evaluated as trained)."""
     base = sd.quantize(llama(), scheme)
     x = ids()
     with torch.no_grad():
-        plain = base(x).logits
+        plain = base(x).logits  # eval mode, bitsandbytes' own forward
+        as_trained = base.train()(x).logits
+        base.eval()
+    assert torch.equal(plain, as_trained) == (scheme == "4bit")
     before = packed(base)
     model = attach(base)
     with torch.no_grad():
-        assert (model(x).logits - plain).abs().max() > 1e-2
-        with sd.disabled(model):
-            assert torch.equal(model(x).logits, plain)
+        assert (model(x).logits - as_trained).abs().max() > 1e-2
+        torch.testing.assert_close(model(x).logits, model.train()(x).logits, atol=ATOL, rtol=0)  # evaluated as trained
+        model.eval()
+        with sd.disabled(model):  # int8: our product with the dequantized weight, float32 rounding off bitsandbytes'
+            torch.testing.assert_close(model(x).logits, as_trained, atol=ATOL, rtol=0)
         sd.unload(model)
         assert torch.equal(model(x).logits, plain)
     assert_same_bytes(before, packed(model))

@@ -109,6 +109,21 @@ def _conv(module, delta, path, x):
 FUSE_QUANTIZED = True  # False: always the layer's own forward + x Δᵀ (tests compare the two paths)
 
 
+def _base_output(module, inner, args, kwargs):
+    """The layer's output on θ. bitsandbytes' int8 layer on a CPU multiplies by its dequantized weight
+    in training mode but quantizes its input rows to int8 too in eval mode (LLM.int8(); slower on a
+    CPU, by bitsandbytes' own note, and worse: SaRA's default SmolLM2 job reached test perplexity
+    22.34 evaluated so, 21.77 evaluated as trained). A layer carrying deltas therefore computes as in
+    training mode in both modes, so a delta is evaluated as it was trained, and its base, `disabled`
+    and mixed batches compute alike."""
+    if quantized.scheme_of(module) == "int8" and not module.training and inner.plain and len(args) + len(kwargs) == 1:
+        x = args[0] if args else next(iter(kwargs.values()))
+        if x.device.type == "cpu":
+            bias = module.bias
+            return F.linear(x, quantized.dequantize(module).to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return inner(*args, **kwargs)
+
+
 def _quantized(module, bound, inner, args, kwargs):
     """A quantized layer (core/quantized.py) with deltas. In float32 (no autocast), when nothing but
     its class's forward lies below and that forward multiplies by the dequantized weight: one product
@@ -117,13 +132,11 @@ def _quantized(module, bound, inner, args, kwargs):
     (`DeltaProduct`: a bf16 product of θ + δ would round δ away, as on a bf16 base), Δb for the
     bias, in float32, the sum cast to the layer's dtype.
 
-    bitsandbytes' int8 layer multiplies by its dequantized weight in training mode only; in eval
-    mode it quantizes its input rows to int8 too (LLM.int8(); here ~1e-3 off the float product on a
-    tiny Llama's logits). An int8 layer in eval mode therefore keeps its own forward, so the base,
-    `disabled`, mixed batches and a delta's model all compute as bitsandbytes does there."""
+    On CUDA bitsandbytes' int8 layer multiplies int8 by int8 (its input rows quantized too) in
+    either mode: there it keeps its own forward and gets x Δᵀ added (`_base_output`)."""
     x = args[0] if args else next(iter(kwargs.values()))
     weight_delta = next((d for p, d in bound if p == "weight"), None)
-    own_int8 = quantized.scheme_of(module) == "int8" and not module.training
+    own_int8 = quantized.scheme_of(module) == "int8" and x.device.type != "cpu"
     fused = (FUSE_QUANTIZED and inner.plain and not own_int8 and weight_delta is not None and len(args) + len(kwargs) == 1
              and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type))  # fmt: skip
     if fused:
@@ -133,7 +146,7 @@ def _quantized(module, bound, inner, args, kwargs):
         return QuantizedLinearDelta.apply(x, weight_delta.values, bias, weight_delta.indices,
                                           weight_delta.csr() if sampled else None, weight_delta.every_entry(),
                                           functools.partial(quantized.dequantize, module))  # fmt: skip
-    y = inner(*args, **kwargs)
+    y = _base_output(module, inner, args, kwargs)
     extra = None
     for pname, delta in bound:
         if pname == "weight":
@@ -171,8 +184,8 @@ class DeltaLayer:
             if not delta.holds_delta:
                 corrected.append(name)
         training = torch.is_grad_enabled() and any(d.values.requires_grad for _, d in bound)
-        if not bound or not (training or corrected):
-            return inner(*args, **kwargs)  # weights are merged: the ordinary forward is exact
+        if not bound or not (training or corrected):  # weights are merged: the ordinary forward is exact
+            return _base_output(module, inner, args, kwargs) if quantized.scheme_of(module) else inner(*args, **kwargs)
         path = patching.fast_path(module) if inner.plain else None
         fast_delta = next((d for p, d in bound if p == "weight"), None) if path else None
         if corrected:

@@ -9,6 +9,7 @@ fingerprint read the *dequantized* θ, one layer at a time (`dequantize`), never
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Mapping
 
@@ -31,11 +32,12 @@ def _qualified(cls: type) -> str:
 
 def scheme_of(module: nn.Module) -> str | None:
     """'int8' or '4bit' for a bitsandbytes quantized linear layer (or a subclass), else None."""
-    for cls in type(module).__mro__:
-        found = _LINEARS.get(_qualified(cls))
-        if found:
-            return found
-    return None
+    return _scheme_of_type(type(module))
+
+
+@functools.cache
+def _scheme_of_type(cls: type) -> str | None:  # asked at every forward of a layer with deltas
+    return next((_LINEARS[_qualified(c)] for c in cls.__mro__ if _qualified(c) in _LINEARS), None)
 
 
 def is_quantized_param(param: torch.Tensor) -> bool:
