@@ -302,6 +302,9 @@ def test_linear_only_methods_refuse_the_default_conv_targets_by_name(tiny_unet_d
 
     message = cli_error(capsys, *diffusion_args(tiny_unet_dir, digit_images, tmp_path / "run", "--method", "supertuning"))
     assert "nn.Linear weights only" in message and "Conv2d" in message
+    message = cli_error(capsys, *diffusion_args(tiny_unet_dir, digit_images, tmp_path / "q", "--base-quantization", "4bit"))
+    assert "--base-quantization is not supported with --task diffusion" in message
+    assert not (tmp_path / "q").exists() or not any((tmp_path / "q").iterdir())
 
 
 def test_predict_refuses_a_diffusion_run_by_name(tiny_unet_dir, digit_images, tmp_path, capsys):

@@ -249,7 +249,7 @@ def test_load_checks_fingerprints_under_another_merged_adapter(saved):
         (lambda m: m.update(config='{"method": "sara", "threshold": NaN}'), "'config' is not valid JSON"),
         (lambda m: m.update(fingerprint=json.dumps("x" * 20000)), "'fingerprint' is a str, not an object"),
         (edit_json("fingerprint", lambda f: f["proj.weight"].update(shape=[6, 4.0])), "shape \\[6, 4.0\\], not a list"),
-        (edit_json("fingerprint", lambda f: f["proj.weight"].update(dtype="int8")), "base dtype 'int8'"),
+        (edit_json("fingerprint", lambda f: f["proj.weight"].update(dtype="int16")), "base dtype 'int16'"),
         (lambda m: m.update(index_encoding="zip"), "index encoding 'zip'"),
         (lambda m: m.pop("values_dtype"), r"lacks metadata fields \['values_dtype'\]"),
         (lambda m: m.update(format_version="3"), "format version 3, this sparsedelta reads versions 1 to 2"),

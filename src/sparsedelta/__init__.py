@@ -21,6 +21,7 @@ from .core.config import DeltaConfig, SelectionReport
 from .core.delta import SparseDelta
 from .core.io import DeltaFileError, load, read, save
 from .core.mixed import BASE, mixed_batch
+from .core.quantized import dequantize, dequantize_model, quantize
 from .interop import export_shira, import_peft
 from .methods import (
     DiffPruningConfig,
@@ -54,6 +55,8 @@ __all__ = [
     "compose",
     "count_parameters",
     "delete_adapter",
+    "dequantize",
+    "dequantize_model",
     "diff_pruning",
     "disabled",
     "export_shira",
@@ -63,6 +66,7 @@ __all__ = [
     "merge_and_unload",
     "mixed_batch",
     "prepare",
+    "quantize",
     "print_trainable_parameters",
     "read",
     "save",

@@ -9,7 +9,7 @@ NAME = "estimate"
 
 
 def add(sub) -> None:
-    from ..train.memory import BASE_BYTES, METHODS, PRECISIONS, REFERENCE
+    from ..train.memory import BASE_BYTES, METHODS, PRECISIONS, QUANT_BYTES, REFERENCE
 
     p = sub.add_parser(NAME, help="estimate the peak memory of training a model with each method")
     p.add_argument("--model", help="a model folder, hub id, .gguf file, or one of: " + ", ".join(REFERENCE)
@@ -24,6 +24,9 @@ def add(sub) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast precision (default fp32)")
     p.add_argument("--base-dtype", choices=list(BASE_BYTES), default="float32",
                    help="the frozen base's storage for delta methods and LoRA (default float32)")  # fmt: skip
+    p.add_argument("--base-quantization", choices=list(QUANT_BYTES), default=None,
+                   help="the base's linear layers stored quantized by bitsandbytes (int8: 1 byte an entry; 4bit: "
+                   "nf4, 0.52 bytes), the rest in --base-dtype; full fine-tuning is left out")  # fmt: skip
     p.add_argument("--density", type=float, default=0.01, help="a delta's share of the targeted entries (default 0.01)")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="AdamW's step: per tensor (cpu) or foreach (cuda)")
@@ -48,17 +51,18 @@ def run(args) -> int:
     shape = model_shape(args.model, task)
     rows = []
     for method in methods:
-        if method == "full" and args.base_dtype != "float32":
+        if method == "full" and (args.base_dtype != "float32" or args.base_quantization):
             continue  # full fine-tuning trains the base itself, in float32
         rows.append(estimate(shape, method, batch=args.batch, seq=args.seq, precision=args.precision,
                              base_dtype=args.base_dtype, density=args.density, lora_rank=args.lora_rank,
-                             device=args.device, task=task))  # fmt: skip
+                             device=args.device, task=task, base_quantization=args.base_quantization))  # fmt: skip
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return 0
     gib = 2**30
     print(f"{shape.name}: {shape.parameters:,} parameters; batch {args.batch} x {args.seq}, {args.precision}, "
-          f"base {args.base_dtype}, AdamW on {args.device}")  # fmt: skip
+          f"base {args.base_dtype}{f' with {args.base_quantization} linear layers' if args.base_quantization else ''}, "
+          f"AdamW on {args.device}")  # fmt: skip
     print(f"{'method':<22}{'trainable':>14}{'weights':>9}{'state':>8}{'grads+opt':>11}{'activ.':>8}{'peak GiB':>10}")
     for r in rows:
         print(

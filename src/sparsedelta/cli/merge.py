@@ -41,4 +41,8 @@ def run(args) -> int:
     finished.task.tokenizer.save_pretrained(output)
     kind = "AutoModelForCausalLM" if finished.task.name in GENERATIVE else "AutoModelForSequenceClassification"
     print(f"merged model written to {output} (load it with {kind}.from_pretrained)")
+    if finished.cfg.base_quantization:
+        print(f"the run's base was quantized ({finished.cfg.base_quantization}): the merged model holds each quantized "
+              "layer's dequantized θ plus the delta in float32, the function trained (4 bytes a weight); the original "
+              "float checkpoint plus the delta would differ from it by the quantization error")  # fmt: skip
     return 0

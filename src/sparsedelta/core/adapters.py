@@ -10,6 +10,8 @@ costs O(k).
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,16 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnknownAdapterError, UsageError
-from . import patching
+from . import patching, quantized
 from .config import DeltaConfig, SelectionReport
 from .correction import bake_corrected, in_float32
 from .delta import SparseDelta
 from .ops import (
     AddDelta,
     ConvDelta,
+    DeltaProduct,
     EmbeddingDelta,
     LinearCorrected,
     LinearDelta,
+    QuantizedLinearDelta,
     compute_dtype,
     conv_padding,
     sampled_pays,
@@ -107,6 +111,59 @@ def _conv(module, delta, path, x):
     return y.squeeze(0) if unbatched else y
 
 
+FUSE_QUANTIZED = True  # False: always the layer's own forward + x Δᵀ (tests compare the two paths)
+
+
+def _base_output(module, inner, args, kwargs):
+    """The layer's output on θ. bitsandbytes' int8 layer on a CPU multiplies by its dequantized weight
+    in training mode but quantizes its input rows to int8 too in eval mode (LLM.int8(); slower on a
+    CPU, by bitsandbytes' own note, and worse: SaRA's default SmolLM2 job reached test perplexity
+    22.34 evaluated so, 21.77 evaluated as trained). A layer carrying deltas therefore computes as in
+    training mode in both modes, so a delta is evaluated as it was trained, and its base, `disabled`
+    and mixed batches compute alike."""
+    if quantized.scheme_of(module) == "int8" and not module.training and inner.plain and len(args) + len(kwargs) == 1:
+        x = args[0] if args else next(iter(kwargs.values()))
+        if x.device.type == "cpu":
+            bias = module.bias
+            return F.linear(x, quantized.dequantize(module).to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return inner(*args, **kwargs)
+
+
+def _quantized(module, bound, inner, args, kwargs):
+    """A quantized layer (core/quantized.py) with deltas. In float32 (no autocast), when nothing but
+    its class's forward lies below and that forward multiplies by the dequantized weight: one product
+    with θ dequantized and Δ added for the call (`QuantizedLinearDelta`), the bias (+ Δb) added.
+    Otherwise the layer runs as it is, on θ, and the deltas' effect is added: x Δᵀ for the weight
+    (`DeltaProduct`: a bf16 product of θ + δ would round δ away, as on a bf16 base), Δb for the
+    bias, in float32, the sum cast to the layer's dtype.
+
+    On CUDA bitsandbytes' int8 layer multiplies int8 by int8 (its input rows quantized too) in
+    either mode: there it keeps its own forward and gets x Δᵀ added (`_base_output`)."""
+    x = args[0] if args else next(iter(kwargs.values()))
+    weight_delta = next((d for p, d in bound if p == "weight"), None)
+    own_int8 = quantized.scheme_of(module) == "int8" and x.device.type != "cpu"
+    fused = (FUSE_QUANTIZED and inner.plain and not own_int8 and weight_delta is not None and len(args) + len(kwargs) == 1
+             and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type))  # fmt: skip
+    if fused:
+        bias_delta = next((d for p, d in bound if p == "bias"), None)
+        bias = module.bias if bias_delta is None else bias_delta.added_to(module.bias)
+        sampled = sampled_pays(quantized.stand_in(weight_delta.weight), len(weight_delta.indices), torch.float32)
+        return QuantizedLinearDelta.apply(x, weight_delta.values, bias, weight_delta.indices,
+                                          weight_delta.csr() if sampled else None, weight_delta.every_entry(),
+                                          functools.partial(quantized.dequantize, module))  # fmt: skip
+    y = _base_output(module, inner, args, kwargs)
+    extra = None
+    for pname, delta in bound:
+        if pname == "weight":
+            sampled = sampled_pays(quantized.stand_in(delta.weight), len(delta.indices), torch.float32)
+            pattern = delta.csr() if sampled else None
+            part = DeltaProduct.apply(x, delta.values, delta.indices, delta.shape, pattern, delta.every_entry())
+        else:  # the layer's float bias: its entries added to every output
+            part = delta.added_to(torch.zeros(delta.shape, device=y.device))
+        extra = part if extra is None else extra + part
+    return y + extra.to(y.dtype) if y.dtype == torch.float32 else (y.float() + extra).to(y.dtype)
+
+
 FAST = {"linear": _linear, "embedding": _embedding, "conv": _conv}
 CORRECTED_FAST = ("linear", "embedding")  # kinds whose fast path also adds a corrected delta
 
@@ -132,8 +189,8 @@ class DeltaLayer:
             if not delta.holds_delta:
                 corrected.append(name)
         training = torch.is_grad_enabled() and any(d.values.requires_grad for _, d in bound)
-        if not bound or not (training or corrected):
-            return inner(*args, **kwargs)  # weights are merged: the ordinary forward is exact
+        if not bound or not (training or corrected):  # weights are merged: the ordinary forward is exact
+            return _base_output(module, inner, args, kwargs) if quantized.scheme_of(module) else inner(*args, **kwargs)
         path = patching.fast_path(module) if inner.plain else None
         fast_delta = next((d for p, d in bound if p == "weight"), None) if path else None
         if corrected:
@@ -156,6 +213,8 @@ class DeltaLayer:
 
     @staticmethod
     def _corrected(module, inner, bound, corrected, path, fast_delta, args, kwargs):
+        if quantized.scheme_of(module):  # whatever lies below: its packed weight can only be run
+            return _quantized(module, bound, inner, args, kwargs)
         others = {pname: d for pname, d in bound if d is not fast_delta}
         fast = fast_delta is not None and "weight" in corrected and path.kind in CORRECTED_FAST
         if fast and (not others or (path.kind == "linear" and set(others) == {"bias"} and "bias" in corrected)):
@@ -195,8 +254,11 @@ def add_delta(
             f"adapter {adapter_name!r} exists already; pick another name or call sparsedelta.delete_adapter first"
         )
     targets, saved_modules = find_targets(model, config)
+    quantized.keep_packing(model)  # θ of a quantized base stays the θ the delta is taken over
     if positions is None:
-        positions, report = config.select({name: t.param.detach() for name, t in targets.items()})
+        # quantized weights are dequantized as the rule reads them, one at a time
+        owned = {name: (t.param, t.owners[0][0]) for name, t in targets.items()}
+        positions, report = config.select(quantized.Dequantized(owned))
     unknown = set(positions) - set(targets)
     if unknown:
         raise UsageError(f"positions given for tensors that are not targeted: {sorted(unknown)[:5]}")
@@ -215,8 +277,11 @@ def add_delta(
         deltas = {}
         for name, idx in positions.items():
             target: Target = targets[name]
-            delta = SparseDelta(target.param, idx, None if values is None else values.get(name))
             owner, pname = target.owners[0]
+            layer = owner if quantized.is_quantized_param(target.param) else None
+            theta = quantized.dequantize(layer) if layer is not None else None
+            delta = SparseDelta(target.param, idx, None if values is None else values.get(name), theta=theta, layer=layer)
+            del theta  # the delta keeps θ at its positions only
             if CONTAINER not in owner._modules:
                 setattr(owner, CONTAINER, nn.ModuleDict())
             container = getattr(owner, CONTAINER)
@@ -362,20 +427,34 @@ def _remove_all(model: nn.Module) -> None:
     del model._sparsedelta
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Make the active delta permanent and return a plain model without any sparsedelta parts.
 
     On a bfloat16/float16 base the merged weights are θ + delta rounded to that dtype, a different
     model from the one trained (entries far below θ's last bit are lost): a warning says how many
-    entries lost more than half of their change. For the exact model call `model.float()` first."""
+    entries lost more than half of their change. For the exact model call `model.float()` first.
+
+    A quantized base cannot take θ + delta in its packed weights: refused, unless `dequantize`, which
+    replaces every quantized layer by a float32 `nn.Linear` holding its dequantized θ with the delta
+    added: exactly the function trained, at 4 bytes a weight."""
     state = state_of(model)
+    adapter = state.adapters.get(state.active)
+    packed = {p: d for p, d in adapter.deltas.items() if d.quantized} if adapter is not None else {}
+    if packed and not dequantize:
+        raise UsageError(
+            "merge_and_unload: the base is quantized, and its packed weights cannot take the delta; keep the delta "
+            "unmerged over the quantized base (sparsedelta.load), or pass dequantize=True for a float32 model "
+            "(θ dequantized + the delta: the function trained, 4 bytes a weight)"
+        )
     if not state.merged:
         merge(model)
     sync(model)
-    adapter = state.adapters.get(state.active)
+    entries = {id(state.owners[p][0][0]): d.every_entry() for p, d in packed.items()}
     if adapter is not None:
-        bake_corrected(adapter.deltas)
+        bake_corrected({p: d for p, d in adapter.deltas.items() if not d.quantized})
     _remove_all(model)
+    if dequantize:
+        quantized.dequantize_model(model, entries=entries)
     return model
 
 
@@ -411,7 +490,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     if state is not None:
         for adapter in state.adapters.values():
             delta_params |= {id(d.values) for d in adapter.deltas.values()}
-    total = sum(p.numel() for p in model.parameters() if id(p) not in delta_params)
+    total = sum(math.prod(quantized.logical_shape(p)) for p in model.parameters() if id(p) not in delta_params)
     trainable = sum(p.numel() for p in trainable_parameters(model)) if state is not None else total
     return trainable, total
 

@@ -12,6 +12,8 @@ bfloat16 or float16, where a delta below half of θ's last bit would round away 
 significant bits: +1e-4 on θ = 0.05 is lost), and a weight sharded across processes (FSDP), which
 no process holds whole. `holds_delta` says which applies; it follows the weight's dtype, so
 `model.float()` turns a corrected delta into a merged one and `model.bfloat16()` the other way.
+A quantized weight (bitsandbytes int8/4-bit, core/quantized.py) is always corrected: its packed
+bytes are never written, and θ (shape, `base`) is its dequantized value, given as `theta`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from . import quantized
 
 
 @dataclass(slots=True)
@@ -75,8 +78,21 @@ class SparseDelta(nn.Module):
     # delta (SpIEL's growth) and clears it again. A class default, so deltas pickled before it load.
     grad_observer = None
 
-    def __init__(self, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor | None = None):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        indices: torch.Tensor,
+        values: torch.Tensor | None = None,
+        theta: torch.Tensor | None = None,
+        layer: nn.Module | None = None,
+    ):
+        """`theta`: for a quantized `weight`, its dequantized value (shape, θ at the positions), and
+        `layer` the quantized layer owning it (it holds the scales); the delta is then a correction for good."""
         super().__init__()
+        packed, self.quantized = weight, None
+        if theta is not None:
+            self.quantized = quantized.dtype_name(weight)  # 'int8', 'nf4', 'fp4': recorded in the delta file
+            weight = theta
         if not weight.is_contiguous():
             raise UsageError("sparse deltas need a contiguous weight tensor; call .contiguous() on the parameter first")
         indices = torch.as_tensor(indices, dtype=torch.long, device=weight.device).reshape(-1)
@@ -90,7 +106,8 @@ class SparseDelta(nn.Module):
             )
         # A weak reference, not a registered parameter: FSDP replaces the module's weight by its shards,
         # and a strong one would keep the whole original tensor alive on every process.
-        self.__dict__["_weight_ref"] = weakref.ref(weight)
+        self.__dict__["_weight_ref"] = weakref.ref(packed)
+        self.__dict__["_layer_ref"] = (lambda: None) if layer is None else weakref.ref(layer)
         self.shape = tuple(weight.shape)
         self.register_buffer("indices", indices)
         self.register_buffer("base", weight.detach().reshape(-1)[indices].clone())
@@ -103,6 +120,8 @@ class SparseDelta(nn.Module):
         self.register_buffer("frozen_base", self.base[:0].clone())
         self.register_buffer("frozen_values", self.values.detach()[:0].clone())
         self._merge = _MergeState()
+        if self.quantized:
+            self._merge.corrected, self._merge.written = True, "base"
 
     def _apply(self, fn, recurse=True):
         """Device moves and casts apply to everything but that a narrowing cast (model.bfloat16(),
@@ -121,14 +140,15 @@ class SparseDelta(nn.Module):
     # copies and pickles hold the weight strongly, so that a deep copy of the model points at the copy's weight
     def __getstate__(self):
         state = dict(self.__dict__)
-        ref = state.pop("_weight_ref")
-        state["_weight"] = ref()
+        state["_weight"] = state.pop("_weight_ref")()
+        state["_layer"] = state.pop("_layer_ref")()
         return state
 
     def __setstate__(self, state):
-        weight = state.pop("_weight")
+        weight, layer = state.pop("_weight"), state.pop("_layer", None)
         super().__setstate__(state)
         self.__dict__["_weight_ref"] = (lambda: None) if weight is None else weakref.ref(weight)
+        self.__dict__["_layer_ref"] = (lambda: None) if layer is None else weakref.ref(layer)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -220,6 +240,19 @@ class SparseDelta(nn.Module):
         if self.frozen_indices.numel():
             flat = flat.index_add(0, self.frozen_indices, self.frozen_values.float())
         return flat.index_add(0, self.indices, self.values.float()).view(tensor.shape)
+
+    @property
+    def layer(self) -> nn.Module | None:
+        """The quantized layer owning the weight (None for a float weight)."""
+        return self._layer_ref()
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as the model holds it, dense: itself, or a quantized weight dequantized (θ, as a
+        new float32 tensor of the logical shape)."""
+        if self.quantized:
+            layer = self._layer_ref()
+            return quantized.dequantize(self.weight if layer is None else layer)
+        return self.weight.detach()
 
     def every_entry(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions, delta values in float32) of every entry, trained then frozen; not differentiable."""

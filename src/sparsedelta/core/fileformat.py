@@ -38,7 +38,7 @@ FILE_DTYPES = {
     "F32": torch.float32,
     "F64": torch.float64,
 }
-BASE_DTYPES = ("float16", "bfloat16", "float32", "float64")
+BASE_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "nf4", "fp4")  # the last: quantized bases
 MAX_NUMEL = 2**62  # positions are int64
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK_BYTES = 1 << 22

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import UnknownAdapterError, UsageError
+from . import quantized
 from .adapters import add_delta, state_of, sync
 from .atomic import atomic_write
 from .card import write_card
@@ -87,9 +88,9 @@ def save(
         tensors[f"{path}.values"] = values.to(VALUE_DTYPES[dtype]).cpu()
         fingerprint[path] = {
             "shape": list(delta.shape),
-            "dtype": str(base.dtype).removeprefix("torch."),
+            "dtype": delta.quantized or str(base.dtype).removeprefix("torch."),  # a quantized base: its scheme
             "entries": len(positions),
-            "sha256": tensor_hash(base),
+            "sha256": tensor_hash(quantized.fingerprint_values(delta.layer, base) if delta.quantized else base),
         }
     for path, param in adapter.saved.items():
         tensors[path] = param.detach().cpu().contiguous()
@@ -278,17 +279,15 @@ def _check_model(model: nn.Module, layout: Layout, adapter_name: str | None, sou
                 f"the delta has tensor {name!r}, which this model lacks; is this the base model it was trained on?"
             )
         param = params[name]
-        if tuple(param.shape) != fp.shape:
+        shape, dtype = quantized.logical_shape(param), quantized.dtype_name(param)
+        if shape != fp.shape:
             raise DeltaFileError(
-                f"shape mismatch for {name}: delta was made for {fp.shape}, this model has {tuple(param.shape)}; "
+                f"shape mismatch for {name}: delta was made for {fp.shape}, this model has {shape}; "
                 "load it onto the base model it was trained on"
             )
-        if str(param.dtype).removeprefix("torch.") != fp.dtype:
-            raise DeltaFileError(
-                f"dtype mismatch for {name}: the delta was made on a {fp.dtype} base, this model holds "
-                f"{str(param.dtype).removeprefix('torch.')}; load the base in {fp.dtype} (e.g. from_pretrained(..., "
-                f"torch_dtype=torch.{fp.dtype})), as it was trained"
-            )
+        if dtype != fp.dtype:
+            raise DeltaFileError(f"dtype mismatch for {name}: the delta was made on a {fp.dtype} base, this model holds "
+                                 f"{dtype}; {_dtype_fix(fp.dtype)}")  # fmt: skip
         if not param.is_contiguous():
             raise UsageError(f"{name} is not contiguous; call .contiguous() on the parameter before loading a delta")
         if state is not None and name in state.base_saved:
@@ -335,9 +334,21 @@ def _check_model(model: nn.Module, layout: Layout, adapter_name: str | None, sou
     return targets
 
 
+def _dtype_fix(dtype: str) -> str:
+    """How to load a base in the storage a delta was made on."""
+    if dtype in ("int8", "nf4", "fp4"):
+        scheme = "int8" if dtype == "int8" else "4bit"
+        return (f"quantize the base as it was trained ({dtype}: --base-quantization {scheme}, or in Python "
+                f"sparsedelta.quantize(model, {scheme!r}))")  # fmt: skip
+    return f"load the base in {dtype} (e.g. from_pretrained(..., torch_dtype=torch.{dtype})), as it was trained"
+
+
 def _base_values(model: nn.Module, name: str, param: nn.Parameter, idx: torch.Tensor) -> torch.Tensor:
     """θ at `idx` without unmerging anything: where the active adapter is merged, its stored base
-    values stand in for the weight's."""
+    values stand in for the weight's. A quantized weight: its dequantized θ (never merged)."""
+    if quantized.is_quantized_param(param):  # θ there and the layer's scales (quantized.fingerprint_values)
+        layer = model.get_submodule(name.rpartition(".")[0])
+        return quantized.fingerprint_values(layer, quantized.dequantize(layer).reshape(-1)[idx.to(param.device)])
     values = param.detach().reshape(-1)[idx]
     state = getattr(model, "_sparsedelta", None)
     if state is None or not state.merged or state.active is None:

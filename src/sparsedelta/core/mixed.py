@@ -70,7 +70,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from . import patching, rowwise
+from . import patching, quantized, rowwise
 from .adapters import LAYER_KEY as DELTA_KEY
 from .adapters import MODEL_HOOKS, DeltaState, disabled, set_adapter, state_of
 from .delta import SparseDelta
@@ -272,7 +272,7 @@ class MixedLayer:
     def _linear_table(self, module: nn.Module, fast: patching.FastPath) -> tuple:
         """Every task's weight entries of this layer in one table (kept until `drop_stale` finds a
         delta of the batch changed, or the weight's dtype changes)."""
-        weight = module._parameters["weight"]
+        weight = _weight(module, fast)
         if self._table is None or self._table[0] != (weight.dtype, weight.device):
             stamps = [_stamp(d) for d in self.weights]
             held = [(d.values, d.indices) for d in self.weights if d is not None]  # ids in the stamps stay theirs
@@ -288,7 +288,7 @@ class MixedLayer:
 
     def _fast_fix(self, module, fast: patching.FastPath, pname: str, delta: SparseDelta, x, y, task: str, rows) -> None:
         """One task's correction of its rows, from the delta's entries (rowwise.py)."""
-        param = module._parameters[pname]
+        param = _weight(module, fast) if pname == "weight" else module._parameters[pname]
         if pname == "bias":
             entries = rowwise.bias_entries(delta, param)
             _update(y, rows, lambda part: rowwise.add_bias(entries, part))
@@ -317,6 +317,13 @@ class MixedLayer:
                 y = out.new_empty((x.shape[0], *out.shape[1:]))
             rowwise.put(y, rows, out)
         return y
+
+
+def _weight(module: nn.Module, fast: patching.FastPath) -> torch.Tensor:
+    """The module's weight, or for a quantized one a float32 stand-in of its shape (its corrections
+    need only that: they add the delta's entries, read from the delta)."""
+    weight = module._parameters["weight"]
+    return quantized.stand_in(weight) if fast.quantized else weight
 
 
 def _first_input(args: tuple, kwargs: dict, name: str):
@@ -380,7 +387,7 @@ def _few_tokens(x: torch.Tensor, rows) -> bool:
 
 
 def _rerun_is_cheaper(fast: patching.FastPath, bound, x: torch.Tensor, rows) -> bool:
-    if fast.kind != "linear":
+    if fast.kind != "linear" or fast.quantized:  # a quantized weight cannot take θ + Δ written in
         return False
     weights = [(delta, math.prod(delta.shape)) for pname, delta in bound if pname == "weight"]
     if not weights:

@@ -67,7 +67,7 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def sampled_pays(weight: torch.Tensor, k: int, dtype: torch.dtype | None = None) -> bool:
     """Whether a linear layer's values gradient should come from the sampled product, for a product
-    in `dtype` (default: the weight's)."""
+    in `dtype` (default: the weight's); `weight` may be a stand-in of the right shape."""
     dtype = dtype or weight.dtype
     if weight.device.type != "cpu" or k > SAMPLED_MAX_DENSITY * weight.numel():
         return False
@@ -212,6 +212,72 @@ class LinearCorrected(Function):
         if ctx.needs_input_grad[3]:
             grad_values = _values_grad(ctx, g, x.reshape(-1, x.shape[-1]).to(g.dtype), indices)
         return grad_x, None, grad_bias, grad_values, None, None, None, None, None
+
+
+class DeltaProduct(Function):
+    """x Δᵀ alone, for a delta over a layer whose own forward computes x θᵀ + b (a quantized layer,
+    run as it is: its packed weight is never unpacked here). Δ (every entry, trained and frozen) is
+    scattered into a dense float32 matrix for the call, as `LinearCorrected`'s; the result comes in
+    float32. Backward: g Δ for the input, ∂L/∂values as `LinearDelta`'s (sampled or dense + gather)."""
+
+    @staticmethod
+    def forward(ctx, x, values, indices, shape, pattern, every):
+        positions, all_values = every
+        ctx.save_for_backward(x, indices, positions, all_values)
+        ctx.pattern, ctx.weight_shape, ctx.transposed = pattern, shape, False
+        ctx.values_dtype = values.dtype
+        delta = _dense_delta(shape, every, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            return linear(x.float(), delta.t(), None)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, indices, positions, all_values = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1]).float()
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            delta = _dense_delta(ctx.weight_shape, (positions, all_values), torch.float32)
+            grad_x = g.matmul(delta).view(*grad_out.shape[:-1], -1).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_values = _values_grad(ctx, g, x.reshape(-1, x.shape[-1]).float(), indices)
+        return grad_x, grad_values, None, None, None, None
+
+
+class QuantizedLinearDelta(Function):
+    """y = x (θ + Δ)ᵀ + b for a quantized layer in float32: θ dequantized for the call (`dequantize`,
+    a function of no argument: one layer's float32 copy, as the layer's own forward makes), Δ's
+    entries added into it, one product; nothing of it is kept: backward dequantizes again for the
+    input gradient (as the layer's own backward does) and takes ∂L/∂values as `LinearDelta`. So a
+    step costs the frozen layer's dequantizations and products plus the values' gradient, where
+    adding x Δᵀ to the layer's output (`DeltaProduct`) costs two more products a layer."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, indices, pattern, every, dequantize):
+        positions, all_values = every
+        ctx.save_for_backward(x, indices, positions, all_values)
+        ctx.dequantize, ctx.pattern, ctx.transposed = dequantize, pattern, False
+        ctx.values_dtype = values.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        weight = dequantize()
+        ctx.weight_shape = weight.shape
+        weight.view(-1).index_add_(0, positions, all_values)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, indices, positions, all_values = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_bias = grad_values = None
+        if ctx.needs_input_grad[0]:
+            weight = ctx.dequantize()
+            weight.view(-1).index_add_(0, positions, all_values)
+            grad_x = grad_out.matmul(weight).to(x.dtype)
+            del weight
+        if ctx.needs_input_grad[1]:
+            grad_values = _values_grad(ctx, g, x.reshape(-1, x.shape[-1]), indices)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_values, grad_bias, None, None, None, None
 
 
 def _sampled_weight_grad(g, x, pattern, shape, transposed: bool) -> torch.Tensor:

@@ -32,6 +32,7 @@ class FastPath:
 
     kind: str  # "linear" (y = x Wᵀ + b), "embedding" (a row lookup) or "conv" (F.conv1d/2d/3d)
     transposed: bool = False  # linear with W stored (in, out): transformers' Conv1D, y = x W + b
+    quantized: bool = False  # a bitsandbytes layer: W packed, read-only; a delta's effect is only ever added
 
 
 # Exact types only (a subclass may compute something else), by qualified name so that the core needs
@@ -43,6 +44,10 @@ FAST_PATHS: dict[str, FastPath] = {
     "torch.nn.modules.conv.Conv1d": FastPath("conv"),
     "torch.nn.modules.conv.Conv2d": FastPath("conv"),
     "torch.nn.modules.conv.Conv3d": FastPath("conv"),
+    "bitsandbytes.nn.modules.Linear8bitLt": FastPath("linear", quantized=True),
+    "bitsandbytes.nn.modules.Linear4bit": FastPath("linear", quantized=True),
+    "bitsandbytes.nn.modules.LinearNF4": FastPath("linear", quantized=True),
+    "bitsandbytes.nn.modules.LinearFP4": FastPath("linear", quantized=True),
 }
 
 

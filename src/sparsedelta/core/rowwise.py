@@ -44,6 +44,8 @@ def _merged_entries(delta: SparseDelta, weight: torch.Tensor) -> tuple[torch.Ten
     """(positions, θ there, θ + Δ there in the weight's dtype), trained and frozen entries, as
     `SparseDelta.merge` writes them."""
     positions, base, values = delta.all_entries()
+    if delta.quantized:  # θ is never written: the effective delta is the values themselves, exactly
+        return positions, torch.zeros_like(values, dtype=weight.dtype), values.to(weight.dtype)
     merged = (base.to(values.dtype) + values).to(weight.dtype)
     return positions, base.to(weight.dtype), merged
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .config import DeltaConfig
+from .quantized import is_quantized_param
 
 CONTAINER = "sparse_delta"  # attribute under which a module holds its deltas
 
@@ -86,7 +87,8 @@ def find_targets(model: nn.Module, config: DeltaConfig) -> tuple[dict[str, Targe
     targets: dict[str, Target] = {}
     for key, owned_by in owners.items():
         param = params[key]
-        if not param.is_floating_point() or any(inside_saved(m) for m, _, _ in owned_by):
+        floating = param.is_floating_point() or is_quantized_param(param)  # a quantized weight: its dequantized θ
+        if not floating or any(inside_saved(m) for m, _, _ in owned_by):
             continue
         hits = [o for o in owned_by if eligible(*o)]
         if not hits or any(matches(m, config.exclude_modules) for m, _, _ in owned_by):

@@ -133,6 +133,13 @@ def export_shira(
 def _plan(model: nn.Module, state, adapter) -> tuple[dict[str, tuple[nn.Linear, object]], set[str]]:
     """(SHiRA layers by module name: (module, delta), module names for modules_to_save); refuses the rest."""
     module_names = {id(m): n for n, m in model.named_modules() if CONTAINER not in n.split(".")}
+    if any(d.quantized for d in adapter.deltas.values()):
+        raise UsageError(
+            "this delta was trained over a quantized base (bitsandbytes int8/4-bit layers), which PEFT's SHiRA "
+            "does not adapt, and over the float base it would be another model (it was trained against the "
+            "dequantized θ): share it as a sparsedelta file for the same quantized base (sparsedelta.load), or "
+            "as the merged float model of dequantized θ + Δ (sparsedelta merge, merge_and_unload(dequantize=True))"
+        )
     shira, dense_modules, refused = {}, set(), []
     for path, d in adapter.deltas.items():
         owners = state.owners[path]

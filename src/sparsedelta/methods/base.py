@@ -379,7 +379,7 @@ class DeltaRunner(MethodRunner):
         return io.load(model, folder)
 
     def merged(self, model):
-        return merge_and_unload(model)
+        return merge_and_unload(model, dequantize=True)  # a quantized base: the float model trained
 
     def disabled(self, model):
         return disabled(model)

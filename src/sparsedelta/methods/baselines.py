@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..core.config import DeltaConfig, SelectionReport
-from ..core.selection import smallest_fraction
+from ..core.selection import scores_of, smallest_fraction
 from ..core.targeting import find_targets
 from ..errors import UsageError
 from .base import DeltaRunner, MethodSettings
@@ -49,7 +49,7 @@ class MagnitudeConfig(_BudgetConfig):
     method = "magnitude"
 
     def select(self, tensors):
-        scores = {n: -t.abs() for n, t in tensors.items()}
+        scores = scores_of(tensors, lambda t: -t.abs())
         return self._report(
             f"largest |θ| at density {self.density}", tensors, smallest_fraction(scores, self.density, self.per_tensor)
         )

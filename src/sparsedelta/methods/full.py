@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.quantized import refuse_full_training
 from .base import MethodRunner
 from .registry import register_method
 
@@ -17,6 +18,7 @@ class FullRunner(MethodRunner):
     lrs = {"default": 5e-5, "diffusion": 2e-3}
 
     def prepare(self, model, head_modules, total_steps, default_targets=None):
+        refuse_full_training(model)  # packed int8/4-bit weights take no gradient step
         self.head_modules = head_modules
         model.requires_grad_(True)
         return model

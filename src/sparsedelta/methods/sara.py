@@ -26,7 +26,7 @@ from ..core import single_thread
 from ..core.adapters import state_of
 from ..core.config import DeltaConfig, SelectionReport
 from ..core.delta import SparseDelta
-from ..core.selection import below, check_density, smallest_fraction
+from ..core.selection import below, check_density, scores_of, smallest_fraction
 from ..errors import UsageError
 from .base import DeltaRunner, active_adapter
 from .registry import register_method
@@ -84,7 +84,7 @@ class SaRAConfig(DeltaConfig):
         return default_lr(self.threshold if self.threshold is not None else 0.0)
 
     def select(self, tensors):
-        scores = {n: t.abs() for n, t in tensors.items()}
+        scores = scores_of(tensors, torch.abs)
         eligible = sum(t.numel() for t in tensors.values())
         if self.density is not None:
             positions = smallest_fraction(scores, self.density, self.per_tensor)
@@ -187,7 +187,7 @@ def reselect_relative(model: nn.Module, optimizer: torch.optim.Optimizer | None 
         k = len(delta.indices)
         before += k
         current = delta.current_values().detach()
-        whole = delta.weight.detach().reshape(-1).to(current.dtype).clone()  # θ elsewhere, merged or not
+        whole = delta.dense_weight().reshape(-1).to(current.dtype).clone()  # θ elsewhere, merged or not
         whole[delta.frozen_indices] = delta.frozen_base.to(current.dtype) + delta.frozen_values.to(current.dtype)
         whole[delta.indices] = current
         limit = whole.abs().kthvalue(k).values if k else current.new_zeros(())

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..core.io import DeltaFileError, load
 from ..errors import UsageError
 from ..train.bases import delta_source
-from ..train.finished import bare_base
+from ..train.finished import bare_base, delta_quantization
 from ..train.predict import Group, load_groups
 from ..train.tasks import GENERATIVE
 from ..train.tasks.sft import CHAT_TEMPLATE
@@ -52,7 +52,8 @@ def load_served(adapters: dict[str, str], model: str | None = None, task: str | 
     elif task == CLASSIFY:
         raise UsageError("a classification server needs at least one classification delta: give --adapter NAME=RUN")
     else:  # no run folder and no --model: the embedded default base
-        cfg, made = bare_base(model, "causal-lm")
+        first = next(iter(sources.values()), None)  # a delta trained over a quantized base gets that base
+        cfg, made = bare_base(model, "causal-lm", quantization=first and delta_quantization(first.file))
         for name, source in sources.items():
             try:
                 load(made.model, source.file, adapter_name=name)

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..core.io import DELTA_FILE
 from ..errors import UsageError
-from .finished import bare_base, load_base
+from .finished import bare_base, delta_quantization, load_base
 from .runfolder import CONFIG, RunFolder
 
 PRODUCTS = {"adapter": "a PEFT adapter (--method lora or shira)", "model": "a whole model (--method full)"}
@@ -102,7 +102,7 @@ def base_for(sources: list[DeltaSource], model: str | None = None, task: str | N
         labels = labels or saved_head
         if labels is None:
             raise UsageError(f"{sources[0].given} saves no classification head; give the label names with --labels")
-    return bare_base(model, task, labels)
+    return bare_base(model, task, labels, quantization=delta_quantization(sources[0].file))
 
 
 # -- export and import: one delta or adapter ---------------------------------------------------

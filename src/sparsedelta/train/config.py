@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..core.quantized import SCHEMES
 from ..errors import UsageError
 from ..methods.base import MethodSettings
 
 TASKS = ("classification", "causal-lm", "sft", "diffusion")
 PRECISIONS = ("fp32", "bf16", "fp16")
+QUANTIZATIONS = SCHEMES  # --base-quantization
 SCHEDULES = ("cosine", "linear", "constant")
 TASK_DEFAULTS = {
     "classification": {"epochs": 2.0, "batch_size": 16, "max_length": 128, "eval_batch_size": 64, "weight_decay": 0.01, "warmup_ratio": 0.06,
@@ -69,6 +71,10 @@ class TrainConfig(MethodSettings):
                        "attention stays within each)", "data", tasks=SFT)  # fmt: skip
     # model
     model: str | None = _f(None, "local folder, hub id or (causal-lm) .gguf file (default: the embedded MiniLM-L6; SmolLM2-135M; diffusion: a UNet pre-trained on digits 0-4)", "model")  # fmt: skip
+    base_quantization: str | None = _f(None, "int8 or 4bit (nf4): the base's linear layers quantized by bitsandbytes "
+                                       "after loading (new heads and the LM head stay float); deltas are added as "
+                                       "corrections, the packed weights never change; eval and predict rebuild the "
+                                       "same base from the run (docs/precision.md)", "model")  # fmt: skip
     max_length: int | None = _f(None, "tokens per example (default 128; causal-lm: per block, 128; sft 256; diffusion: per caption, 77)", "model")
     # optimisation
     epochs: float | None = _f(None, "passes over the training data (default 2; causal-lm: --max-steps 40)", "optimisation")  # fmt: skip
@@ -113,6 +119,8 @@ class TrainConfig(MethodSettings):
             raise UsageError(f"--epochs must be > 0, got {self.epochs}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
+        if self.base_quantization is not None and self.base_quantization not in QUANTIZATIONS:
+            raise UsageError(f"--base-quantization {self.base_quantization}: choose one of {', '.join(QUANTIZATIONS)}")
         if self.split_by not in ("chapter", "book"):
             raise UsageError(f"--split-by {self.split_by}: choose chapter or book")
         if self.truncation not in ("refuse", "left"):

@@ -63,12 +63,26 @@ def load_base(
 
 
 def bare_base(
-    model: str | None, task: str = "classification", labels: list[str] | None = None, log=lambda *a, **k: None
+    model: str | None,
+    task: str = "classification",
+    labels: list[str] | None = None,
+    log=lambda *a, **k: None,
+    quantization: str | None = None,
 ) -> tuple[TrainConfig, Task]:
     """A base model named directly (no run folder): a classifier for `labels` (its new head seeded
-    as a run's default) or a causal LM, with its tokenizer, in eval mode."""
-    cfg = TrainConfig(task=task, model=model).resolved()
+    as a run's default) or a causal LM, with its tokenizer, in eval mode; `quantization` as
+    --base-quantization (see `delta_quantization`: a delta file says which base it was trained over)."""
+    cfg = TrainConfig(task=task, model=model, base_quantization=quantization).resolved()
     made = make_task(cfg)
     made.load(log, labels=labels, splits=())
     made.model.eval()
     return cfg, made
+
+
+def delta_quantization(file: str | os.PathLike) -> str | None:
+    """The --base-quantization a delta file was trained over ("int8", "4bit"), read from the base
+    dtypes its fingerprint records; None for a float base."""
+    from ..core.io import read_metadata
+
+    dtypes = {fp["dtype"] for fp in read_metadata(file)["fingerprint"].values()}
+    return "int8" if "int8" in dtypes else "4bit" if dtypes & {"nf4", "fp4"} else None

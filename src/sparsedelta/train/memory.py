@@ -45,6 +45,11 @@ METHODS = ("full", "lora", *DELTA_METHODS)
 SHOWN = ("full", "lora", "sara")  # `estimate --method all`: every delta method costs what SaRA does at its k
 PRECISIONS = ("fp32", "bf16", "fp16")
 BASE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Bytes per entry of a linear weight quantized by `--base-quantization` (core/quantized.py): int8, one
+# byte (its float32 row scale, 4 bytes per output row, is under 0.1% at these widths and left out); 4bit,
+# half a byte of nf4 code, one 8-bit scale per block of 64 and one float32 scale per 256 blocks
+# (QLoRA's double quantization).
+QUANT_BYTES = {"int8": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
 # Activation bytes per token, fitted by bench/memory_model.py --fit (torch 2.13 CPU, transformers 5):
 # per layer x hidden, per layer x intermediate, per layer x heads x seq (probabilities kept), per output width;
 # by regime (`regime`).
@@ -89,6 +94,7 @@ class Shape:
     output_width: int  # vocabulary (causal LM) or labels (classifier)
     keeps_attention_probs: bool
     untargeted_linear_weights: int = 0  # of linear_weights, those a delta method leaves as plain linear layers
+    quantizable_linear_weights: int = 0  # of linear_weights, those --base-quantization quantizes (not the heads)
 
 
 @dataclass
@@ -152,6 +158,7 @@ def shape_of(model: nn.Module, task: str, name: str = "") -> Shape:
         output_width=config.vocab_size if task == "causal-lm" else getattr(config, "num_labels", 2),
         keeps_attention_probs=eager or dropout > 0,
         untargeted_linear_weights=sum(m.weight.numel() for _, m in linears if id(m.weight) not in targeted_ids),
+        quantizable_linear_weights=sum(m.weight.numel() for m in adapted),
     )
 
 
@@ -207,6 +214,7 @@ def estimate(
     lora_rank: int = 8,
     device: str = "cpu",
     task: str = "classification",
+    base_quantization: str | None = None,
 ) -> Estimate:
     """The peak tensor memory of one training step.
 
@@ -221,6 +229,10 @@ def estimate(
         lora_rank: LoRA's r.
         device: "cpu" (AdamW steps tensor by tensor) or "cuda" (AdamW's foreach step).
         task: classification (a new dense head) or causal-lm.
+        base_quantization: int8 or 4bit: the linear layers but the heads stored quantized
+            (`QUANT_BYTES`), the rest in `base_dtype`; a delta over them is a correction (no merged
+            copy of its entries; θ at them kept in float32), and one layer's dequantized weight and
+            dense Δ live during its forward and backward.
     Returns:
         An Estimate: bytes per part and `.total`."""
     if method not in METHODS:
@@ -231,9 +243,16 @@ def estimate(
         raise UsageError(f"--base-dtype {base_dtype}: choose one of {', '.join(BASE_BYTES)}")
     if method == "full" and base_dtype != "float32":
         raise UsageError("full fine-tuning trains the base itself: its weights stay float32 (--base-dtype float32)")
+    if base_quantization is not None and base_quantization not in QUANT_BYTES:
+        raise UsageError(f"--base-quantization {base_quantization}: choose one of {', '.join(QUANT_BYTES)}")
+    if base_quantization and method not in ("lora", *DELTA_METHODS):
+        raise UsageError(f"--method {method} trains float weights: over a quantized base only LoRA and delta methods train")
     shape = model if isinstance(model, Shape) else model_shape(model, task)
     base = BASE_BYTES[base_dtype]
     weights = shape.parameters * base
+    if base_quantization:
+        packed = shape.quantizable_linear_weights
+        weights = round((shape.parameters - packed) * base + packed * QUANT_BYTES[base_quantization])
     if method == "full":
         trainable, largest = shape.parameters, shape.largest
         state = 8 * trainable
@@ -244,12 +263,15 @@ def estimate(
     else:
         k = round(density * shape.targeted)
         trainable, largest = k + shape.head, max(shape.head, round(density * shape.largest_targeted))
-        state = k * (4 + 8 + 8 + base + 4 + base) + shape.head * 12
+        per_entry = 4 + 8 + 8 + 4 + 4 if base_quantization else 4 + 8 + 8 + base + 4 + base  # no merged copy when quantized
+        state = k * per_entry + shape.head * 12
     temporaries = (2 * 4 * largest) if device == "cpu" else 4 * trainable
     activations = activation_bytes(shape, batch, seq, precision, base_dtype)
     if method == "spiel":
         state += SPIEL_WINDOW_BYTES_PER_ENTRY * k
         activations += 4 * shape.largest_targeted  # the layer's dense gradient, shown to its observer and freed
+    if base_quantization:  # one layer's dequantized weight and (a delta's) dense float32 Δ, during its call
+        activations += 8 * shape.largest_targeted
     if precision != "fp32" and base_dtype == "float32":  # autocast's copies of float32 weights, kept for the backward
         activations += 2 * (shape.linear_weights if method in ("full", "lora") else shape.untargeted_linear_weights)
     return Estimate(shape, method, trainable, weights, state, 4 * trainable, temporaries, activations)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ...core.adapters import add_delta
 from ...core.config import PARAMETER_KINDS, SelectionReport
+from ...core.quantized import refuse_full_training
 from ...errors import UsageError
 from ..base import Budget, DeltaRunner, MethodRunner, active_adapter
 from ..registry import register_method
@@ -53,6 +54,7 @@ class DiffPruningRunner(DeltaRunner):
         return {"density": self.settings.density} if self.settings.density is not None else {}
 
     def prepare(self, model, head_modules, total_steps, default_targets=None):
+        refuse_full_training(model, "Diff Pruning's dense first phase (a difference vector over every targeted entry)")
         self.project_step = max(1, min(total_steps - 1, round(self.schedule.phase1_fraction * total_steps)))
         return super().prepare(model, head_modules, total_steps, default_targets)
 

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from ...core.atomic import atomic_write
+from ...core.quantized import refuse_full_training
 from ...errors import UsageError
 from ..base import Budget, MethodRunner
 from ..registry import register_method
@@ -48,6 +49,7 @@ class SoRARunner(MethodRunner):
         self.stage, self.stages = 0, []
 
     def prepare(self, model, head_modules, total_steps, default_targets=None):
+        refuse_full_training(model, "SoRA's gated branch (it replaces each targeted nn.Linear and merges into it)")
         s, defaults = self.settings, default_targets or {}
         saved = s.modules_to_save if s.modules_to_save is not None else (head_modules or None)
         try:

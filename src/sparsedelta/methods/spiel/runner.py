@@ -3,6 +3,7 @@ that calls `on_step` after each optimizer step (`sparsedelta train`, the Trainer
 
 from __future__ import annotations
 
+from ...core.quantized import refuse_full_training
 from ...errors import UsageError
 from ..base import DeltaRunner, active_adapter
 from ..baselines import sara_density, sara_lr
@@ -40,6 +41,7 @@ class SpIELRunner(DeltaRunner):
         return {"density": sara_density(self.settings, model, targeting), "seed": self.settings.seed}
 
     def prepare(self, model, head_modules, total_steps, default_targets=None):
+        refuse_full_training(model, "SpIEL's growth (a grown entry starts from θ read out of the weight)")
         if not total_steps or total_steps < 1:
             raise UsageError("SpIEL needs the run's total number of optimizer steps (its schedule decays over them)")
         model = super().prepare(model, head_modules, total_steps, default_targets)

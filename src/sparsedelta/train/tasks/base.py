@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ...core.quantized import quantize
 from ..config import TrainConfig
 from ..distributed import World
 
@@ -39,6 +40,12 @@ class Task:
 
     def load(self, log=print, model_override: str | None = None, labels: list[str] | None = None) -> None:
         raise NotImplementedError
+
+    def quantize_base(self) -> None:
+        """--base-quantization: quantize the loaded model's linear layers (not a new head, not the LM
+        head), as training did, so eval, predict and resume rebuild the same base."""
+        if self.cfg.base_quantization:
+            quantize(self.model, self.cfg.base_quantization, skip=self.head_modules)
 
     def default_targets(self, model: nn.Module) -> dict | None:
         return None

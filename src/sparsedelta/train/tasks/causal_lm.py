@@ -43,6 +43,7 @@ class CausalLMTask(Task):
         cfg = self.cfg
         lm = load_causal_lm(model_override or cfg.model)
         self.model, self.tokenizer, self.model_name = lm.model, lm.tokenizer, lm.name
+        self.quantize_base()
         self.blocks = {}
         if not splits:
             return

@@ -41,6 +41,7 @@ class ClassificationTask(Task):
         loaded = load_classifier(model_override or cfg.model, self.label_names, cfg.seed)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.head_modules, self.model_name = loaded.head_modules, loaded.name
+        self.quantize_base()
         self.encoded = {role: encode(self.tokenizer, split, cfg.max_length) for role, split in self.splits.items()}
 
     @property

@@ -39,6 +39,9 @@ class DiffusionTask(Task):
 
     def load(self, log=print, model_override=None, labels=None, splits=("train", "validation", "test")):
         cfg = self.cfg
+        if cfg.base_quantization:  # bitsandbytes quantizes linear layers; a UNet is mostly convolutions
+            raise UsageError("--base-quantization is not supported with --task diffusion (bitsandbytes quantizes linear "
+                             "layers, a UNet is mostly convolutions): leave it out")
         source = model_override or cfg.model
         if source is None:
             from ...models.digits_unet import NAME, embedded_model

@@ -37,6 +37,7 @@ class SFTTask(Task):
         cfg = self.cfg
         lm = load_causal_lm(model_override or cfg.model)
         self.model, self.tokenizer, self.model_name = lm.model, lm.tokenizer, lm.name
+        self.quantize_base()
         if cfg.chat_template:
             self.tokenizer.chat_template = ins.read_chat_template(cfg.chat_template)
         self.encoded, self.rows, self.chat = {}, None, False
