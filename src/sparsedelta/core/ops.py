@@ -225,6 +225,7 @@ class DeltaProduct(Function):
         positions, all_values = every
         ctx.save_for_backward(x, indices, positions, all_values)
         ctx.pattern, ctx.weight_shape, ctx.transposed = pattern, shape, False
+        ctx.observer = None  # no gradient observer over a quantized base (SpIEL refuses one)
         ctx.values_dtype = values.dtype
         delta = _dense_delta(shape, every, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
@@ -256,6 +257,7 @@ class QuantizedLinearDelta(Function):
         positions, all_values = every
         ctx.save_for_backward(x, indices, positions, all_values)
         ctx.dequantize, ctx.pattern, ctx.transposed = dequantize, pattern, False
+        ctx.observer = None  # no gradient observer over a quantized base (SpIEL refuses one)
         ctx.values_dtype = values.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         weight = dequantize()
