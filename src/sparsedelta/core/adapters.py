@@ -273,7 +273,7 @@ def add_delta(
             attach(model)
         for p in model.parameters():
             p.requires_grad_(False)
-    with _all_unmerged(model):  # capture θ, not another adapter's merged values
+    with all_unmerged(model):  # capture θ, not another adapter's merged values
         deltas = {}
         for name, idx in positions.items():
             target: Target = targets[name]
@@ -382,7 +382,8 @@ def disabled(model: nn.Module):
 
 
 @contextlib.contextmanager
-def _all_unmerged(model: nn.Module):
+def all_unmerged(model: nn.Module):
+    """Every delta out of the weights, then as it was (nothing to do when none is merged)."""
     state: DeltaState | None = getattr(model, "_sparsedelta", None)
     if state is None or state.active is None or not state.merged:
         yield

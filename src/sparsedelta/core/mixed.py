@@ -72,7 +72,7 @@ from torch import nn
 from ..errors import UsageError
 from . import patching, quantized, rowwise
 from .adapters import LAYER_KEY as DELTA_KEY
-from .adapters import MODEL_HOOKS, DeltaState, disabled, set_adapter, state_of
+from .adapters import MODEL_HOOKS, DeltaState, all_unmerged, disabled, set_adapter, state_of
 from .delta import SparseDelta
 
 BASE = "__base__"  # the name of a row that runs on the bare base model (PEFT's)
@@ -559,7 +559,7 @@ def _running(model: nn.Module, state: DeltaState, names: list[str], repeats: int
         return
     layout = _layout(model, state)
     chosen = set()
-    with _unmerged(model, state), _opened(model, routing):  # every delta unmerged: the base serves the whole batch
+    with all_unmerged(model), _opened(model, routing):  # every delta unmerged (a server keeps none merged): the base serves the batch
         try:
             chosen = {i for t in routing.tasks if t != BASE for i in layout.modules_of[t]}
             chosen |= _heads(model, state, routing, layout)
@@ -587,17 +587,6 @@ def _drop_stale(routing: Routing, forward: bool = False) -> None:
     for layer in routing.layers:
         layer.drop_stale(routing.table_rows)
     routing.checked = not forward
-
-
-@contextlib.contextmanager
-def _unmerged(model: nn.Module, state: DeltaState):
-    """Every delta out of the weights, then as it was (nothing to do when none is merged: a server
-    keeps none merged between its mixed batches)."""
-    if state.active is None or not state.merged:
-        yield
-        return
-    with disabled(model):
-        yield
 
 
 @contextlib.contextmanager
