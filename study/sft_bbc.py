@@ -1,10 +1,11 @@
-"""Instruction tuning study: SaRA, LoRA, SoRA and full fine-tuning on the default `--task sft` job
-(BBC News as topic questions on SmolLM2-135M-Instruct), at one training budget, three seeds.
+"""Instruction tuning study: SaRA, LoRA, SoRA, full fine-tuning, random positions and SpIEL on the default
+`--task sft` job (BBC News as topic questions on SmolLM2-135M-Instruct), at one training budget, three seeds.
 
     python study/sft_bbc.py                 # the runs (skips finished ones), then the report
     python study/sft_bbc.py --report-only   # the report from the committed records
 
-Each method trains at its default learning rate for a causal LM (not tuned here); a seed changes the
+Each method trains at its default learning rate for a causal LM (not tuned here); random positions and
+SpIEL train SaRA's k (the count its threshold selects) at SaRA's rate (their defaults); a seed changes the
 data order and the method's own choices, not the split. Each run is an ordinary `sparsedelta train`
 run folder under --work-dir; every finished run leaves a compact record in
 study/results/sft_bbc/runs.json (committed), from which the report (mean ± std over seeds, and the
@@ -24,7 +25,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "sft_bbc"
-METHODS = {"sara": [], "lora": ["--method", "lora"], "sora": ["--method", "sora"], "full": ["--method", "full"]}
+METHODS = {"sara": [], "lora": ["--method", "lora"], "sora": ["--method", "sora"], "full": ["--method", "full"],
+           "random": ["--method", "random"], "spiel": ["--method", "spiel"]}  # fmt: skip
 SEEDS = (0, 1, 2)
 BUDGET = ["--max-steps", "30", "--batch-size", "8", "--max-eval-samples", "60", "--eval-every", "1000", "--max-new-tokens", "8"]
 
@@ -82,13 +84,18 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     records_file = RESULTS / "runs.json"
+    known = json.loads(records_file.read_text()) if records_file.exists() else []
     if not args.report_only:
         work = Path(args.work_dir)
-        jobs = [(m, s) for s in SEEDS for m in METHODS]
+        done = {(r["method"], r["seed"]): r for r in known}  # a committed record stands: its folder may be gone
+        jobs = [(m, s) for s in SEEDS for m in METHODS if (m, s) not in done]
         with ThreadPoolExecutor(args.processes) as pool:
             found = [r for r in pool.map(lambda job: run(*job, work), jobs) if r is not None]
-        records_file.write_text(json.dumps(found, indent=1) + "\n")
-    records = json.loads(records_file.read_text())
+        known = sorted([*done.values(), *found], key=lambda r: (r["seed"], list(METHODS).index(r["method"])))
+        tmp = records_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known, indent=1) + "\n")
+        tmp.replace(records_file)
+    records = known
     table = report(records)
     (RESULTS / "table.md").write_text(table + "\n")
     print(table)

@@ -111,7 +111,10 @@ CONFIGS: dict[str, Config] = {
             "sara-1%-no-reselection": m(*SARA_1, lr_from="sara-1%"),
             "sara-1%-neither": m(*SARA_1, "--option", "rank_penalty=0", lr_from="sara-1%"),
             "random-1%": m("--method", "random", "--density", "0.01", lr=8e-3),
-            "diff-pruning-0.5%-p30": m("--method", "diff-pruning", "--density", "0.005", lr=4e-4),
+            # issue 27: SpIEL at SaRA-1%'s k, on the same grid as SaRA and random
+            "spiel-1%": m("--method", "spiel", "--density", "0.01", lr=8e-3),
+            # rerun with the projection logs at the rate it picked in the first run (2e-4: 0.905, 4e-4: 0.910)
+            "diff-pruning-0.5%-p30": m("--method", "diff-pruning", "--density", "0.005", lr=4e-4, tune=False),
             "diff-pruning-0.5%-p50": m("--method", "diff-pruning", "--density", "0.005", "--option",
                                        "phase1_fraction=0.5", lr_from="diff-pruning-0.5%-p30"),  # fmt: skip
             "sora-r8": m("--method", "sora", "--option", "r=8", lr=2e-3, tune=False),
@@ -129,10 +132,12 @@ CONFIGS: dict[str, Config] = {
             ("sara-1%", "sara-1%-no-penalty"), ("sara-1%", "sara-1%-no-reselection"), ("sara-1%", "sara-1%-neither"),
             ("sara-1%", "random-1%"), ("sara-1%-no-reselection", "random-1%"), ("sara-1%-neither", "random-1%"),
             ("sara-1%", "lora"), ("sara-1%", "shira"), ("sora-r8", "lora"), ("sara-1%-neither", "supertuning-1%"),
+            ("spiel-1%", "sara-1%-no-reselection"), ("spiel-1%", "sara-1%"), ("spiel-1%", "random-1%"), ("spiel-1%", "lora"),
+            ("spiel-1%", "full"),
         ),  # fmt: skip
         results="results/realistic",
         work="runs/sst2-realistic",
-        curves=("full", "lora", "sara-1%", "sara-1%-no-reselection", "diff-pruning-0.5%-p30", "diff-pruning-0.5%-p50"),
+        curves=("full", "lora", "sara-1%", "sara-1%-no-reselection", "spiel-1%", "diff-pruning-0.5%-p30", "diff-pruning-0.5%-p50"),
         note="three seeds for full, LoRA, SaRA-1%, SaRA-1% without re-selection or without either part and random-1%, "
         "two for the rest, and an lr grid only for full, SaRA, random and Diff Pruning: more would not fit 3-4 hours "
         "of 2 cores (see RESULTS.md)",
@@ -223,14 +228,29 @@ def record(run: Run, folder: Path, metrics: dict) -> dict:
         "lr": run.lr,
         "seed": run.seed,
         "test": metrics["test"],
-        "validation": [{"step": e["step"], "accuracy": e["accuracy"]} for e in metrics["evals"] if e["split"] == "validation"],
+        "validation": [{"step": e["step"], "accuracy": e["accuracy"]} for e in metrics["evals"]
+                       if e["split"] == "validation" and not e.get("before_phase")],  # fmt: skip
         "trainable": metrics["budget"]["trainable"],
         "delta_entries": metrics["budget"].get("selected"),
         "stored_bytes": stored_bytes(folder),
         "train_s": metrics["timings"]["train_s"],
         "events": metrics.get("events", []),
         **({"ranks": report["nonzero_gates"], "rank_max": report["gates"]} if "nonzero_gates" in report else {}),
+        **projection(metrics),
     }
+
+
+def projection(metrics: dict, every: int = 10) -> dict:
+    """Diff Pruning's phase 1 as the loop logged it: the expected density E[‖δ‖₀]/n every `every` steps
+    (and the first and last), and the validation accuracy just before and just after the projection."""
+    before = next((e for e in metrics["evals"] if e.get("before_phase")), None)
+    if before is None:
+        return {}
+    after = next(e for e in metrics["evals"] if e["step"] == before["step"] and not e.get("before_phase"))
+    density = [(s["step"], s["expected_density"]) for s in metrics["steps"] if "expected_density" in s]
+    kept = [d for i, d in enumerate(density) if d[0] % every == 0 or i in (0, len(density) - 1)]
+    return {"projection": {"step": before["step"], "before": before["accuracy"], "after": after["accuracy"],
+                           "density": kept}}  # fmt: skip
 
 
 class Records:
@@ -380,6 +400,8 @@ def summarize(args, tuned: dict[Run, dict], best: dict[str, float]) -> dict:
             "train_s": statistics.fmean(r["train_s"] for r in runs),
             "validation_curve": mean_curve([r["validation"] for r in runs]),
             **({"ranks": [r["ranks"] for r in runs], "rank_max": runs[0]["rank_max"]} if "ranks" in runs[0] else {}),
+            **({"projection": [r["projection"] for r in runs], "validation_curves": [r["validation"] for r in runs]}
+               if "projection" in runs[0] else {}),  # fmt: skip
         }
     summary["paired"] = paired(summary, args.config_spec.pairs)
     return summary
@@ -436,6 +458,8 @@ def report(summary: dict, results: Path) -> None:
     plot(summary, results / "accuracy_vs_bytes.png")
     if any(len(r.get("validation_curve", [])) > 1 for r in summary["methods"].values()):
         curves_plot(summary, results / "accuracy_vs_steps.png", CONFIGS[summary["config"]].curves)
+    if any("projection" in r for r in summary["methods"].values()):
+        density_plot(summary, results / "dp_density.png")
     print(table(summary))
 
 
@@ -457,6 +481,14 @@ def table(summary: dict) -> str:
         rows.append(
             f"| {method} | {r['mean']:.4f} ± {r['std']:.4f}{n} | {trainable}{ranks} | {r['stored_bytes']:,} | {r['lr']:g} | {by_lr} |"
         )
+    projected = {m: r for m, r in summary["methods"].items() if "projection" in r}
+    if projected:
+        rows += ["", "| Diff Pruning run | projection step | expected density there | validation before → after the projection | final validation |",
+                 "|---|---:|---:|---|---:|"]  # fmt: skip
+        for method, r in projected.items():
+            for seed, p, curve in zip(r["seeds"], r["projection"], r["validation_curves"], strict=True):
+                rows.append(f"| {method}, seed {seed} | {p['step']} | {p['density'][-1][1]:.4f} | "
+                            f"{p['before']:.3f} → {p['after']:.3f} | {curve[-1]['accuracy']:.3f} |")  # fmt: skip
     if summary.get("paired"):
         rows += ["", "| paired comparison (same seeds) | test accuracy difference per seed | mean ± std |", "|---|---|---|"]
         for c in summary["paired"]:
@@ -526,6 +558,22 @@ def curves_plot(summary: dict, path: Path, methods: tuple[str, ...] = ()) -> lis
     _save(fig, path)
     plt.close(fig)
     return drawn
+
+
+def density_plot(summary: dict, path: Path) -> None:
+    """Diff Pruning's expected density through phase 1, one line per run, against the projection's budget."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, r in summary["methods"].items():
+        for seed, p in zip(r["seeds"], r.get("projection", []), strict=False):
+            ax.plot(*zip(*p["density"], strict=True), label=f"{method}, seed {seed}")
+    ax.axhline(0.005, color="grey", ls="--", lw=0.8, label="the projection's budget (0.5%)")
+    ax.set(xlabel="optimizer step (phase 1)", ylabel="expected density E[‖δ‖₀]/n", yscale="log",
+           title="Diff Pruning on SST-2: expected density until the projection")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -62,7 +62,7 @@ def test_every_method_runs_and_the_report_picks_the_best_validation_lr(study, ti
 def test_the_realistic_configuration_ablations_share_their_parents_rate(study, tiny_bert, tiny_sst2, tmp_path):
     """Ablations run at their parent's picked rate; the records alone regenerate the report."""
     methods = ["sara-1%", "sara-1%-no-penalty", "sara-1%-no-reselection", "sara-1%-neither",
-               "diff-pruning-0.5%-p30", "diff-pruning-0.5%-p50"]  # fmt: skip
+               "diff-pruning-0.5%-p30", "diff-pruning-0.5%-p50", "spiel-1%"]  # fmt: skip
     args = tiny_args(tiny_bert, tiny_sst2, tmp_path, "--config", "realistic", "--steps", "4", "--seeds", "0",
                      "--lr-multipliers", "0.5", "1", "--methods", *methods)  # fmt: skip
     assert study.main(args) == 0
@@ -79,6 +79,17 @@ def test_the_realistic_configuration_ablations_share_their_parents_rate(study, t
     p50 = json.loads((work / study.Run("diff-pruning-0.5%-p50", summary["methods"]["diff-pruning-0.5%-p50"]["lr"], 0).name
                       / "metrics.json").read_text())  # fmt: skip
     assert [e["step"] for e in p50["events"]] == [2]  # projection half-way
+    # the projection as the loop logged it: density through phase 1, validation just before and after
+    before = next(e for e in p50["evals"] if e.get("before_phase"))
+    projected = summary["methods"]["diff-pruning-0.5%-p50"]["projection"][0]
+    assert projected["step"] == 2 and projected["before"] == before["accuracy"]
+    assert projected["after"] == next(e["accuracy"] for e in p50["evals"] if e["step"] == 2 and not e.get("before_phase"))
+    assert [d[0] for d in projected["density"]] == [1, 2]  # the first, every 10th and the last step of phase 1
+    assert all(0 < d[1] <= 1 for d in projected["density"])
+    assert [e["step"] for e in summary["methods"]["diff-pruning-0.5%-p50"]["validation_curve"]] == [2, 4]  # once per step
+    assert (tmp_path / "results" / "dp_density.png").stat().st_size > 0
+    assert "projection" not in summary["methods"]["spiel-1%"]
+    assert len(summary["methods"]["spiel-1%"]["validation_by_lr"]) >= 2  # SpIEL is tuned like SaRA and random
     assert [e["step"] for e in summary["methods"]["sara-1%"]["validation_curve"]] == [4]  # eval_every 250 > steps
     table = (tmp_path / "results" / "table.md").read_text()
     pairs = {(c["a"], c["b"]): c for c in summary["paired"]}
@@ -86,7 +97,8 @@ def test_the_realistic_configuration_ablations_share_their_parents_rate(study, t
     assert dp["differences"] == [summary["methods"]["diff-pruning-0.5%-p50"]["test_accuracy"][0]
                                  - summary["methods"]["diff-pruning-0.5%-p30"]["test_accuracy"][0]]  # fmt: skip
     assert ("sara-1%", "full") not in pairs  # full was not studied here
-    assert "| sara-1% − sara-1%-neither |" in table
+    assert "| sara-1% − sara-1%-neither |" in table and "| spiel-1% − sara-1% |" in table
+    assert "| diff-pruning-0.5%-p50, seed 0 | 2 |" in table
     shutil.rmtree(work)  # the committed records are enough for the report
     (tmp_path / "results" / "table.md").unlink()
     assert study.main([*args, "--report-only"]) == 0
