@@ -115,6 +115,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per process (after one warm-up)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--bases", nargs="+", choices=BASES, default=BASES)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--worker", nargs=2, metavar=("BASE", "METHOD"), help=argparse.SUPPRESS)
     p.add_argument("--output", type=Path, default=HERE / "results" / "quantized-base.json")
@@ -127,25 +128,26 @@ def main(argv=None) -> None:
         return
     runs = []
     for _ in range(args.rounds):
-        for base in BASES:
+        for base in args.bases:
             for method in METHODS:
                 cmd = [sys.executable, __file__, "--worker", base, method, "--batch", str(args.batch), "--seq",
                        str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads)]  # fmt: skip
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 runs.append(json.loads(out.strip().splitlines()[-1]))
     table = {}
-    for base in BASES:
+    for base in args.bases:
         row = {}
         for method in METHODS:
             mine = [r for r in runs if r["base"] == base and r["method"] == method]
             row[method] = {k: statistics.median(r[k] for r in mine) for k in ("step_s", "peak_tensor_mib", "linear_bytes", "other_bytes")}
         table[base] = row
-    bf16 = table["bf16"]["floor"]["linear_bytes"]
+    bf16 = table["bf16"]["floor"]["linear_bytes"] if "bf16" in table else None  # the × bf16 column needs that row
     print(f"SmolLM2-135M, batch {args.batch} x {args.seq}, {args.threads} thread(s), medians of {args.rounds} round(s)")
     print(f"{'base':<10}{'linear MiB':>11}{'× bf16':>8}{'floor s':>9}{'SaRA s':>8}{'× floor':>8}{'floor MiB':>10}{'SaRA MiB':>9}")
     for base, row in table.items():
         f, s = row["floor"], row["sara@1%"]
-        print(f"{base:<10}{f['linear_bytes'] / 2**20:>11.1f}{f['linear_bytes'] / bf16:>8.3f}{f['step_s']:>9.3f}"
+        ratio = f"{f['linear_bytes'] / bf16:>8.3f}" if bf16 else f"{'—':>8}"
+        print(f"{base:<10}{f['linear_bytes'] / 2**20:>11.1f}{ratio}{f['step_s']:>9.3f}"
               f"{s['step_s']:>8.3f}{s['step_s'] / f['step_s']:>8.2f}{f['peak_tensor_mib']:>10.1f}{s['peak_tensor_mib']:>9.1f}")  # fmt: skip
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"settings": vars(args) | {"output": str(args.output)}, "runs": runs, "table": table},

@@ -454,9 +454,9 @@ def test_cli_estimate_with_a_quantized_base(capsys):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_a_bf16_autocast_step_over_a_quantized_base(scheme):
-    """Under autocast the delta's effect is added to the layer's output (a bf16 product of θ + δ
-    would round δ away); the step trains the values and leaves the packed bytes as they were."""
+def test_a_bf16_autocast_step_over_a_quantized_base(scheme, path):
+    """Under autocast, one bf16 product of θ + Δ (fused) or the layer's own output + x Δᵀ (added):
+    either trains the values and leaves the packed bytes as they were."""
     base = llama()
     model = attach(sd.quantize(copy.deepcopy(base), scheme))
     before = packed(model)
@@ -473,6 +473,28 @@ def test_a_bf16_autocast_step_over_a_quantized_base(scheme):
     grads = [d.values.grad for d in state_of(model).adapters["default"].deltas.values()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     assert_same_bytes(before, packed(model))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_under_autocast_the_fused_product_is_autocasts_product_of_theta_plus_delta(scheme):
+    """The fused path under autocast computes what autocast computes for a float32 model holding
+    θ_dequantized + Δ: the same bf16 product forward, and the values' gradient that model's weight
+    gradient at the delta's positions (ours summed in float32, autocast's in bf16)."""
+    base = llama()
+    model = attach(sd.quantize(copy.deepcopy(base), scheme))
+    dense = dense_equivalent(model, base)
+    x = ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = model(x, labels=x), dense(x, labels=x)
+    assert torch.equal(ours.logits, theirs.logits)  # the same bf16 operands, the same kernel
+    ours.loss.backward()
+    theirs.loss.backward()
+    for name, delta in state_of(model).adapters["default"].deltas.items():
+        if not name.endswith(".weight"):
+            continue
+        expected = dense.get_submodule(name.removesuffix(".weight")).weight.grad.view(-1)[delta.indices]
+        scale = expected.abs().max()
+        assert (delta.values.grad - expected).abs().max() <= 0.02 * scale, name
 
 
 def test_relative_reselection_reads_the_dequantized_weights():

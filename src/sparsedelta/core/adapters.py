@@ -130,12 +130,13 @@ def _base_output(module, inner, args, kwargs):
 
 
 def _quantized(module, bound, inner, args, kwargs):
-    """A quantized layer (core/quantized.py) with deltas. In float32 (no autocast), when nothing but
-    its class's forward lies below and that forward multiplies by the dequantized weight: one product
-    with θ dequantized and Δ added for the call (`QuantizedLinearDelta`), the bias (+ Δb) added.
-    Otherwise the layer runs as it is, on θ, and the deltas' effect is added: x Δᵀ for the weight
-    (`DeltaProduct`: a bf16 product of θ + δ would round δ away, as on a bf16 base), Δb for the
-    bias, in float32, the sum cast to the layer's dtype.
+    """A quantized layer (core/quantized.py) with deltas. In float32 or under autocast, when nothing
+    but its class's forward lies below and that forward multiplies by the dequantized weight: one
+    product with θ dequantized and Δ added for the call (`QuantizedLinearDelta`; under autocast in
+    its dtype, θ + Δ rounded to it as autocast rounds a float32 model's weights: a second product
+    for x Δᵀ doubled the step), the bias (+ Δb) added. Otherwise the layer runs as it is, on θ, and
+    the deltas' effect is added: x Δᵀ for the weight (`DeltaProduct`), Δb for the bias, in float32,
+    the sum cast to the layer's dtype.
 
     On CUDA bitsandbytes' int8 layer multiplies int8 by int8 (its input rows quantized too) in
     either mode: there it keeps its own forward and gets x Δᵀ added (`_base_output`)."""
@@ -143,7 +144,7 @@ def _quantized(module, bound, inner, args, kwargs):
     weight_delta = next((d for p, d in bound if p == "weight"), None)
     own_int8 = quantized.scheme_of(module) == "int8" and x.device.type != "cpu"
     fused = (FUSE_QUANTIZED and inner.plain and not own_int8 and weight_delta is not None and len(args) + len(kwargs) == 1
-             and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type))  # fmt: skip
+             and (x.dtype == torch.float32 or torch.is_autocast_enabled(x.device.type)))  # fmt: skip
     if fused:
         bias_delta = next((d for p, d in bound if p == "bias"), None)
         bias = module.bias if bias_delta is None else bias_delta.added_to(module.bias)

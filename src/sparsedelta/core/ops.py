@@ -245,12 +245,13 @@ class DeltaProduct(Function):
 
 
 class QuantizedLinearDelta(Function):
-    """y = x (θ + Δ)ᵀ + b for a quantized layer in float32: θ dequantized for the call (`dequantize`,
-    a function of no argument: one layer's float32 copy, as the layer's own forward makes), Δ's
-    entries added into it, one product; nothing of it is kept: backward dequantizes again for the
-    input gradient (as the layer's own backward does) and takes ∂L/∂values as `LinearDelta`. So a
-    step costs the frozen layer's dequantizations and products plus the values' gradient, where
-    adding x Δᵀ to the layer's output (`DeltaProduct`) costs two more products a layer."""
+    """y = x (θ + Δ)ᵀ + b for a quantized layer: θ dequantized for the call (`dequantize`, a function
+    of no argument: one layer's float32 copy, as the layer's own forward makes), Δ's entries added
+    into it, one product; nothing of it is kept: backward dequantizes again for the input gradient
+    (as the layer's own backward does) and takes ∂L/∂values as `LinearDelta`, in float32. So a step
+    costs the frozen layer's dequantizations and products plus the values' gradient, where adding
+    x Δᵀ to the layer's output (`DeltaProduct`) costs two more products a layer. Under autocast the
+    product runs in its dtype, on θ + Δ rounded to it, as autocast runs a float32 model's layers."""
 
     @staticmethod
     def forward(ctx, x, values, bias, indices, pattern, every, dequantize):
@@ -268,15 +269,15 @@ class QuantizedLinearDelta(Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, indices, positions, all_values = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1])
+        g = grad_out.reshape(-1, grad_out.shape[-1]).float()  # under autocast: bf16 (the product's dtype)
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
             weight = ctx.dequantize()
             weight.view(-1).index_add_(0, positions, all_values)
-            grad_x = grad_out.matmul(weight).to(x.dtype)
+            grad_x = grad_out.matmul(weight.to(grad_out.dtype)).to(x.dtype)
             del weight
         if ctx.needs_input_grad[1]:
-            grad_values = _values_grad(ctx, g, x.reshape(-1, x.shape[-1]), indices)
+            grad_values = _values_grad(ctx, g, x.reshape(-1, x.shape[-1]).float(), indices)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_values, grad_bias, None, None, None, None
