@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import step_table  # noqa: E402  (bench/ is not a package)
+
 METHODS = ("full", "sara", "generic")
 CONV_PATHS = tuple(f"torch.nn.modules.conv.Conv{n}d" for n in (1, 2, 3))
 
@@ -162,30 +164,9 @@ def run(args) -> dict:
     return results
 
 
-def table(results: dict) -> str:
-    full = results["full"]
-    lines = [f"{'method':<10}{'step ms':>9}{'min-max ms':>16}{'×full':>7}{'peak MiB':>10}{'×full':>7}{'trained':>10}"]
-    for method, r in results.items():
-        peak = r["peak_tensor_mib"] if r["peak_tensor_mib"] is not None else float("nan")
-        full_peak = full["peak_tensor_mib"] or float("nan")
-        spread = f"{1e3 * r['min_s']:.1f}-{1e3 * r['max_s']:.1f}"
-        lines.append(
-            f"{method:<10}{1e3 * r['median_s']:>9.1f}{spread:>16}{r['median_s'] / full['median_s']:>7.2f}"
-            f"{peak:>10.2f}{peak / full_peak:>7.2f}{r['trained_entries']:>10,}"
-        )
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    results = run(args)
-    print(table(results))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "output"}
-    args.output.write_text(json.dumps({"settings": settings, "torch": torch.__version__, "methods": results}, indent=2))
-    return 0
+    return step_table.report(args, run(args))
 
 
 if __name__ == "__main__":

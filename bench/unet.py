@@ -26,13 +26,15 @@ Writes bench/results/unet.json (unet-quick.json).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import step_table  # noqa: E402  (bench/ is not a package)
+
 METHODS = ("floor", "full", "lora", "sara")
 
 
@@ -161,31 +163,9 @@ def run(args) -> dict:
     return results
 
 
-def table(results: dict) -> str:
-    full, floor = results["full"], results["floor"]
-    lines = [f"{'method':<8}{'step ms':>9}{'min-max ms':>16}{'×full':>7}{'−floor ms':>11}{'peak MiB':>10}{'×full':>7}"
-             f"{'trained':>11}"]  # fmt: skip
-    for method, r in results.items():
-        peak = r["peak_tensor_mib"] if r["peak_tensor_mib"] is not None else float("nan")
-        full_peak = full["peak_tensor_mib"] or float("nan")
-        spread = f"{1e3 * r['min_s']:.1f}-{1e3 * r['max_s']:.1f}"
-        lines.append(
-            f"{method:<8}{1e3 * r['median_s']:>9.1f}{spread:>16}{r['median_s'] / full['median_s']:>7.2f}"
-            f"{1e3 * (r['median_s'] - floor['median_s']):>11.1f}{peak:>10.2f}{peak / full_peak:>7.2f}{r['trained_entries']:>11,}"
-        )
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    results = run(args)
-    print(table(results))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "output"}
-    args.output.write_text(json.dumps({"settings": settings, "torch": torch.__version__, "methods": results}, indent=2))
-    return 0
+    return step_table.report(args, run(args))
 
 
 if __name__ == "__main__":
