@@ -114,6 +114,25 @@ def fingerprint_values(layer: nn.Module, base: torch.Tensor) -> torch.Tensor:
     return torch.cat([base.detach().float().contiguous().cpu().view(torch.uint8), scale_bytes(layer)])
 
 
+def quantizes_to(layer: nn.Module, weight: torch.Tensor) -> bool:
+    """Whether the float `weight` quantizes to exactly the codes `layer` holds, with the layer's own
+    settings (4-bit: its data type, block size, double quantization and input dtype; int8: per-row
+    absmax of the fp16 weight, as bitsandbytes does): whether it is the checkpoint the layer was made from."""
+    import bitsandbytes.functional as bnbf
+
+    param = layer.weight
+    state = getattr(param, "quant_state", None)
+    with torch.no_grad():
+        w = weight.detach().to(param.device)
+        if state is None:
+            codes = bnbf.int8_vectorwise_quant(w.to(torch.float16).contiguous())[0]
+        else:
+            _check_unpacked(state)
+            codes = bnbf.quantize_4bit(w.to(state.dtype).contiguous(), blocksize=state.blocksize, compress_statistics=state.nested,
+                                       quant_type=state.quant_type, quant_storage=param.data.dtype)[0]  # fmt: skip
+    return codes.shape == param.data.shape and torch.equal(codes.view(torch.uint8), param.data.view(torch.uint8))
+
+
 def _check_unpacked(state) -> None:
     if getattr(state, "packing_format_for_cpu", False):
         raise UsageError(
