@@ -781,3 +781,46 @@ def test_trainer_trains_a_delta_over_a_bitsandbytes_config_load(tmp_path):
         for source in (tmp_path / "delta", tmp_path / "trainer" / "checkpoint-4" / "sparsedelta"):
             fresh = sd.load(load(), source).eval()
             assert torch.equal(fresh(x).logits, trained)
+
+
+# -- what bitsandbytes logs --------------------------------------------------------------------------
+def test_only_the_known_bitsandbytes_noise_is_dropped(caplog, monkeypatch):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    for name, starts in quantized.BITSANDBYTES_NOISE.items():
+        logger = logging.getLogger(name)
+        logger.warning(starts[0] + " (and the rest of it)")
+        logger.warning("something else went wrong")  # anything else still reaches the user
+    assert [r.getMessage() for r in caplog.records] == ["something else went wrong"] * len(quantized.BITSANDBYTES_NOISE)
+
+    # the int8 layer's message, at an eval-mode forward without a delta: dropped, and it is there without the filter
+    caplog.clear()
+    model = sd.quantize(llama(), "int8").eval()
+    with torch.no_grad():
+        model(ids())
+    assert not caplog.records
+    monkeypatch.setattr(logging.getLogger("bitsandbytes.autograd._functions"), "filters", [])
+    with torch.no_grad():
+        model(ids())
+    assert any(r.getMessage().startswith("MatMul8bitLt: inputs will be cast") for r in caplog.records)
+
+
+def test_cli_over_a_quantized_base_prints_no_bitsandbytes_noise(tiny_llama_dir, kjv_text, tmp_path):
+    """A training run over an int8 base in its own process (bitsandbytes' import-time message comes
+    once per process): its baseline evaluates the int8 base in eval mode, which logged a line per
+    layer and forward."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(sd.__file__).parents[1])}
+    args = lm_args(tiny_llama_dir, kjv_text, tmp_path / "run", "--max-steps", 2, "--base-quantization", "int8",
+                   "--threshold", 2e-3, "--threads", 1)  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "sparsedelta", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = done.stdout + done.stderr
+    assert "perplexity" in printed
+    assert not [start for starts in quantized.BITSANDBYTES_NOISE.values() for start in starts if start in printed]
+    assert "bitsandbytes" not in printed and "MatMul8bitLt" not in printed
