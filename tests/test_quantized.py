@@ -593,6 +593,34 @@ def test_merging_into_the_float_base_adds_the_delta_to_the_float_weights(scheme)
     assert outputs.rows == x.numel() and outputs.mean_abs > 1e-4
 
 
+def test_merging_a_classifiers_delta_into_the_float_base_copies_its_trained_head():
+    """A new head trained densely beside the delta (kept float by quantize's skip) is copied as trained."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    base = BertForSequenceClassification(config).eval()
+    model = sd.quantize(copy.deepcopy(base), "4bit", skip=["classifier"])
+    sd.add_delta(model, sd.SaRAConfig(density=0.05, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    adapter = state_of(model).adapters["default"]
+    with torch.no_grad():
+        for delta in adapter.deltas.values():
+            delta.values.normal_(0, 0.05)
+        for head in adapter.saved.values():
+            head.normal_(0, 0.5)
+    float_model = copy.deepcopy(base)
+    sd.merge_into_float_base(model, float_model)
+    merged = dict(float_model.named_parameters())
+    assert set(adapter.saved) == {"classifier.weight", "classifier.bias"}
+    for path, head in adapter.saved.items():
+        assert torch.equal(merged[path], head.detach())
+    deltas = {n: d.every_entry() for n, d in adapter.deltas.items()}
+    for name, weight in expected_float_merge(base, deltas).items():
+        if name not in adapter.saved:
+            assert torch.equal(merged[name], weight), name
+
+
 def test_merging_into_a_float_base_refuses_what_is_not_that_base():
     base = llama()
     model = attach(sd.quantize(copy.deepcopy(base), "4bit"))
