@@ -687,6 +687,11 @@ def test_cli_merge_into_the_float_base_prints_what_it_costs(tiny_llama_dir, kjv_
     assert main(["merge", str(out), "--output", str(tmp_path / "m2"), "--float-base", "--model", str(missing)]) == 2
     assert "--float-base needs the float checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "m2").exists()
+    # a run over a float base: nothing to choose between
+    assert main(lm_args(tiny_llama_dir, kjv_text, tmp_path / "float", "--max-steps", 1, "--density", 0.05, "--threads", 1)) == 0
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "float"), "--output", str(tmp_path / "m3"), "--float-base"]) == 2
+    assert "this run's base is not quantized" in capsys.readouterr().err
 
 
 # -- compose: deltas of one quantized base ----------------------------------------------------------

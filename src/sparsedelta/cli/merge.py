@@ -76,6 +76,7 @@ def merge_into_float_base(args, output: Path) -> int:
     """θ_float + Δ: load the run's trained model (quantized base + delta) and its float base, merge,
     measure the difference in weights and outputs (validation data), write, print."""
     from ..core.float_merge import compare_outputs, merge_into_float_base
+    from ..train.bases import run_product
     from ..train.finished import load_run
     from ..train.runfolder import RunFolder
 
@@ -84,6 +85,9 @@ def merge_into_float_base(args, output: Path) -> int:
     if not scheme:
         raise UsageError("--float-base: this run's base is not quantized, and `sparsedelta merge` without it already "
                          "writes the base plus the delta exactly")  # fmt: skip
+    if run_product(args.run) != "delta":
+        raise UsageError(f"--float-base merges a sparse delta, and {args.run} holds another product "
+                         f"(--method {RunFolder.existing(args.run).config['method']['method']}); merge it without --float-base")  # fmt: skip
     float_model = load_float_base(args.run, args.model, args.model or recorded.get("model") or "the default model")
     finished = load_run(args.run, args.model, splits=(PROBE_SPLIT,))
     weights = merge_into_float_base(finished.model, float_model)
