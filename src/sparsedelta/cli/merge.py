@@ -40,7 +40,7 @@ def run(args) -> int:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UsageError(f"--output {output} exists and is not an empty folder; choose a new folder")
     if args.float_base:
-        return merge_into_float_base(args, output)
+        return merge_float_base(args, output)
     finished = load_run(args.run, args.model, splits=())
     merged = finished.runner.merged(finished.model)
     if finished.task.name == "diffusion":  # the UNet beside its scheduler (and text encoder): a pipeline folder
@@ -72,42 +72,55 @@ def write_model(model, task, output: Path) -> None:
         task.tokenizer.save_pretrained(tmp)
 
 
-def merge_into_float_base(args, output: Path) -> int:
+def merge_float_base(args, output: Path) -> int:
     """θ_float + Δ: load the run's trained model (quantized base + delta) and its float base, merge,
     measure the difference in weights and outputs (validation data), write, print."""
-    from ..core.float_merge import compare_outputs, merge_into_float_base
-    from ..train.bases import run_product
+    from ..core.float_merge import merge_into_float_base
     from ..train.finished import load_run
     from ..train.runfolder import RunFolder
 
-    recorded = RunFolder.existing(args.run).config["train"]
-    scheme = recorded.get("base_quantization")
-    if not scheme:
-        raise UsageError("--float-base: this run's base is not quantized, and `sparsedelta merge` without it already "
-                         "writes the base plus the delta exactly")  # fmt: skip
-    if run_product(args.run) != "delta":
-        raise UsageError(f"--float-base merges a sparse delta, and {args.run} holds another product "
-                         f"(--method {RunFolder.existing(args.run).config['method']['method']}); merge it without --float-base")  # fmt: skip
-    float_model = load_float_base(args.run, args.model, args.model or recorded.get("model") or "the default model")
+    recorded = RunFolder.existing(args.run).config
+    scheme = recorded["train"].get("base_quantization")
+    check_float_base(args.run, scheme, recorded["method"]["method"])
+    name = args.model or recorded["train"].get("model") or "the default model"
+    float_model = load_float_base(args.run, args.model, name)
     finished = load_run(args.run, args.model, splits=(PROBE_SPLIT,))
     weights = merge_into_float_base(finished.model, float_model)
-    probes = finished.task.probe_inputs(PROBE_SPLIT)
-    outputs = compare_outputs(finished.model, float_model, probes) if probes else None
-    metric = finished.task.metric
-    scores = {name: finished.task.evaluate(m, PROBE_SPLIT)[metric] for name, m in
-              (("exact", finished.model), ("float_base", float_model))}  # fmt: skip
+    outputs, scores = measure_outputs(finished, float_model)
     record = {
         "base_quantization": scheme,
         "relative_weight_difference": {"overall": weights.overall, "layers": weights.layers},
         "outputs": outputs and vars(outputs),
-        f"{PROBE_SPLIT}_{metric}": scores,
+        f"{PROBE_SPLIT}_{finished.task.metric}": scores,
     }
     with atomic_folder(output) as tmp:
         float_model.save_pretrained(tmp)
         finished.task.tokenizer.save_pretrained(tmp)
         (tmp / ERROR_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    print_float_merge(output, finished.task, scheme, weights, outputs, metric, scores)
+    print_float_merge(output, finished.task, scheme, weights, outputs, scores)
     return 0
+
+
+def check_float_base(run: str, scheme: str | None, method: str) -> None:
+    from ..train.bases import run_product
+
+    if not scheme:
+        raise UsageError("--float-base: this run's base is not quantized, and `sparsedelta merge` without it already "
+                         "writes the base plus the delta exactly")  # fmt: skip
+    if run_product(run) != "delta":
+        raise UsageError(f"--float-base merges a sparse delta, and {run} holds another product (--method {method}); "
+                         "merge it without --float-base")  # fmt: skip
+
+
+def measure_outputs(finished, float_model):
+    """(the logits compared on a few validation batches, or None when the task gives none; the
+    validation metric of the exact model and of the float merge)."""
+    from ..core.float_merge import compare_outputs
+
+    probes = finished.task.probe_inputs(PROBE_SPLIT)
+    outputs = compare_outputs(finished.model, float_model, probes) if probes else None
+    models = {"exact": finished.model, "float_base": float_model}
+    return outputs, {name: finished.task.evaluate(m, PROBE_SPLIT)[finished.task.metric] for name, m in models.items()}
 
 
 def load_float_base(run: str, model: str | None, name: str):
@@ -123,8 +136,9 @@ def load_float_base(run: str, model: str | None, name: str):
     return task.model
 
 
-def print_float_merge(output, task, scheme, weights, outputs, metric, scores) -> None:
+def print_float_merge(output, task, scheme, weights, outputs, scores) -> None:
     name, largest = weights.largest()
+    metric = task.metric
     print(f"merged into the float base model: written to {output} (load it with {loader(task)}.from_pretrained)")
     print(f"this is not the function trained: the delta was trained against the {scheme} base's dequantized weights "
           "θ_deq, and this model holds the float θ + Δ; measured:")  # fmt: skip
