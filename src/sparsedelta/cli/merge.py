@@ -145,7 +145,8 @@ def print_float_merge(output, task, scheme, weights, outputs, scores) -> None:
     print(f"  weights: ‖θ_float − θ_deq‖ / ‖θ_float‖ = {weights.overall:.4g} over the {len(weights.layers)} quantized "
           f"layers (largest {largest:.4g}, {name}; every layer in {ERROR_FILE})")  # fmt: skip
     if outputs is not None:
-        print(f"  outputs on {outputs.rows:,} {PROBE_SPLIT} rows: mean |Δ logits| {outputs.mean_abs:.4g} (largest "
+        rows = "tokens" if loader(task) == "AutoModelForCausalLM" else "examples"
+        print(f"  outputs on {outputs.rows:,} {PROBE_SPLIT} {rows}: mean |Δ logits| {outputs.mean_abs:.4g} (largest "
               f"{outputs.max_abs:.4g}), top-1 agreement {outputs.top1_agreement:.2%} with the quantized base + delta")  # fmt: skip
     print(f"  {PROBE_SPLIT} {metric}: {scores['exact']:.6g} quantized base + delta (as trained), "
           f"{scores['float_base']:.6g} this model")  # fmt: skip
