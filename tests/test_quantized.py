@@ -550,3 +550,332 @@ def test_export_to_peft_says_what_it_would_need(tmp_path):
     sd.save(model, tmp_path / "delta")
     with pytest.raises(UsageError, match="quantized base.*SHiRA.*dequantize=True"):
         sd.export_shira(tmp_path / "delta", sd.quantize(llama(), "4bit"), tmp_path / "shira")
+
+
+# -- merging into the float checkpoint the base was quantized from ------------------------------------
+def expected_float_merge(base, deltas):
+    """θ_float + Δ at the delta's positions, θ_float elsewhere, computed here on a copy of `base`'s tensors."""
+    out = {}
+    for name, param in base.named_parameters():
+        weight = param.detach().clone()
+        if name in deltas:
+            positions, values = deltas[name]
+            flat = weight.view(-1)
+            flat[positions] = flat[positions] + values
+        out[name] = weight
+    return out
+
+
+def relative_errors(qmodel, float_model):
+    """‖θ_float − θ_deq‖ / ‖θ_float‖ per quantized layer and over all of them, computed in float64."""
+    layers, diff, size = {}, 0.0, 0.0
+    for name, layer in quantized_layers(qmodel).items():
+        theta = float_model.get_submodule(name).weight.detach().double()
+        d = float(((theta - sd.dequantize(layer).double()) ** 2).sum())
+        n = float((theta**2).sum())
+        layers[name] = (d / n) ** 0.5
+        diff, size = diff + d, size + n
+    return layers, (diff / size) ** 0.5
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_merging_into_the_float_base_adds_the_delta_to_the_float_weights(scheme):
+    base = llama()
+    model = attach(sd.quantize(copy.deepcopy(base), scheme))
+    deltas = {n: d.every_entry() for n, d in state_of(model).adapters["default"].deltas.items()}
+    before = packed(model)
+    x = ids()
+    with torch.no_grad():
+        exact = model(x).logits
+    float_model = copy.deepcopy(base)
+    error = sd.merge_into_float_base(model, float_model)
+
+    merged = dict(float_model.named_parameters())
+    for name, weight in expected_float_merge(base, deltas).items():
+        assert torch.equal(merged[name], weight), name  # bit for bit, the delta's positions and everywhere else
+    layers, overall = relative_errors(model, base)
+    assert error.layers.keys() == layers.keys() and len(layers) == 2 * len(LINEARS)
+    for name, value in layers.items():
+        assert error.layers[name] == pytest.approx(value, rel=1e-5)
+    assert error.overall == pytest.approx(overall, rel=1e-5)
+    assert 0 < overall < (0.02 if scheme == "int8" else 0.3)  # the quantization error (another checkpoint: ~1.4)
+
+    # the outputs: the float merge is not the function trained, and compare_outputs says by how much
+    assert_same_bytes(before, packed(model))  # the quantized model is left as it was
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, exact)
+        got = float_model(x).logits
+    from sparsedelta.core.float_merge import compare_outputs
+
+    outputs = compare_outputs(model, float_model, [{"input_ids": x[:2]}, {"input_ids": x[2:]}])
+    diff = (exact - got).abs()
+    assert outputs.mean_abs == pytest.approx(float(diff.mean()), rel=1e-5)
+    assert outputs.max_abs == pytest.approx(float(diff.max()), rel=1e-6)
+    assert outputs.top1_agreement == int((exact.argmax(-1) == got.argmax(-1)).sum()) / x.numel()
+    assert outputs.rows == x.numel() and outputs.mean_abs > 1e-4
+
+
+def test_merging_a_classifiers_delta_into_the_float_base_copies_its_trained_head():
+    """A new head trained densely beside the delta (kept float by quantize's skip) is copied as trained."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    base = BertForSequenceClassification(config).eval()
+    model = sd.quantize(copy.deepcopy(base), "4bit", skip=["classifier"])
+    sd.add_delta(model, sd.SaRAConfig(density=0.05, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    adapter = state_of(model).adapters["default"]
+    with torch.no_grad():
+        for delta in adapter.deltas.values():
+            delta.values.normal_(0, 0.05)
+        for head in adapter.saved.values():
+            head.normal_(0, 0.5)
+    float_model = copy.deepcopy(base)
+    sd.merge_into_float_base(model, float_model)
+    merged = dict(float_model.named_parameters())
+    assert set(adapter.saved) == {"classifier.weight", "classifier.bias"}
+    for path, head in adapter.saved.items():
+        assert torch.equal(merged[path], head.detach())
+    deltas = {n: d.every_entry() for n, d in adapter.deltas.items()}
+    for name, weight in expected_float_merge(base, deltas).items():
+        if name not in adapter.saved:
+            assert torch.equal(merged[name], weight), name
+
+
+def test_merging_into_a_float_base_refuses_what_is_not_that_base():
+    base = llama()
+    model = attach(sd.quantize(copy.deepcopy(base), "4bit"))
+    other = llama(seed=5)
+    untouched = copy.deepcopy(other)
+    with pytest.raises(UsageError, match="does not quantize to the quantized base's codes.*--model"):
+        sd.merge_into_float_base(model, other)  # another checkpoint: refused before anything is written
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), untouched.parameters(), strict=True))
+    with pytest.raises(UsageError, match="Linear4bit.*unquantized model"):
+        sd.merge_into_float_base(model, sd.quantize(copy.deepcopy(base), "4bit"))
+    with pytest.raises(UsageError, match="not quantized.*merge_and_unload"):
+        sd.merge_into_float_base(attach(copy.deepcopy(base)), copy.deepcopy(base))
+
+
+def test_cli_merge_into_the_float_base_prints_what_it_costs(tiny_llama_dir, kjv_text, tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from sparsedelta.cli import main
+    from sparsedelta.cli.merge import ERROR_FILE
+    from sparsedelta.train.finished import load_run
+
+    out, merged_dir = tmp_path / "run", tmp_path / "merged"
+    assert main(lm_args(tiny_llama_dir, kjv_text, out, "--max-steps", 3, "--base-quantization", "int8", "--density", 0.05,
+                        "--lr", 1e-2, "--threads", 1)) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["merge", str(out), "--output", str(merged_dir), "--float-base"]) == 0
+    printed = capsys.readouterr().out
+    assert "not the function trained" in printed
+
+    # the file: θ_float + Δ, bit for bit, θ_float elsewhere
+    finished = load_run(out, splits=("validation",))
+    state = state_of(finished.model)
+    deltas = {n: d.every_entry() for n, d in state.adapters[state.active].deltas.items()}
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    got = dict(merged.named_parameters())
+    for name, weight in expected_float_merge(original, deltas).items():
+        assert torch.equal(got[name], weight), name
+
+    # the numbers printed (and kept in the folder), recomputed here
+    record = json.loads((merged_dir / ERROR_FILE).read_text())
+    layers, overall = relative_errors(finished.model, original)
+    assert record["relative_weight_difference"]["overall"] == pytest.approx(overall, rel=1e-5)
+    assert record["relative_weight_difference"]["layers"] == pytest.approx(layers, rel=1e-5)
+    assert f"‖θ_float − θ_deq‖ / ‖θ_float‖ = {record['relative_weight_difference']['overall']:.4g}" in printed
+    blocks = finished.task.blocks["validation"][:8]
+    with torch.no_grad():
+        exact, floated = finished.model(blocks).logits, merged(blocks).logits
+    diff = (exact - floated).abs()
+    agreement = float((exact.argmax(-1) == floated.argmax(-1)).float().mean())
+    assert record["outputs"]["rows"] == blocks.numel()
+    assert record["outputs"]["mean_abs"] == pytest.approx(float(diff.mean()), rel=1e-5)
+    assert record["outputs"]["top1_agreement"] == pytest.approx(agreement)
+    assert f"mean |Δ logits| {float(diff.mean()):.4g}" in printed and f"top-1 agreement {agreement:.2%}" in printed
+    perplexities = {"exact": finished.task.evaluate(finished.model, "validation")["perplexity"],
+                    "float_base": finished.task.evaluate(merged, "validation")["perplexity"]}  # fmt: skip
+    assert record["validation_perplexity"] == pytest.approx(perplexities, rel=1e-9)
+    assert f"{perplexities['exact']:.6g} quantized base + delta" in printed and f"{perplexities['float_base']:.6g} this" in printed
+
+    # the float checkpoint gone: refused by name, nothing written
+    missing = tmp_path / "nowhere"
+    assert main(["merge", str(out), "--output", str(tmp_path / "m2"), "--float-base", "--model", str(missing)]) == 2
+    assert "--float-base needs the float checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()
+    # a run over a float base: nothing to choose between
+    assert main(lm_args(tiny_llama_dir, kjv_text, tmp_path / "float", "--max-steps", 1, "--density", 0.05, "--threads", 1)) == 0
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "float"), "--output", str(tmp_path / "m3"), "--float-base"]) == 2
+    assert "this run's base is not quantized" in capsys.readouterr().err
+
+
+# -- compose: deltas of one quantized base ----------------------------------------------------------
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_compose_over_a_quantized_base_is_the_weighted_sum_over_the_dequantized_weights(scheme, tmp_path):
+    """Two deltas trained over the same quantized base, composed: the result loads onto that base,
+    leaves its packed bytes alone, and computes θ_deq + w₁Δ₁ + w₂Δ₂."""
+    base = llama().train()  # training mode: an int8 layer then multiplies by its dequantized weight, as the float model
+    inputs = [attach(sd.quantize(copy.deepcopy(base), scheme), seed=seed, density=density)
+              for seed, density in ((1, 0.05), (2, 0.03))]  # fmt: skip
+    for name, model in zip("ab", inputs, strict=True):
+        sd.save(model, tmp_path / name)
+    target = sd.quantize(copy.deepcopy(base), scheme)
+    before = packed(target)
+    weights = [0.7, -1.3]
+    sd.compose(target, [tmp_path / "a", tmp_path / "b"], tmp_path / "c", weights=weights)
+    assert_same_bytes(before, packed(target)) and getattr(target, "_sparsedelta", None) is None
+    sd.load(target, tmp_path / "c")
+    assert_same_bytes(before, packed(target))
+
+    expected = dense_equivalent(inputs[0], base, adapter=None)  # θ_deq
+    for w, model in zip(weights, inputs, strict=True):
+        for name, delta in state_of(model).adapters["default"].deltas.items():
+            positions, values = delta.every_entry()
+            expected.get_parameter(name).data.view(-1).index_add_(0, positions, w * values)
+    x = ids()
+    with torch.no_grad():
+        got = target(x).logits
+        want = expected(x).logits
+        alone = inputs[0](x).logits
+    assert (want - alone).abs().max() > 1e-2  # the second delta matters
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_compose_refuses_deltas_of_differently_quantized_bases(tmp_path):
+    base = llama()
+    for name, scheme in (("int8", "int8"), ("4bit", "4bit"), ("float", None)):
+        model = sd.quantize(copy.deepcopy(base), scheme) if scheme else copy.deepcopy(base)
+        sd.save(attach(model), tmp_path / name)
+    target = sd.quantize(copy.deepcopy(base), "int8")
+    with pytest.raises(sd.DeltaFileError, match="over an int8 base and .*4bit over a 4-bit \\(nf4\\) base.*--base-quantization"):
+        sd.compose(target, [tmp_path / "int8", tmp_path / "4bit"], tmp_path / "c")
+    with pytest.raises(sd.DeltaFileError, match="over an int8 base and .*float over a float base"):
+        sd.compose(target, [tmp_path / "int8", tmp_path / "float"], tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_compose_over_a_4bit_base(tiny_llama_dir, tmp_path, capsys):
+    """Bare deltas bring their base's quantization: compose builds a 4-bit base from --model, and the
+    composed file loads onto it (refused by the float checkpoint)."""
+    from transformers import AutoModelForCausalLM
+
+    from sparsedelta.cli import main
+
+    def quantized_base():
+        return sd.quantize(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), "4bit").train()
+
+    inputs = [attach(quantized_base(), seed=seed) for seed in (1, 2)]
+    for name, model in zip("ab", inputs, strict=True):
+        sd.save(model, tmp_path / name)
+    assert main(["compose", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "c"),
+                 "--model", str(tiny_llama_dir)]) == 0  # fmt: skip
+    assert "composed 2 deltas (sum)" in capsys.readouterr().out
+    target = sd.load(quantized_base(), tmp_path / "c")
+    expected = dense_equivalent(inputs[0], AutoModelForCausalLM.from_pretrained(tiny_llama_dir).train(), adapter=None)
+    for model in inputs:
+        for name, delta in state_of(model).adapters["default"].deltas.items():
+            positions, values = delta.every_entry()
+            expected.get_parameter(name).data.view(-1).index_add_(0, positions, values)
+    x = ids(tokens=10)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x).logits, expected(x).logits, atol=ATOL, rtol=0)
+    with pytest.raises(sd.DeltaFileError, match="dtype mismatch"):
+        sd.load(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "c")
+
+
+# -- transformers.Trainer over a model loaded with a BitsAndBytesConfig -------------------------------
+def test_trainer_trains_a_delta_over_a_bitsandbytes_config_load(tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
+
+    from sparsedelta.methods import MethodSettings, make_runner
+    from sparsedelta.train.hf import SparseDeltaCallback, accept_quantized_base
+
+    llama().save_pretrained(tmp_path / "m")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=config, device_map="cpu")
+
+    with pytest.raises(UsageError, match="no trainable sparse delta.*prepare"):
+        with accept_quantized_base(load()):
+            pass
+    runner = make_runner(MethodSettings(method="sara", task="causal-lm", density=0.05, lr=1e-2))
+    model = runner.prepare(load(), [], 4, {"target_modules": LINEARS})
+    before = packed(model)
+    deltas = state_of(model).adapters["default"].deltas
+    values_before = {n: d.values.detach().clone() for n, d in deltas.items()}
+    x = ids(rows=8)
+    train_set = [{"input_ids": row, "labels": row} for row in x]
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=4, per_device_train_batch_size=2,
+                             learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="steps", save_steps=2,
+                             disable_tqdm=True, seed=0)  # fmt: skip
+    with pytest.raises(ValueError, match="purely quantized"):  # the Trainer's own check, without the block
+        Trainer(model=model, args=args, train_dataset=train_set)
+    with accept_quantized_base(model):
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, callbacks=[SparseDeltaCallback(runner)])
+    assert model.is_quantized  # the mark is back
+    trainer.train()
+
+    assert_same_bytes(before, packed(model))
+    assert all(not torch.equal(d.values, values_before[n]) for n, d in deltas.items())
+    for step in (2, 4):  # the Trainer's checkpoints, with the callback's delta in each
+        assert (tmp_path / "trainer" / f"checkpoint-{step}" / "model.safetensors").is_file()
+        assert (tmp_path / "trainer" / f"checkpoint-{step}" / "sparsedelta" / "delta.safetensors").is_file()
+    sd.save(model, tmp_path / "delta")
+    model.eval()
+    with torch.no_grad():
+        trained = model(x).logits
+        for source in (tmp_path / "delta", tmp_path / "trainer" / "checkpoint-4" / "sparsedelta"):
+            fresh = sd.load(load(), source).eval()
+            assert torch.equal(fresh(x).logits, trained)
+
+
+# -- what bitsandbytes logs --------------------------------------------------------------------------
+def test_only_the_known_bitsandbytes_noise_is_dropped(caplog, monkeypatch):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    for name, starts in quantized.BITSANDBYTES_NOISE.items():
+        logger = logging.getLogger(name)
+        logger.warning(starts[0] + " (and the rest of it)")
+        logger.warning("something else went wrong")  # anything else still reaches the user
+    assert [r.getMessage() for r in caplog.records] == ["something else went wrong"] * len(quantized.BITSANDBYTES_NOISE)
+
+    # the int8 layer's message, at an eval-mode forward without a delta: dropped, and it is there without the filter
+    caplog.clear()
+    model = sd.quantize(llama(), "int8").eval()
+    with torch.no_grad():
+        model(ids())
+    assert not caplog.records
+    monkeypatch.setattr(logging.getLogger("bitsandbytes.autograd._functions"), "filters", [])
+    with torch.no_grad():
+        model(ids())
+    assert any(r.getMessage().startswith("MatMul8bitLt: inputs will be cast") for r in caplog.records)
+
+
+def test_cli_over_a_quantized_base_prints_no_bitsandbytes_noise(tiny_llama_dir, kjv_text, tmp_path):
+    """A training run over an int8 base in its own process (bitsandbytes' import-time message comes
+    once per process): its baseline evaluates the int8 base in eval mode, which logged a line per
+    layer and forward."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(sd.__file__).parents[1])}
+    args = lm_args(tiny_llama_dir, kjv_text, tmp_path / "run", "--max-steps", 2, "--base-quantization", "int8",
+                   "--threshold", 2e-3, "--threads", 1)  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "sparsedelta", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = done.stdout + done.stderr
+    assert "perplexity" in printed
+    assert not [start for starts in quantized.BITSANDBYTES_NOISE.values() for start in starts if start in printed]
+    assert "bitsandbytes" not in printed and "MatMul8bitLt" not in printed

@@ -19,6 +19,7 @@ from .core.adapters import (
 from .core.compose import ComposedConfig, compose
 from .core.config import DeltaConfig, SelectionReport
 from .core.delta import SparseDelta
+from .core.float_merge import merge_into_float_base
 from .core.io import DeltaFileError, load, read, save
 from .core.mixed import BASE, mixed_batch
 from .core.quantized import dequantize, dequantize_model, quantize
@@ -64,6 +65,7 @@ __all__ = [
     "load",
     "merge",
     "merge_and_unload",
+    "merge_into_float_base",
     "mixed_batch",
     "prepare",
     "quantize",

@@ -151,11 +151,25 @@ def _check_alike(paths: list, metas: list[dict]) -> None:
             )
         for name, fp in fingerprint.items():
             ref = reference[name]
+            if _storage(fp["dtype"]) != _storage(ref["dtype"]):
+                raise DeltaFileError(
+                    f"{first} was trained over {_storage(ref['dtype'])} base and {path} over {_storage(fp['dtype'])} "
+                    f"base ({name} is {ref['dtype']} in one, {fp['dtype']} in the other): a delta belongs to the base "
+                    "it was trained over; compose deltas trained over the same base, quantized the same way "
+                    "(the same --base-quantization, or none)"
+                )
             if (fp["shape"], fp["dtype"]) != (ref["shape"], ref["dtype"]):
                 raise DeltaFileError(
                     f"{name} is {ref['dtype']} {tuple(ref['shape'])} in {first} but {fp['dtype']} {tuple(fp['shape'])} "
                     f"in {path}: these deltas belong to different base models; compose deltas of one base"
                 )
+
+
+def _storage(dtype: str) -> str:
+    """How a base tensor was stored, in words: "an int8", "a 4-bit (nf4)" or "a float" base."""
+    if dtype == "int8":
+        return "an int8"
+    return f"a 4-bit ({dtype})" if dtype in ("nf4", "fp4") else "a float"
 
 
 def _dense_tensors(paths: list, inputs: list, weights: list[float], heads: str | int) -> dict[str, torch.Tensor]:

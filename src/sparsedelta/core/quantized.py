@@ -10,6 +10,7 @@ fingerprint read the *dequantized* θ, one layer at a time (`dequantize`), never
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Iterator, Mapping
 
@@ -24,6 +25,41 @@ _LINEARS = {  # by qualified name (subclasses included), so the core needs no im
     "bitsandbytes.nn.modules.Linear4bit": "4bit",
 }
 _PARAMS = {"bitsandbytes.nn.modules.Int8Params", "bitsandbytes.nn.modules.Params4bit"}
+
+
+# What bitsandbytes (0.50.2) makes the libraries log on a CPU that tells a user of sparsedelta nothing
+# to act on, by logger and the start of its message; dropped there, everything else passes.
+BITSANDBYTES_NOISE = {
+    # at import, on CPUs with AVX512-BF16: no download of an optional kernel for repacked 4-bit
+    # weights, a packing keep_packing turns off anyway (no network, or kernels' trust check)
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    # the same attempt, logged by the `kernels` package when the hub is offline (HF_HUB_OFFLINE)
+    "kernels._internals.hf_hub": ("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",),
+    # at every eval-mode forward of an int8 layer without a delta (a run's baseline, `disabled`):
+    # LLM.int8() quantizes its input rows through fp16, as docs/precision.md says
+    "bitsandbytes.autograd._functions": ("MatMul8bitLt: inputs will be cast from",),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_bitsandbytes() -> None:
+    """Drop BITSANDBYTES_NOISE from bitsandbytes' loggers (before bitsandbytes is imported: one
+    message comes at its import); idempotent."""
+    for name, starts in BITSANDBYTES_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(starts))
+
+
+quiet_bitsandbytes()  # whoever imports bitsandbytes first (transformers' BitsAndBytesConfig, or quantize)
 
 
 def _qualified(cls: type) -> str:
@@ -112,6 +148,25 @@ def fingerprint_values(layer: nn.Module, base: torch.Tensor) -> torch.Tensor:
     """What a delta over a quantized layer hashes as its base fingerprint: θ at its positions (as
     float32 bytes), then the layer's scale bytes."""
     return torch.cat([base.detach().float().contiguous().cpu().view(torch.uint8), scale_bytes(layer)])
+
+
+def quantizes_to(layer: nn.Module, weight: torch.Tensor) -> bool:
+    """Whether the float `weight` quantizes to exactly the codes `layer` holds, with the layer's own
+    settings (4-bit: its data type, block size, double quantization and input dtype; int8: per-row
+    absmax of the fp16 weight, as bitsandbytes does): whether it is the checkpoint the layer was made from."""
+    import bitsandbytes.functional as bnbf
+
+    param = layer.weight
+    state = getattr(param, "quant_state", None)
+    with torch.no_grad():
+        w = weight.detach().to(param.device)
+        if state is None:
+            codes = bnbf.int8_vectorwise_quant(w.to(torch.float16).contiguous())[0]
+        else:
+            _check_unpacked(state)
+            codes = bnbf.quantize_4bit(w.to(state.dtype).contiguous(), blocksize=state.blocksize, compress_statistics=state.nested,
+                                       quant_type=state.quant_type, quant_storage=param.data.dtype)[0]  # fmt: skip
+    return codes.shape == param.data.shape and torch.equal(codes.view(torch.uint8), param.data.view(torch.uint8))
 
 
 def _check_unpacked(state) -> None:

@@ -42,6 +42,22 @@ next step taken instead, as in `sparsedelta train` (the rule is in `methods/base
 whether or not the Trainer clipped them. (On a CPU accelerate applies no loss scaling to fp16: prefer
 bf16 there.)
 
+A base loaded with a `BitsAndBytesConfig` (`from_pretrained(..., quantization_config=...)`): the
+Trainer's constructor refuses any model transformers marked `is_quantized` unless it is a PeftModel or
+carries transformers' own PEFT integration (`validate_quantization_for_training`), and neither can be
+claimed honestly for a sparse delta (the PEFT flag also makes `save_pretrained` write a PEFT adapter
+from a `peft_config` the model lacks). transformers offers no other way in, so construct the Trainer
+inside `accept_quantized_base(model)`: it checks that the model carries a trainable delta (the packed
+weights stay frozen; sparsedelta never writes them) and hides the `is_quantized` mark for the
+constructor's check only, restoring it before the block ends. Nothing else in the Trainer reads that
+mark: training, the Trainer's checkpoints (the quantized model as bitsandbytes serialises it, with
+the delta's tensors, and the callback's `sparsedelta/` delta) and `sparsedelta.save` work as over a
+float base. A model quantized by `sparsedelta.quantize` has no such mark and needs none of this.
+
+    with accept_quantized_base(model):
+        trainer = Trainer(model=model, args=..., callbacks=[SparseDeltaCallback(runner)])
+    trainer.train()
+
 A method that swaps its trainable tensors mid-run (Diff Pruning's projection) is refused: the
 Trainer's optimizer and scheduler keep the tensors they were built with, so the second phase would
 silently train nothing. Run it as two Trainer runs instead (phase 1 on `diff_pruning.param_groups`,
@@ -51,10 +67,12 @@ silently train nothing. Run it as two Trainer runs instead (phase 1 on `diff_pru
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ..core.adapters import trainable_parameters
 from ..core.io import save
 from ..errors import UsageError
 from ..methods import DeltaRunner, MethodRunner
@@ -111,6 +129,26 @@ class SparseDeltaCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.save_delta and isinstance(self.runner, DeltaRunner) and state.is_world_process_zero:
             save(model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT}-{state.global_step}" / "sparsedelta")
+
+
+@contextlib.contextmanager
+def accept_quantized_base(model):
+    """Let `transformers.Trainer(model=model, ...)`, constructed inside this block, take a model
+    loaded with a BitsAndBytesConfig that carries a trainable sparse delta (see the module doc: the
+    Trainer's check wants a PeftModel). The model's `is_quantized` mark is hidden for the block only."""
+    if not getattr(model, "is_quantized", False):  # a float model, or one quantized by sparsedelta.quantize
+        yield model
+        return
+    if getattr(model, "_sparsedelta", None) is None or not trainable_parameters(model):
+        raise UsageError(
+            "this model is quantized (loaded with a BitsAndBytesConfig) and carries no trainable sparse delta, and its "
+            "quantized weights cannot be trained; attach one first (runner.prepare(model, ...) or sparsedelta.prepare)"
+        )
+    model.is_quantized = False
+    try:
+        yield model
+    finally:
+        model.is_quantized = True
 
 
 def _skipped(optimizer) -> bool:

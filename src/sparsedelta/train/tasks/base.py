@@ -6,6 +6,7 @@
     task.train_size / batches(order, batch_size) / loss(model, batch) / lengths()
     task.evaluate(model, split)    metrics of "validation" or "test"; `metric` names the headline one
     task.baseline(model)           measured before training (None when meaningless, e.g. a new head)
+    task.probe_inputs(split)       a few batches of inputs, to compare two models' logits on
     task.samples(model)            anything a person would rather read than a number (generations)
     task.describe()                what config.json records of the data and model
     task.keep_files(folder)        files the run folder keeps for later use (a chat template)
@@ -68,6 +69,11 @@ class Task:
         raise NotImplementedError
 
     def baseline(self, model: nn.Module) -> dict | None:
+        return None
+
+    def probe_inputs(self, split: str) -> list[dict] | None:
+        """A few batches of the split as model inputs (no labels), to compare two models' logits on;
+        None when the task has none to give."""
         return None
 
     def samples(self, model: nn.Module) -> dict | None:

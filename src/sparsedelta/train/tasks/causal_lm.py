@@ -15,6 +15,7 @@ from .. import distributed
 from .base import Task
 
 HELD_OUT = ("validation", "test")
+PROBE_BLOCKS = 8  # probe_inputs: blocks of max_length tokens
 
 
 def load_splits(cfg) -> TextSplits:
@@ -84,6 +85,11 @@ class CausalLMTask(Task):
         sums = distributed.all_sum(torch.tensor([total, count], dtype=torch.float64), self.world)
         nll = float(sums[0] / sums[1])
         return {"perplexity": math.exp(nll), "loss": nll, "tokens": int(sums[1])}
+
+    def probe_inputs(self, split, blocks=PROBE_BLOCKS):
+        chosen = self.blocks.get(split, [])[:blocks]
+        step = self.cfg.eval_batch_size
+        return [{"input_ids": chosen[i : i + step], "use_cache": False} for i in range(0, len(chosen), step)] or None
 
     def baseline(self, model):
         return {**{role: self.evaluate(model, role) for role in HELD_OUT if role in self.blocks}, **self.samples(model)}

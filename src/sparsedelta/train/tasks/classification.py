@@ -12,6 +12,8 @@ from ...models.classifier import load_classifier
 from .. import distributed
 from .base import Task, to_device
 
+PROBE_EXAMPLES = 64  # probe_inputs: validation examples
+
 
 class ClassificationTask(Task):
     name = "classification"
@@ -53,6 +55,13 @@ class ClassificationTask(Task):
 
     def lengths(self):
         return [len(f["input_ids"]) for f in self.encoded["train"].features]
+
+    def probe_inputs(self, split, examples=PROBE_EXAMPLES):
+        if split not in self.encoded:
+            return None
+        order = list(range(min(examples, len(self.encoded[split]))))
+        return [{k: v for k, v in b.items() if k != "labels"}
+                for b in batches(self.encoded[split], order, self.cfg.eval_batch_size, self.tokenizer)] or None  # fmt: skip
 
     def evaluate(self, model, split):
         return evaluate_classifier(model, self.encoded[split], self.tokenizer, len(self.label_names),
