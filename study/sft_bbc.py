@@ -5,8 +5,9 @@
     python study/sft_bbc.py --report-only   # the report from the committed records
 
 Each method trains at its default learning rate for a causal LM (not tuned here); random positions and
-SpIEL train SaRA's k (the count its threshold selects) at SaRA's rate (their defaults), and SpIEL once
-more at a fifth of it, on one seed (`spiel-lr2e-3`: its default rate collapsed here); a seed changes the
+SpIEL train SaRA's k (the count its threshold selects) at SaRA's rate (random's default; SpIEL's default
+until that collapsed it here), and SpIEL once more at a fifth of it (`spiel-lr2e-3`, its default since),
+on one seed; a seed changes the
 data order and the method's own choices, not the split. Each run is an ordinary `sparsedelta train`
 run folder under --work-dir; every finished run leaves a compact record in
 study/results/sft_bbc/runs.json (committed), from which the report (mean ± std over seeds, and the
@@ -27,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "sft_bbc"
 METHODS = {"sara": [], "lora": ["--method", "lora"], "sora": ["--method", "sora"], "full": ["--method", "full"],
-           "random": ["--method", "random"], "spiel": ["--method", "spiel"],
+           "random": ["--method", "random"], "spiel": ["--method", "spiel", "--lr", "1e-2"],
            "spiel-lr2e-3": ["--method", "spiel", "--lr", "2e-3"]}  # fmt: skip
 SEEDS = (0, 1, 2)
 SEEDS_OF = {"spiel-lr2e-3": (0,)}  # a check of SpIEL's rate on one seed (RESULTS.md part 5)

@@ -508,3 +508,15 @@ def test_the_trainer_under_accelerate_moves_the_same_entries_on_both_processes(t
     assert log["events"] == json.loads((tmp_path / "one" / "log.json").read_text())["events"]
     assert_same_delta(tmp_path / "acc" / "delta-rank0", tmp_path / "acc" / "delta-rank1", rtol=0, atol=0)
     assert_same_delta(tmp_path / "acc" / "delta-rank0", tmp_path / "one" / "delta-rank0", rtol=1e-4, atol=1e-6)
+
+
+def test_default_learning_rates_a_fifth_of_saras_for_causal_lms():
+    """SaRA's causal-LM rate collapsed SpIEL in the SFT study; elsewhere SpIEL takes SaRA's rate."""
+    from sparsedelta.methods import MethodSettings, make_runner
+
+    def lr(method, task):
+        return make_runner(MethodSettings(method=method, task=task)).lr
+
+    assert lr("spiel", "sft") == lr("spiel", "causal-lm") == pytest.approx(lr("sara", "causal-lm") / 5)
+    assert lr("spiel", "classification") == lr("sara", "classification")
+    assert make_runner(MethodSettings(method="spiel", task="sft", lr=1e-2)).lr == 1e-2  # --lr still wins
