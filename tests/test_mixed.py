@@ -467,7 +467,9 @@ def test_two_threads_hammering_one_model_with_mixed_and_plain_calls():
                 break
             with torch.no_grad():
                 out = call()
-            if out.shape != expected.shape or not torch.equal(out, expected):
+            # float64 rounding only: a batch of 4 rows and 4 one-row calls may sum in other orders
+            # (BLAS blocks by row count on some CPUs); a routing error moves outputs by a delta's size
+            if out.shape != expected.shape or not torch.allclose(out, expected, rtol=0, atol=1e-12):
                 failures.append(call)
 
     threads = [threading.Thread(target=hammer, args=(lambda: model(ids, adapter_names=names), expected_mixed)),
