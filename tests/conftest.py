@@ -25,6 +25,15 @@ def load_script(relative: str, name: str):
     return module
 
 
+def bench_worker_args(minilm_path, method):
+    """What bench/bench.py's worker reads of its command line: a tiny batch, one step after one warm-up."""
+    import types
+
+    return types.SimpleNamespace(
+        task="classification", model=minilm_path, batch=2, seq=16, steps=1, warmup=1, threads=1, worker=method
+    )
+
+
 def package_dir(name: str) -> Path | None:
     spec = importlib.util.find_spec(name)
     return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None

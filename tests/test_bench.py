@@ -1,22 +1,15 @@
 """The benchmark's measuring code, run in-process on a tiny batch (the timings themselves are not checked)."""
 
-import types
-
 import pytest
 import torch
 
+from conftest import bench_worker_args as worker_args
 from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
     return load_script("bench/bench.py", "bench")
-
-
-def worker_args(minilm_path, method):
-    return types.SimpleNamespace(
-        task="classification", model=minilm_path, batch=2, seq=16, steps=1, warmup=1, threads=1, worker=method
-    )
 
 
 def test_peak_tensor_memory_counts_what_a_step_holds(bench):

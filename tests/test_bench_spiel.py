@@ -1,22 +1,15 @@
 """bench/spiel.py: SpIEL's workers (outside and inside an accumulation window) in-process on a tiny batch,
 and its schedule-weighted mean step (the timings themselves are not checked)."""
 
-import types
-
 import pytest
 
+from conftest import bench_worker_args as worker_args
 from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def spiel_bench():
     return load_script("bench/spiel.py", "bench_spiel")
-
-
-def worker_args(minilm_path, method):
-    return types.SimpleNamespace(
-        task="classification", model=minilm_path, batch=2, seq=16, steps=1, warmup=1, threads=1, worker=method
-    )
 
 
 def test_window_step_holds_more_than_a_plain_one_and_a_reselection_is_timed(spiel_bench, minilm_path):
