@@ -59,13 +59,8 @@ def report(records: list[dict], results: Path) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for r in records:
-        ax.plot(*zip(*r["density"], strict=True), label=f"λ = {r['l0_penalty']:g}")
-    ax.axhline(0.005, color="grey", ls="--", lw=0.8, label="the projection's budget (0.5%)")
-    ax.set(xlabel="optimizer step (phase 1)", ylabel="expected density E[‖δ‖₀]/n", yscale="log",
-           title="Diff Pruning phase 1 (BBC News): expected density")  # fmt: skip
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    lines = [(f"λ = {r['l0_penalty']:g}", r["density"]) for r in records]
+    load_sst2_study().draw_density(ax, lines, "Diff Pruning phase 1 (BBC News): expected density")
     fig.tight_layout()
     fig.savefig(results / "dp_projection.png", dpi=110)
     plt.close(fig)
@@ -75,6 +70,17 @@ def report(records: list[dict], results: Path) -> str:
         lines.append(f"| {r['l0_penalty']:g} | {r['density'][-1][1]:.4f} | {r['accuracy_before']:.3f} → {r['accuracy_after']:.3f} "
                      f"| {r['final_validation']:.3f} | {r['test']:.4f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def load_sst2_study():
+    """study/sst2.py, whose density drawing this study shares (study/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sst2_study_plots", HERE / "sst2.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv=None) -> int:

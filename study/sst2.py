@@ -564,16 +564,22 @@ def density_plot(summary: dict, path: Path) -> None:
     """Diff Pruning's expected density through phase 1, one line per run, against the projection's budget."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method, r in summary["methods"].items():
-        for seed, p in zip(r["seeds"], r.get("projection", []), strict=False):
-            ax.plot(*zip(*p["density"], strict=True), label=f"{method}, seed {seed}")
-    ax.axhline(0.005, color="grey", ls="--", lw=0.8, label="the projection's budget (0.5%)")
-    ax.set(xlabel="optimizer step (phase 1)", ylabel="expected density E[‖δ‖₀]/n", yscale="log",
-           title="Diff Pruning on SST-2: expected density until the projection")  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    lines = [(f"{method}, seed {seed}", p["density"]) for method, r in summary["methods"].items()
+             for seed, p in zip(r["seeds"], r.get("projection", []), strict=False)]  # fmt: skip
+    draw_density(ax, lines, "Diff Pruning on SST-2: expected density until the projection")
     _save(fig, path)
     plt.close(fig)
+
+
+def draw_density(ax, lines: list[tuple[str, list]], title: str) -> None:
+    """Diff Pruning's expected density E[‖δ‖₀]/n against phase-1 steps, one (label, [(step, density)])
+    per line, with the 0.5% the projection keeps (study/dp_projection.py draws its runs so too)."""
+    for label, points in lines:
+        ax.plot(*zip(*points, strict=True), label=label)
+    ax.axhline(0.005, color="grey", ls="--", lw=0.8, label="the projection's budget (0.5%)")
+    ax.set(xlabel="optimizer step (phase 1)", ylabel="expected density E[‖δ‖₀]/n", yscale="log", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def main(argv=None) -> int:
